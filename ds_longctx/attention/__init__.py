@@ -1,0 +1,61 @@
+"""Distributed attention: Ulysses all-to-all inside a group, ring attention across groups.
+
+``attention(q, k, v, topo)`` is exact: for inputs in the zigzag layout it equals single-device attention
+over the full sequence, forward and backward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..comm.all_to_all import heads_to_seq, seq_to_heads
+from ..comm.ring import RingComm
+from ..kernels import get_kernel
+from ..layout import ZigzagLayout
+from ..topology import Topology
+from .checks import check_inputs
+from .ring import RingAttention
+from .ulysses import UlyssesPlan
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topo: Topology, causal: bool = True,
+              softmax_scale: Optional[float] = None, kernel: str = "auto", chunk_size: Optional[int] = None,
+              offload: bool = False) -> torch.Tensor:
+    """Exact attention over the full sequence held in the zigzag layout by the sequence-parallel group.
+
+    Args:
+        q: ``[B, S_local, H, D]`` this rank's queries (``S_local = S / (ulysses * ring)``, see
+            :func:`ds_longctx.layout.shard`).
+        k, v: ``[B, S_local, Hkv, D]`` with ``H % Hkv == 0`` (MHA, GQA, MQA).
+        topo: the :class:`~ds_longctx.topology.Topology`.
+        causal: causal mask over global positions.
+        softmax_scale: defaults to ``D ** -0.5``.
+        kernel: local kernel name (see :func:`ds_longctx.kernels.kernel_names`), ``auto`` for the fastest.
+        chunk_size: FPDT chunking of the local pipeline in tokens of the group sequence (None: no chunking).
+        offload: keep K/V of chunks not in use in pinned host memory (needs ``chunk_size``).
+
+    Returns:
+        ``[B, S_local, H, D]`` in q's dtype and layout.
+    """
+    check_inputs(q, k, v, topo, chunk_size, offload)
+    H, Hkv, D = q.shape[2], k.shape[2], q.shape[3]
+    scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
+    kern = get_kernel(kernel, q, k)
+    plan = UlyssesPlan(H, Hkv, topo.ulysses, topo.ulysses_rank)
+    layout = ZigzagLayout.of(topo)
+    group, rank = topo.ulysses_group, topo.ulysses_rank
+    qh = seq_to_heads(q, plan.q_ranges, group, rank)
+    kh = seq_to_heads(k, plan.kv_ranges, group, rank)
+    vh = seq_to_heads(v, plan.kv_ranges, group, rank)
+    local = plan.local_kernel(kern)
+    if chunk_size is not None:
+        from .chunked import ChunkedRingAttention
+        oh = ChunkedRingAttention.apply(qh, kh, vh, RingComm(topo), layout, local, causal, scale,
+                                        chunk_size, offload)
+    else:
+        oh = RingAttention.apply(qh, kh, vh, RingComm(topo), layout, local, causal, scale)
+    return heads_to_seq(oh, plan.q_ranges, group, rank, H)
+
+
+__all__ = ["attention"]

@@ -1,0 +1,174 @@
+"""The load-balanced sequence layout (zigzag) and the autograd-aware shard / unshard between it and a full sequence.
+
+A causal mask makes late tokens cost more than early ones. The global sequence of ``S`` tokens is cut into
+``2R`` equal chunks; ring position ``r`` holds chunks ``r`` and ``2R-1-r`` (one cheap, one expensive), so
+every ring step does the same work. Inside a ring position, the two chunks, concatenated in that order,
+are split into ``U`` contiguous pieces, one per Ulysses rank: the Ulysses all-to-all then gathers exactly
+``[chunk r ; chunk 2R-1-r]`` in increasing position order. With ``R = 1`` the layout is the plain
+contiguous split.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .topology import Topology
+
+
+class LayoutError(ValueError):
+    """A sequence length the layout cannot split; raised identically on every rank."""
+
+
+class ZigzagLayout:
+    """Zigzag load balancer for ``ring`` positions of ``ulysses`` ranks each."""
+
+    def __init__(self, ring: int, ulysses: int):
+        self.ring = ring
+        self.ulysses = ulysses
+
+    @classmethod
+    def of(cls, topo: "Topology") -> "ZigzagLayout":
+        return cls(topo.ring, topo.ulysses)
+
+    @property
+    def multiple(self) -> int:
+        """The global sequence length must be a multiple of this."""
+        R, U = self.ring, self.ulysses
+        if R == 1:
+            return U
+        return math.lcm(2 * R, R * U)
+
+    def check(self, seq_len: int, what: str = "sequence length") -> None:
+        m = self.multiple
+        if seq_len % m != 0:
+            raise LayoutError(
+                f"{what} {seq_len} is not divisible by {m}, which ring={self.ring} x ulysses={self.ulysses} "
+                f"needs (2*ring chunks, each ring position split over the ulysses ranks); pad the sequence "
+                f"to {((seq_len + m - 1) // m) * m} or change the degrees")
+
+    def local_len(self, seq_len: int) -> int:
+        return seq_len // (self.ring * self.ulysses)
+
+    def local_positions(self, seq_len: int, ring_rank: int, ulysses_rank: int,
+                        device=None) -> torch.Tensor:
+        """Global token positions held by ``(ring_rank, ulysses_rank)``, in local order. Shape ``[S_local]``."""
+        self.check(seq_len)
+        R, U = self.ring, self.ulysses
+        if R == 1:
+            group = torch.arange(seq_len, device=device)
+        else:
+            c = seq_len // (2 * R)
+            group = torch.cat([torch.arange(ring_rank * c, (ring_rank + 1) * c, device=device),
+                               torch.arange((2 * R - 1 - ring_rank) * c, (2 * R - ring_rank) * c, device=device)])
+        n = group.numel() // U
+        return group[ulysses_rank * n:(ulysses_rank + 1) * n]
+
+    def gather_order(self, seq_len: int, device=None) -> torch.Tensor:
+        """Positions of all sequence-parallel ranks' tokens concatenated in ``sp_rank`` order. Shape ``[S]``."""
+        return torch.cat([self.local_positions(seq_len, r, u, device)
+                          for r in range(self.ring) for u in range(self.ulysses)])
+
+    def ring_block(self, step: int, ring_rank: int, causal: bool, group_len: int) -> "RingBlock":
+        """The block of ring ``step`` on ``ring_rank``, whose group sequence is ``[chunk r ; chunk 2R-1-r]``
+        (``group_len`` tokens) and which holds the K/V of ring rank ``src = (r - step) mod R``.
+
+        Step 0 is the local causal block. Otherwise, for ``src < r`` every local query sees only the first
+        (early) chunk of ``src`` fully; for ``src > r`` only the local late chunk sees both chunks of ``src``.
+        Either way a step costs two chunk-pairs, the same on every rank.
+        """
+        every = slice(None)
+        if not causal:
+            return RingBlock(every, every, False)
+        if step == 0:
+            return RingBlock(every, every, True)
+        half = group_len // 2
+        src = (ring_rank - step) % self.ring
+        if src < ring_rank:
+            return RingBlock(every, slice(0, half), False)
+        return RingBlock(slice(half, None), every, False)
+
+
+def positions(seq_len: int, topo: "Topology", device=None) -> torch.Tensor:
+    """Global positions (e.g. for RoPE) of this rank's ``S_local`` tokens in the layout. Shape ``[S_local]``."""
+    return ZigzagLayout.of(topo).local_positions(seq_len, topo.ring_rank, topo.ulysses_rank, device)
+
+
+def _all_gather_seq(x: torch.Tensor, topo: "Topology", dim: int) -> torch.Tensor:
+    """Concatenate the sequence-parallel ranks' ``x`` along ``dim`` in ``sp_rank`` order."""
+    if topo.sp == 1:
+        return x
+    moved = x.movedim(dim, 0).contiguous()
+    out = torch.empty((topo.sp * moved.shape[0],) + moved.shape[1:], dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, moved, group=topo.sp_group)
+    return out.movedim(0, dim)
+
+
+class _Shard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, topo, dim):
+        ctx.topo, ctx.dim = topo, dim
+        idx = positions(x.shape[dim], topo, device=x.device)
+        return x.index_select(dim, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _unshard_impl(grad, ctx.topo, ctx.dim), None, None
+
+
+class _Unshard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, topo, dim):
+        ctx.topo, ctx.dim = topo, dim
+        return _unshard_impl(x, topo, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        topo, dim = ctx.topo, ctx.dim
+        idx = positions(grad.shape[dim], topo, device=grad.device)
+        return grad.index_select(dim, idx), None, None
+
+
+def _unshard_impl(x, topo, dim):
+    gathered = _all_gather_seq(x, topo, dim)
+    seq_len = gathered.shape[dim]
+    order = ZigzagLayout.of(topo).gather_order(seq_len, device=x.device)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(seq_len, device=x.device)
+    return gathered.index_select(dim, inverse)
+
+
+def shard(x: torch.Tensor, topo: "Topology", dim: int = 1) -> torch.Tensor:
+    """This rank's part of the full sequence ``x`` in the zigzag layout.
+
+    ``x``: ``[..., S, ...]`` with the sequence at ``dim``, identical on every rank of the sequence-parallel
+    group; returns ``[..., S / (U*R), ...]``. Autograd: the gradient of ``x`` is gathered from all
+    sequence-parallel ranks, so every rank holds the full gradient of the replicated input.
+    """
+    dim = dim % x.dim()
+    ZigzagLayout.of(topo).check(x.shape[dim])
+    return _Shard.apply(x, topo, dim)
+
+
+def unshard(x: torch.Tensor, topo: "Topology", dim: int = 1) -> torch.Tensor:
+    """Inverse of :func:`shard`: gathers the full sequence ``[..., S, ...]`` on every rank (collective).
+
+    Autograd: the consumer of the full tensor is taken to be replicated on the sequence-parallel ranks
+    (each computes the same function of it), so a shard's gradient is its slice of the full gradient.
+    """
+    dim = dim % x.dim()
+    return _Unshard.apply(x, topo, dim)
+
+
+class RingBlock:
+    """What one ring step computes: query rows ``q`` against key rows ``kv`` (slices of the group
+    sequence), with a causal mask or fully visible."""
+
+    __slots__ = ("q", "kv", "causal")
+
+    def __init__(self, q: slice, kv: slice, causal: bool):
+        self.q, self.kv, self.causal = q, kv, causal
+
