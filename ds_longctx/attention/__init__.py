@@ -9,14 +9,15 @@ from typing import Optional
 
 import torch
 
-from ..comm.all_to_all import heads_to_seq, seq_to_heads
-from ..comm.ring import RingComm
 from ..kernels import get_kernel
-from ..layout import ZigzagLayout
 from ..topology import Topology
 from .checks import check_inputs
-from .ring import RingAttention
-from .ulysses import UlyssesPlan
+from .hybrid import HybridAttention
+from .ulysses import UlyssesPlan, head_chunks
+
+# Head chunks of the Ulysses pipeline: enough to hide the all-to-all behind the previous chunk's compute,
+# few enough that each kernel call still fills the GPU.
+PIPELINE_CHUNKS = 4
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topo: Topology, causal: bool = True,
@@ -43,19 +44,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topo: Topology,
     scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
     kern = get_kernel(kernel, q, k)
     plan = UlyssesPlan(H, Hkv, topo.ulysses, topo.ulysses_rank)
-    layout = ZigzagLayout.of(topo)
-    group, rank = topo.ulysses_group, topo.ulysses_rank
-    qh = seq_to_heads(q, plan.q_ranges, group, rank)
-    kh = seq_to_heads(k, plan.kv_ranges, group, rank)
-    vh = seq_to_heads(v, plan.kv_ranges, group, rank)
-    local = plan.local_kernel(kern)
     if chunk_size is not None:
-        from .chunked import ChunkedRingAttention
-        oh = ChunkedRingAttention.apply(qh, kh, vh, RingComm(topo), layout, local, causal, scale,
-                                        chunk_size, offload)
-    else:
-        oh = RingAttention.apply(qh, kh, vh, RingComm(topo), layout, local, causal, scale)
-    return heads_to_seq(oh, plan.q_ranges, group, rank, H)
+        raise NotImplementedError("FPDT chunking (chunk_size) is not available yet")
+    return HybridAttention.apply(q, k, v, topo, head_chunks(plan, kern, PIPELINE_CHUNKS), causal, scale)
 
 
 __all__ = ["attention"]

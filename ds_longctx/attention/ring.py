@@ -23,6 +23,9 @@ def _acc(dtype):
 
 def ring_forward(q, k, v, ring: RingComm, layout: ZigzagLayout, kernel: Kernel, causal: bool, scale: float):
     """q ``[B, S, h, D]``, k/v ``[B, S, hk, D]`` -> out ``[B, S, h, D]`` (q's dtype), lse ``[B, h, S]``."""
+    if ring.size == 1:  # nothing to merge: the kernel's own result, no fp32 staging
+        blk = layout.ring_block(0, 0, causal, q.shape[1])
+        return kernel.forward(q, k, v, blk.causal, scale)
     acc = _acc(q.dtype)
     S = q.shape[1]
     out = lse = None
@@ -45,6 +48,9 @@ def ring_forward(q, k, v, ring: RingComm, layout: ZigzagLayout, kernel: Kernel, 
 def ring_backward(dout, q, k, v, out, lse, ring: RingComm, layout: ZigzagLayout, kernel: Kernel,
                   causal: bool, scale: float):
     """Gradients ``(dq, dk, dv)`` shaped like ``(q, k, v)``, for the final ``out``/``lse`` of :func:`ring_forward`."""
+    if ring.size == 1:
+        blk = layout.ring_block(0, 0, causal, q.shape[1])
+        return kernel.backward(dout, q, k, v, out, lse, blk.causal, scale)
     acc = _acc(q.dtype)
     S = q.shape[1]
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -76,20 +82,3 @@ def ring_backward(dout, q, k, v, out, lse, ring: RingComm, layout: ZigzagLayout,
         ring.wait(dkv_pending)
         dkv = dkv_incoming
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
-
-
-class RingAttention(torch.autograd.Function):
-    """Autograd wrapper of :func:`ring_forward` / :func:`ring_backward`."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, ring, layout, kernel, causal, scale):
-        out, lse = ring_forward(q, k, v, ring, layout, kernel, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (ring, layout, kernel, causal, scale)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None

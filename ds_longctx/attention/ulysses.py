@@ -34,3 +34,27 @@ class UlyssesPlan:
         if bool((counts == counts[0]).all()):
             return kernel
         return MappedKVKernel(kernel, torch.tensor(self.kv_map))
+
+
+class HeadChunk:
+    """One slice of the heads that the pipelined schedule sends and computes at once: per-rank query and
+    kv head ranges (for the all-to-all) and the kernel for the local heads."""
+
+    def __init__(self, q_ranges, kv_ranges, kernel):
+        self.q_ranges, self.kv_ranges, self.kernel = q_ranges, kv_ranges, kernel
+
+
+def head_chunks(plan: UlyssesPlan, kernel: Kernel, n_chunks: int) -> List[HeadChunk]:
+    """Split the Ulysses heads into up to ``n_chunks`` chunks of whole GQA groups, so that the all-to-all of
+    chunk ``c+1`` (and the return of chunk ``c-1``) overlaps the attention of chunk ``c``.
+
+    Only even plans split (every rank the same whole kv heads); uneven or replicated plans are one chunk.
+    """
+    U, H, Hkv = plan.degree, plan.n_heads, plan.n_kv_heads
+    if U == 1 or H % U or Hkv % U:
+        return [HeadChunk(plan.q_ranges, plan.kv_ranges, plan.local_kernel(kernel))]
+    h, hk = H // U, Hkv // U
+    n = max(d for d in range(1, min(n_chunks, hk) + 1) if hk % d == 0)
+    qn, kn = h // n, hk // n
+    return [HeadChunk([(u * h + c * qn, u * h + (c + 1) * qn) for u in range(U)],
+                      [(u * hk + c * kn, u * hk + (c + 1) * kn) for u in range(U)], kernel) for c in range(n)]

@@ -30,31 +30,84 @@ def _head_index(ranges: Ranges, device) -> torch.Tensor:
     return torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
 
 
-def _seq_to_heads(x: torch.Tensor, ranges: Ranges, group, rank: int) -> torch.Tensor:
+class Pending:
+    """An all-to-all in flight: ``wait()`` returns its result once the transfer is done."""
+
+    def __init__(self, work, finish):
+        self._work, self._finish = work, finish
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+        return self._finish()
+
+
+def seq_to_heads_start(x: torch.Tensor, ranges: Ranges, group, rank: int) -> Pending:
+    """Post the all-to-all of :func:`seq_to_heads` without waiting (NCCL runs it beside compute)."""
     B, s, Hx, D = x.shape
     U = len(ranges)
+    if U == 1:
+        a, b = ranges[0]
+        return Pending(None, lambda: x[:, :, a:b])
     xt = x.permute(2, 0, 1, 3)  # heads first: all_to_all_single splits dim 0
     send = xt.contiguous() if _is_cover(ranges, Hx) else torch.cat([xt[a:b] for a, b in ranges])
     n_me = ranges[rank][1] - ranges[rank][0]
     recv = torch.empty((U * n_me, B, s, D), dtype=x.dtype, device=x.device)
-    dist.all_to_all_single(recv, send, output_split_sizes=[n_me] * U,
-                           input_split_sizes=[b - a for a, b in ranges], group=group)
-    # [U(source = sequence piece), n_me, B, s, D] -> [B, U*s, n_me, D]
-    return recv.view(U, n_me, B, s, D).permute(2, 0, 3, 1, 4).reshape(B, U * s, n_me, D)
+    work = dist.all_to_all_single(recv, send, output_split_sizes=[n_me] * U,
+                                  input_split_sizes=[b - a for a, b in ranges], group=group, async_op=True)
+
+    def finish():
+        del_send = send  # noqa: F841 - the send buffer must outlive the transfer
+        # [U(source = sequence piece), n_me, B, s, D] -> [B, U*s, n_me, D]
+        return recv.view(U, n_me, B, s, D).permute(2, 0, 3, 1, 4).reshape(B, U * s, n_me, D)
+
+    return Pending(work, finish)
 
 
-def _heads_to_seq(y: torch.Tensor, ranges: Ranges, group, rank: int, n_heads: int) -> torch.Tensor:
+def heads_to_seq_start(y: torch.Tensor, ranges: Ranges, group, rank: int, n_heads: int,
+                       into: torch.Tensor = None) -> Pending:
+    """Post the all-to-all of :func:`heads_to_seq` without waiting.
+
+    With ``into`` (``[B, s, n_heads, D]``), the received heads are added into it at their head
+    positions (ranges need not tile the heads: a head chunk, or replicated kv heads whose grads sum).
+    """
     B, S, n_me, D = y.shape
     U = len(ranges)
+    if U == 1:
+        a, b = ranges[0]
+        if into is None:
+            return Pending(None, lambda: y)
+
+        def add_local():
+            into[:, :, a:b] += y
+            return into
+
+        return Pending(None, add_local)
     s = S // U
-    send = y.view(B, U, s, n_me, D).permute(1, 3, 0, 2, 4).contiguous().view(U * n_me, B, s, D)
+    send = y.reshape(B, U, s, n_me, D).permute(1, 3, 0, 2, 4).contiguous().view(U * n_me, B, s, D)
     sizes = [b - a for a, b in ranges]
     recv = torch.empty((sum(sizes), B, s, D), dtype=y.dtype, device=y.device)
-    dist.all_to_all_single(recv, send, output_split_sizes=sizes, input_split_sizes=[n_me] * U, group=group)
-    if not _is_cover(ranges, n_heads):
-        full = torch.zeros((n_heads, B, s, D), dtype=y.dtype, device=y.device)
-        recv = full.index_add_(0, _head_index(ranges, y.device), recv)
-    return recv.permute(1, 2, 0, 3).contiguous()
+    work = dist.all_to_all_single(recv, send, output_split_sizes=sizes, input_split_sizes=[n_me] * U,
+                                  group=group, async_op=True)
+
+    def finish():
+        del_send = send  # noqa: F841 - the send buffer must outlive the transfer
+        if into is not None:
+            return into.index_add_(2, _head_index(ranges, y.device), recv.permute(1, 2, 0, 3))
+        if not _is_cover(ranges, n_heads):
+            full = torch.zeros((n_heads, B, s, D), dtype=y.dtype, device=y.device)
+            return full.index_add_(0, _head_index(ranges, y.device), recv).permute(1, 2, 0, 3).contiguous()
+        return recv.permute(1, 2, 0, 3).contiguous()
+
+    return Pending(work, finish)
+
+
+def _seq_to_heads(x, ranges, group, rank):
+    return seq_to_heads_start(x, ranges, group, rank).wait()
+
+
+def _heads_to_seq(y, ranges, group, rank, n_heads):
+    return heads_to_seq_start(y, ranges, group, rank, n_heads).wait()
 
 
 class _SeqToHeads(torch.autograd.Function):

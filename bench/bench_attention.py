@@ -1,0 +1,225 @@
+"""Distributed attention on GPUs: kernel self-check, bf16 exactness, and fwd+bwd throughput against the
+single-GPU kernel and DeepSpeed's Ulysses ``DistributedAttention``, all in one run.
+
+    torchrun --nproc_per_node N bench/bench_attention.py --kernel sdpa_cudnn --out $OUT/attention.json
+
+Llama-3-8B attention shapes (32 query heads, 8 kv heads, head_dim 128), causal, bf16, batch 1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench.common import causal_flops_fwd_bwd, record_header, time_fwd_bwd, write_json  # noqa: E402
+from ds_longctx.attention import attention  # noqa: E402
+from ds_longctx.kernels import KERNELS, get_kernel  # noqa: E402
+from ds_longctx.layout import shard, unshard  # noqa: E402
+from ds_longctx.topology import Topology  # noqa: E402
+
+H, HKV, D = 32, 8, 128
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def kernel_check(device):
+    """Every GPU kernel present against the fp32 reference kernel on the same bf16 inputs: out, lse and
+    the gradients computed from the kernel's own out/lse. Also the split form the ring relies on: two
+    key halves merged through their lse, and backward of each half with the merged out/lse."""
+    from ds_longctx.attention.merge import merge_
+
+    ref = KERNELS["reference"]
+    g = torch.Generator(device=device).manual_seed(0)
+    S = 2048
+    q = torch.randn(1, S, 8, D, device=device, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, S, 2, D, device=device, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, S, 2, D, device=device, dtype=torch.bfloat16, generator=g)
+    do = torch.randn(1, S, 8, D, device=device, dtype=torch.bfloat16, generator=g)
+    scale = D ** -0.5
+    results = {}
+    for name, kern in KERNELS.items():
+        if name == "reference" or not kern.available() or kern.supports(q, k) is not None:
+            continue
+        entry = {}
+        try:
+            for causal in (True, False):
+                r_out, r_lse = ref.forward(q, k, v, causal, scale)
+                r_grads = ref.backward(do, q, k, v, r_out, r_lse, causal, scale)
+                out, lse = kern.forward(q, k, v, causal, scale)
+                grads = kern.backward(do, q, k, v, out, lse, causal, scale)
+                tag = "causal" if causal else "full"
+                entry[tag] = {"out": rel(out, r_out), "lse": rel(lse, r_lse),
+                              **{n: rel(a, b) for n, a, b in zip(("dq", "dk", "dv"), grads, r_grads)}}
+            # Ring split: keys [0, S/2) and [S/2, S) without mask, merged.
+            h = S // 2
+            o1, l1 = kern.forward(q, k[:, :h], v[:, :h], False, scale)
+            o2, l2 = kern.forward(q, k[:, h:], v[:, h:], False, scale)
+            acc, lse = o1.float(), l1.float().clone()
+            merge_(acc, lse, o2, l2)
+            out = acc.to(q.dtype)
+            g1 = kern.backward(do, q, k[:, :h], v[:, :h], out, lse, False, scale)
+            g2 = kern.backward(do, q, k[:, h:], v[:, h:], out, lse, False, scale)
+            r_out, r_lse = ref.forward(q, k, v, False, scale)
+            r_grads = ref.backward(do, q, k, v, r_out, r_lse, False, scale)
+            entry["split_merge"] = {
+                "out": rel(out, r_out), "dq": rel(g1[0].float() + g2[0].float(), r_grads[0]),
+                "dk": rel(torch.cat([g1[1], g2[1]], 1), r_grads[1]), "dv": rel(torch.cat([g1[2], g2[2]], 1), r_grads[2])}
+        except Exception as exc:  # noqa: BLE001 - reported, the rest of the bench goes on
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        results[name] = entry
+    return results
+
+
+def make_inputs(seq_local, device, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    mk = lambda h: torch.randn(1, seq_local, h, D, device=device, dtype=torch.bfloat16, generator=g)  # noqa
+    return mk(H), mk(HKV), mk(HKV), mk(H)
+
+
+def deepspeed_attention(sp_group):
+    """DeepSpeed Ulysses with the cuDNN SDPA local kernel (kv heads repeated locally, as SDPA needs)."""
+    from deepspeed.sequence.layer import DistributedAttention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def local(q, k, v):
+        rep = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True)
+        return o.transpose(1, 2)
+
+    return DistributedAttention(local, sp_group, scatter_idx=2, gather_idx=1)
+
+
+def exactness(topos, kernel, device, seq):
+    """bf16: distributed result vs the single-GPU kernel on the full sequence (out, dq, dk, dv)."""
+    q, k, v, do = make_inputs(seq, device, seed=1)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    single = topos["single"]
+    ref_out = attention(*full, single, causal=True, kernel=kernel)
+    ref_out.backward(do)
+    res = {}
+    for name, topo in topos.items():
+        if name == "single":
+            continue
+        loc = [shard(t, topo).detach().requires_grad_() for t in (q, k, v)]
+        out = attention(*loc, topo, causal=True, kernel=kernel)
+        out.backward(shard(do, topo))
+        got = [unshard(out.detach(), topo)] + [unshard(t.grad, topo) for t in loc]
+        res[name] = {n: rel(a, b.grad if n != "out" else ref_out) for n, a, b in
+                     zip(("out", "dq", "dk", "dv"), got, [None] + full)}
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kernel", default="sdpa_cudnn")
+    ap.add_argument("--seqs", default="131072,262144,524288,1048576", help="total tokens")
+    ap.add_argument("--impls", default="single,ulysses,ring,hybrid,deepspeed")
+    ap.add_argument("--long-impls", default="ulysses", help="impls still run at --long-from tokens and more")
+    ap.add_argument("--long-from", type=int, default=1048576)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    device = torch.device("cuda")
+    topos = {"single": Topology(1, 1), "ulysses": Topology(world, 1), "ring": Topology(1, world)}
+    if world >= 4:
+        topos["hybrid"] = Topology(2, world // 2)
+    payload = record_header(world)
+    payload.update(heads=H, kv_heads=HKV, head_dim=D, dtype="bfloat16", causal=True, batch=1)
+    q0 = torch.empty(1, 8, H, D, device=device, dtype=torch.bfloat16)
+    payload["kernel_requested"] = args.kernel
+    payload["kernel_resolved"] = get_kernel(args.kernel, q0, q0[:, :, :HKV]).name
+
+    if rank == 0:
+        payload["kernel_check"] = kernel_check(device)
+        print("kernel check:", payload["kernel_check"], flush=True)
+    payload["exactness_bf16"] = exactness(topos, args.kernel, device, 16384)
+    if rank == 0:
+        print("exactness:", payload["exactness_bf16"], flush=True)
+
+    ds_attn = None
+    impls = args.impls.split(",")
+    if "deepspeed" in impls:
+        import deepspeed
+        deepspeed.init_distributed(dist_backend="nccl")
+        ds_attn = deepspeed_attention(topos["ulysses"].sp_group)
+
+    rows = []
+    for seq in [int(s) for s in args.seqs.split(",")]:
+        long = seq >= args.long_from
+        per_gpu = seq // world
+        for impl in impls:
+            if impl == "hybrid" and "hybrid" not in topos:
+                continue
+            if long and impl not in args.long_impls.split(","):
+                continue
+            n = per_gpu
+            flops = causal_flops_fwd_bwd(1, H, seq, D) / world
+            if impl == "single":  # the kernel alone on this GPU's share of tokens
+                flops = causal_flops_fwd_bwd(1, H, per_gpu, D)
+            q, k, v, do = make_inputs(n, device, seed=seq)
+            leaves = [t.requires_grad_() for t in (q, k, v)]
+            if impl == "deepspeed":
+                fwd = lambda: ds_attn(*leaves, batch_dim_idx=0)  # noqa: E731
+            else:
+                topo = topos[impl]
+                fwd = lambda topo=topo: attention(*leaves, topo, causal=True, kernel=args.kernel)  # noqa: E731
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                t = time_fwd_bwd(fwd, do, iters=1 if long else (args.iters if seq < 524288 else 2), warmup=1)
+            except torch.cuda.OutOfMemoryError:
+                t = None
+            row = {"impl": impl, "total_tokens": seq, "tokens_per_gpu": per_gpu,
+                   "kernel": "sdpa_cudnn (DeepSpeed local attention)" if impl == "deepspeed" else args.kernel,
+                   "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+            if t is None:
+                row["oom"] = True
+            else:
+                row.update(t)
+                row["tflops_per_gpu"] = flops / (t["fwd_bwd_ms"] * 1e-3) / 1e12
+            rows.append(row)
+            if rank == 0:
+                print(f"{impl:>10} S={seq:>8} per_gpu={per_gpu:>7} "
+                      + (f"{row.get('fwd_bwd_ms', 0):9.1f} ms {row.get('tflops_per_gpu', 0):6.1f} TFLOP/s/GPU"
+                         if t else "OOM"), flush=True)
+            for leaf in leaves:
+                leaf.grad = None
+            del q, k, v, do, leaves
+    # Ratios within the run: against the single-GPU kernel at the same tokens per GPU, and against DeepSpeed.
+    by = {(r["impl"], r["total_tokens"]): r for r in rows if "tflops_per_gpu" in r}
+    for r in rows:
+        single = by.get(("single", r["total_tokens"]))
+        ds = by.get(("deepspeed", r["total_tokens"]))
+        if "tflops_per_gpu" in r and single:
+            r["vs_single_gpu_kernel"] = r["tflops_per_gpu"] / single["tflops_per_gpu"]
+        if "tflops_per_gpu" in r and ds:
+            r["vs_deepspeed_ulysses_cudnn"] = r["tflops_per_gpu"] / ds["tflops_per_gpu"]
+    payload["results"] = rows
+    if rank == 0:
+        write_json(args.out, payload)
+        print(f"{'impl':>10} {'tokens':>8} {'TFLOP/s':>8} {'xsingle':>8} {'xDS':>6}")
+        for r in rows:
+            print(f"{r['impl']:>10} {r['total_tokens']:>8} {r.get('tflops_per_gpu', 0):8.1f} "
+                  f"{r.get('vs_single_gpu_kernel', 0):8.3f} {r.get('vs_deepspeed_ulysses_cudnn', 0):6.3f}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
