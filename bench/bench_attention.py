@@ -128,6 +128,8 @@ def main():
     ap.add_argument("--impls", default="single,ulysses,ring,hybrid,deepspeed")
     ap.add_argument("--long-impls", default="ulysses", help="impls still run at --long-from tokens and more")
     ap.add_argument("--long-from", type=int, default=1048576)
+    ap.add_argument("--short-max", type=int, default=1 << 40, help="impls not in --impls-long-enough stop here")
+    ap.add_argument("--impls-long-enough", default="single,ulysses,ring,hybrid,deepspeed")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -164,9 +166,11 @@ def main():
         long = seq >= args.long_from
         per_gpu = seq // world
         for impl in impls:
-            if impl == "hybrid" and "hybrid" not in topos:
+            if impl.partition("_p")[0] not in topos and impl != "deepspeed":
                 continue
             if long and impl not in args.long_impls.split(","):
+                continue
+            if seq > args.short_max and impl not in args.impls_long_enough.split(",") + args.long_impls.split(","):
                 continue
             n = per_gpu
             flops = causal_flops_fwd_bwd(1, H, seq, D) / world
@@ -177,8 +181,11 @@ def main():
             if impl == "deepspeed":
                 fwd = lambda: ds_attn(*leaves, batch_dim_idx=0)  # noqa: E731
             else:
-                topo = topos[impl]
-                fwd = lambda topo=topo: attention(*leaves, topo, causal=True, kernel=args.kernel)  # noqa: E731
+                # "ulysses_p4": the Ulysses topology with the all-to-all pipelined over 4 head chunks.
+                base, _, p = impl.partition("_p")
+                topo, opts = topos[base], ({"pipeline_chunks": int(p)} if p else {})
+                fwd = lambda topo=topo, opts=opts: attention(*leaves, topo, causal=True, kernel=args.kernel,  # noqa
+                                                             **opts)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             try:

@@ -52,7 +52,7 @@ def _inputs(seed, B, S, H, Hkv, D):
 
 
 def attention_vs_reference(ulysses, ring, B, S, H, Hkv, D, causal, seed=0, dtype=torch.float32,
-                           kernel="auto", chunk_size=None, offload=False, scale=None):
+                           kernel="auto", chunk_size=None, offload=False, scale=None, **options):
     """Relative errors of out, dq, dk, dv of the distributed attention against the float64 reference."""
     topo = topology(ulysses, ring)
     # Rounded to the tested dtype first, so the reference sees exactly the inputs the distributed path sees.
@@ -64,7 +64,7 @@ def attention_vs_reference(ulysses, ring, B, S, H, Hkv, D, causal, seed=0, dtype
 
     local = [shard(t.to(dtype), topo).detach().requires_grad_() for t in (q, k, v)]
     out = attention(*local, topo, causal=causal, softmax_scale=scale, kernel=kernel, chunk_size=chunk_size,
-                    offload=offload)
+                    offload=offload, **options)
     out.backward(shard(dout.to(dtype), topo))
     got = [unshard(out.detach(), topo)] + [unshard(t.grad, topo) for t in local]
     want = [ref_out.detach()] + [t.grad for t in ref_in]

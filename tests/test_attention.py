@@ -85,6 +85,14 @@ def test_each_cpu_kernel_runs_the_hybrid_schedule_exactly(dist_pools, kernel):
     assert_close(errors)
 
 
+@pytest.mark.parametrize("pipeline_chunks", [1, 2, 4, 8])
+@pytest.mark.parametrize("ulysses,ring", [(2, 2), (4, 1)])
+def test_head_pipelined_all_to_all_is_exact_for_any_chunk_count(dist_pools, ulysses, ring, pipeline_chunks):
+    errors = dist_pools(4).run(dist_cases.attention_vs_reference, ulysses, ring, 1, 16 * ulysses * ring, 16, 8, 8,
+                               True, pipeline_chunks=pipeline_chunks)
+    assert_close(errors)
+
+
 BAD_CALLS = [
     # (ulysses, ring, B, S_local, H, Hkv, D, kwargs, expected fragment)
     (4, 1, 1, 4, 2, 2, 8, {}, "ulysses degree 4 exceeds the 2 query heads"),

@@ -15,14 +15,11 @@ from .checks import check_inputs
 from .hybrid import HybridAttention
 from .ulysses import UlyssesPlan, head_chunks
 
-# Head chunks of the Ulysses pipeline: enough to hide the all-to-all behind the previous chunk's compute,
-# few enough that each kernel call still fills the GPU.
-PIPELINE_CHUNKS = 4
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topo: Topology, causal: bool = True,
               softmax_scale: Optional[float] = None, kernel: str = "auto", chunk_size: Optional[int] = None,
-              offload: bool = False) -> torch.Tensor:
+              offload: bool = False, pipeline_chunks: int = 2) -> torch.Tensor:
     """Exact attention over the full sequence held in the zigzag layout by the sequence-parallel group.
 
     Args:
@@ -35,6 +32,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topo: Topology,
         kernel: local kernel name (see :func:`ds_longctx.kernels.kernel_names`), ``auto`` for the fastest.
         chunk_size: FPDT chunking of the local pipeline in tokens of the group sequence (None: no chunking).
         offload: keep K/V of chunks not in use in pinned host memory (needs ``chunk_size``).
+        pipeline_chunks: the Ulysses all-to-all is pipelined over this many head chunks (whole GQA groups),
+            so communication of one chunk overlaps the attention of another; 1 turns it off.
 
     Returns:
         ``[B, S_local, H, D]`` in q's dtype and layout.
@@ -46,7 +45,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topo: Topology,
     plan = UlyssesPlan(H, Hkv, topo.ulysses, topo.ulysses_rank)
     if chunk_size is not None:
         raise NotImplementedError("FPDT chunking (chunk_size) is not available yet")
-    return HybridAttention.apply(q, k, v, topo, head_chunks(plan, kern, PIPELINE_CHUNKS), causal, scale)
+    return HybridAttention.apply(q, k, v, topo, head_chunks(plan, kern, pipeline_chunks), causal, scale)
 
 
 __all__ = ["attention"]

@@ -27,7 +27,7 @@ class HybridAttention(torch.autograd.Function):
         H = q.shape[2]
         incoming = [(seq_to_heads_start(q, c.q_ranges, group, rank), seq_to_heads_start(k, c.kv_ranges, group, rank),
                      seq_to_heads_start(v, c.kv_ranges, group, rank)) for c in chunks]
-        out = torch.zeros_like(q) if topo.ulysses > 1 or len(chunks) > 1 else None
+        out = torch.empty_like(q) if topo.ulysses > 1 or len(chunks) > 1 else None
         outgoing, saved = [], []
         for c, pend in zip(chunks, incoming):
             qc, kc, vc = (p.wait() for p in pend)
@@ -54,7 +54,7 @@ class HybridAttention(torch.autograd.Function):
         incoming = [seq_to_heads_start(dout, c.q_ranges, group, rank) for c in chunks]
         single = topo.ulysses == 1 and len(chunks) == 1
         if not single:
-            dq = torch.zeros_like(dout)
+            dq = torch.empty_like(dout)  # every head is written by exactly one chunk
             dk = torch.zeros((B, s, Hkv, D), dtype=dout.dtype, device=dout.device)
             dv = torch.zeros_like(dk)
         outgoing = []
@@ -64,8 +64,9 @@ class HybridAttention(torch.autograd.Function):
             if single:
                 return dqc, dkc, dvc, None, None, None, None
             outgoing += [heads_to_seq_start(dqc, c.q_ranges, group, rank, H, into=dq),
-                         heads_to_seq_start(dkc, c.kv_ranges, group, rank, Hkv, into=dk),
-                         heads_to_seq_start(dvc, c.kv_ranges, group, rank, Hkv, into=dv)]
+                         # kv heads replicated to several ranks sum their gradients
+                         heads_to_seq_start(dkc, c.kv_ranges, group, rank, Hkv, into=dk, accumulate=True),
+                         heads_to_seq_start(dvc, c.kv_ranges, group, rank, Hkv, into=dv, accumulate=True)]
         for p in outgoing:
             p.wait()
         return dq, dk, dv, None, None, None, None

@@ -26,10 +26,6 @@ def _is_cover(ranges: Ranges, n_heads: int) -> bool:
     return pos == n_heads
 
 
-def _head_index(ranges: Ranges, device) -> torch.Tensor:
-    return torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
-
-
 class Pending:
     """An all-to-all in flight: ``wait()`` returns its result once the transfer is done."""
 
@@ -65,39 +61,45 @@ def seq_to_heads_start(x: torch.Tensor, ranges: Ranges, group, rank: int) -> Pen
 
 
 def heads_to_seq_start(y: torch.Tensor, ranges: Ranges, group, rank: int, n_heads: int,
-                       into: torch.Tensor = None) -> Pending:
+                       into: torch.Tensor = None, accumulate: bool = False) -> Pending:
     """Post the all-to-all of :func:`heads_to_seq` without waiting.
 
-    With ``into`` (``[B, s, n_heads, D]``), the received heads are added into it at their head
-    positions (ranges need not tile the heads: a head chunk, or replicated kv heads whose grads sum).
+    With ``into`` (``[B, s, n_heads, D]``), the received heads are written into it at their head positions
+    (ranges need not tile the heads: a head chunk); ``accumulate`` adds instead, for replicated kv heads
+    whose gradients sum. Slices per source rank, not ``index_add``: no atomics on half-precision data.
     """
     B, S, n_me, D = y.shape
     U = len(ranges)
-    if U == 1:
-        a, b = ranges[0]
-        if into is None:
-            return Pending(None, lambda: y)
-
-        def add_local():
-            into[:, :, a:b] += y
-            return into
-
-        return Pending(None, add_local)
+    if U == 1 and into is None:
+        return Pending(None, lambda: y)
     s = S // U
-    send = y.reshape(B, U, s, n_me, D).permute(1, 3, 0, 2, 4).contiguous().view(U * n_me, B, s, D)
     sizes = [b - a for a, b in ranges]
-    recv = torch.empty((sum(sizes), B, s, D), dtype=y.dtype, device=y.device)
-    work = dist.all_to_all_single(recv, send, output_split_sizes=sizes, input_split_sizes=[n_me] * U,
-                                  group=group, async_op=True)
+    if U == 1:
+        recv, work = y.permute(2, 0, 1, 3), None
+    else:
+        send = y.reshape(B, U, s, n_me, D).permute(1, 3, 0, 2, 4).contiguous().view(U * n_me, B, s, D)
+        recv = torch.empty((sum(sizes), B, s, D), dtype=y.dtype, device=y.device)
+        work = dist.all_to_all_single(recv, send, output_split_sizes=sizes, input_split_sizes=[n_me] * U,
+                                      group=group, async_op=True)
 
     def finish():
-        del_send = send  # noqa: F841 - the send buffer must outlive the transfer
-        if into is not None:
-            return into.index_add_(2, _head_index(ranges, y.device), recv.permute(1, 2, 0, 3))
-        if not _is_cover(ranges, n_heads):
-            full = torch.zeros((n_heads, B, s, D), dtype=y.dtype, device=y.device)
-            return full.index_add_(0, _head_index(ranges, y.device), recv).permute(1, 2, 0, 3).contiguous()
-        return recv.permute(1, 2, 0, 3).contiguous()
+        if U > 1:
+            del_send = send  # noqa: F841 - the send buffer must outlive the transfer
+        target = into
+        if target is None:
+            if _is_cover(ranges, n_heads):
+                return recv.permute(1, 2, 0, 3).contiguous()
+            target = torch.zeros((B, s, n_heads, D), dtype=y.dtype, device=y.device)
+        add = accumulate or into is None
+        off = 0
+        for a, b in ranges:
+            part = recv[off:off + b - a].permute(1, 2, 0, 3)
+            if add:
+                target[:, :, a:b] += part
+            else:
+                target[:, :, a:b].copy_(part)
+            off += b - a
+        return target
 
     return Pending(work, finish)
 
