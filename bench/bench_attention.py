@@ -132,6 +132,7 @@ def main():
     ap.add_argument("--impls-long-enough", default="single,ulysses,ring,hybrid,deepspeed")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--commit", default="", help="git commit of the code measured (recorded in the JSON)")
     args = ap.parse_args()
 
     dist.init_process_group("nccl")
@@ -141,7 +142,7 @@ def main():
     topos = {"single": Topology(1, 1), "ulysses": Topology(world, 1), "ring": Topology(1, world)}
     if world >= 4:
         topos["hybrid"] = Topology(2, world // 2)
-    payload = record_header(world)
+    payload = record_header(world, args.commit)
     payload.update(heads=H, kv_heads=HKV, head_dim=D, dtype="bfloat16", causal=True, batch=1)
     q0 = torch.empty(1, 8, H, D, device=device, dtype=torch.bfloat16)
     payload["kernel_requested"] = args.kernel

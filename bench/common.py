@@ -38,10 +38,13 @@ def versions() -> Dict[str, str]:
     return out
 
 
-def record_header(world: int) -> Dict:
+def record_header(world: int, commit: str = "") -> Dict:
+    launcher = (f"torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']} "
+                if "LOCAL_WORLD_SIZE" in os.environ else "python ")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "command": launcher + " ".join(sys.argv),
+        "commit": commit,
         "world_size": world,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available() else [],
