@@ -167,7 +167,10 @@ def main():
         long = seq >= args.long_from
         per_gpu = seq // world
         for impl in impls:
-            if impl.partition("_p")[0] not in topos and impl != "deepspeed":
+            # "ring:sdpa_cudnn": the ring with another kernel than --kernel, as a peer in the same run.
+            base_impl, _, kname = impl.partition(":")
+            kname = kname or args.kernel
+            if base_impl.partition("_p")[0] not in topos and base_impl != "deepspeed":
                 continue
             if long and impl not in args.long_impls.split(","):
                 continue
@@ -175,18 +178,18 @@ def main():
                 continue
             n = per_gpu
             flops = causal_flops_fwd_bwd(1, H, seq, D) / world
-            if impl == "single":  # the kernel alone on this GPU's share of tokens
+            if base_impl == "single":  # the kernel alone on this GPU's share of tokens
                 flops = causal_flops_fwd_bwd(1, H, per_gpu, D)
             q, k, v, do = make_inputs(n, device, seed=seq)
             leaves = [t.requires_grad_() for t in (q, k, v)]
-            if impl == "deepspeed":
+            if base_impl == "deepspeed":
                 fwd = lambda: ds_attn(*leaves, batch_dim_idx=0)  # noqa: E731
             else:
                 # "ulysses_p4": the Ulysses topology with the all-to-all pipelined over 4 head chunks.
-                base, _, p = impl.partition("_p")
+                base, _, p = base_impl.partition("_p")
                 topo, opts = topos[base], ({"pipeline_chunks": int(p)} if p else {})
-                fwd = lambda topo=topo, opts=opts: attention(*leaves, topo, causal=True, kernel=args.kernel,  # noqa
-                                                             **opts)
+                fwd = lambda topo=topo, opts=opts, kname=kname: attention(*leaves, topo, causal=True,  # noqa
+                                                                          kernel=kname, **opts)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             try:
@@ -194,7 +197,8 @@ def main():
             except torch.cuda.OutOfMemoryError:
                 t = None
             row = {"impl": impl, "total_tokens": seq, "tokens_per_gpu": per_gpu,
-                   "kernel": "sdpa_cudnn (DeepSpeed local attention)" if impl == "deepspeed" else args.kernel,
+                   "kernel": "sdpa_cudnn (DeepSpeed local attention)" if base_impl == "deepspeed" else
+                   get_kernel(kname, q, k).name,
                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
             if t is None:
                 row["oom"] = True
@@ -203,7 +207,7 @@ def main():
                 row["tflops_per_gpu"] = flops / (t["fwd_bwd_ms"] * 1e-3) / 1e12
             rows.append(row)
             if rank == 0:
-                print(f"{impl:>10} S={seq:>8} per_gpu={per_gpu:>7} "
+                print(f"{impl:>20} S={seq:>8} per_gpu={per_gpu:>7} "
                       + (f"{row.get('fwd_bwd_ms', 0):9.1f} ms {row.get('tflops_per_gpu', 0):6.1f} TFLOP/s/GPU"
                          if t else "OOM"), flush=True)
             for leaf in leaves:
@@ -212,19 +216,25 @@ def main():
     # Ratios within the run: against the single-GPU kernel at the same tokens per GPU, and against DeepSpeed.
     by = {(r["impl"], r["total_tokens"]): r for r in rows if "tflops_per_gpu" in r}
     for r in rows:
-        single = by.get(("single", r["total_tokens"]))
+        kname = r["impl"].partition(":")[2]
+        single = by.get(("single" + (":" + kname if kname else ""), r["total_tokens"]))
+        cudnn = by.get(("single:sdpa_cudnn", r["total_tokens"])) or (
+            by.get(("single", r["total_tokens"])) if args.kernel == "sdpa_cudnn" else None)
         ds = by.get(("deepspeed", r["total_tokens"]))
-        if "tflops_per_gpu" in r and single:
+        if "tflops_per_gpu" in r and single:  # the same kernel alone on one GPU at the same tokens per GPU
             r["vs_single_gpu_kernel"] = r["tflops_per_gpu"] / single["tflops_per_gpu"]
+        if "tflops_per_gpu" in r and cudnn:
+            r["vs_single_gpu_cudnn"] = r["tflops_per_gpu"] / cudnn["tflops_per_gpu"]
         if "tflops_per_gpu" in r and ds:
             r["vs_deepspeed_ulysses_cudnn"] = r["tflops_per_gpu"] / ds["tflops_per_gpu"]
     payload["results"] = rows
     if rank == 0:
         write_json(args.out, payload)
-        print(f"{'impl':>10} {'tokens':>8} {'TFLOP/s':>8} {'xsingle':>8} {'xDS':>6}")
+        print(f"{'impl':>20} {'tokens':>8} {'TFLOP/s':>8} {'xsingle':>8} {'xcudnn':>7} {'xDS':>6}")
         for r in rows:
-            print(f"{r['impl']:>10} {r['total_tokens']:>8} {r.get('tflops_per_gpu', 0):8.1f} "
-                  f"{r.get('vs_single_gpu_kernel', 0):8.3f} {r.get('vs_deepspeed_ulysses_cudnn', 0):6.3f}")
+            print(f"{r['impl']:>20} {r['total_tokens']:>8} {r.get('tflops_per_gpu', 0):8.1f} "
+                  f"{r.get('vs_single_gpu_kernel', 0):8.3f} {r.get('vs_single_gpu_cudnn', 0):7.3f} "
+                  f"{r.get('vs_deepspeed_ulysses_cudnn', 0):6.3f}")
     dist.barrier()
     dist.destroy_process_group()
 

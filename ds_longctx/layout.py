@@ -6,11 +6,16 @@ every ring step does the same work. Inside a ring position, the two chunks, conc
 are split into ``U`` contiguous pieces, one per Ulysses rank: the Ulysses all-to-all then gathers exactly
 ``[chunk r ; chunk 2R-1-r]`` in increasing position order. With ``R = 1`` the layout is the plain
 contiguous split.
+
+FPDT chunking (``chunk_size = C``) cuts that group sequence of ``L = S / R`` tokens into ``L / C`` chunks
+and gives each Ulysses rank a ``C / U`` slice of every chunk (rank ``u`` holds ``G[i*C + u*C/U :
+i*C + (u+1)*C/U]`` for every ``i``, in order of ``i``), so that the all-to-all of local rows
+``[i*C/U, (i+1)*C/U)`` gathers exactly chunk ``i`` of the group sequence. ``C = L`` is the layout above.
 """
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,15 +29,17 @@ class LayoutError(ValueError):
 
 
 class ZigzagLayout:
-    """Zigzag load balancer for ``ring`` positions of ``ulysses`` ranks each."""
+    """Zigzag load balancer for ``ring`` positions of ``ulysses`` ranks each, optionally chunked for FPDT
+    (``chunk_size`` tokens of the group sequence per chunk; None: one chunk)."""
 
-    def __init__(self, ring: int, ulysses: int):
+    def __init__(self, ring: int, ulysses: int, chunk_size: Optional[int] = None):
         self.ring = ring
         self.ulysses = ulysses
+        self.chunk_size = chunk_size
 
     @classmethod
-    def of(cls, topo: "Topology") -> "ZigzagLayout":
-        return cls(topo.ring, topo.ulysses)
+    def of(cls, topo: "Topology", chunk_size: Optional[int] = None) -> "ZigzagLayout":
+        return cls(topo.ring, topo.ulysses, chunk_size)
 
     @property
     def multiple(self) -> int:
@@ -49,6 +56,20 @@ class ZigzagLayout:
                 f"{what} {seq_len} is not divisible by {m}, which ring={self.ring} x ulysses={self.ulysses} "
                 f"needs (2*ring chunks, each ring position split over the ulysses ranks); pad the sequence "
                 f"to {((seq_len + m - 1) // m) * m} or change the degrees")
+        C = self.chunk_size
+        if C is None:
+            return
+        L = seq_len // self.ring
+        if isinstance(C, bool) or not isinstance(C, int) or C < 1:
+            raise LayoutError(f"chunk_size must be a positive integer, got {C!r}")
+        if C % self.ulysses != 0:
+            raise LayoutError(
+                f"chunk_size {C} is not divisible by ulysses={self.ulysses}: every chunk is split evenly over "
+                f"the ulysses ranks; use a multiple of {self.ulysses}")
+        if L % C != 0:
+            raise LayoutError(
+                f"chunk_size {C} does not divide the {L} tokens of each ring position ({what} {seq_len} / "
+                f"ring {self.ring}); use a divisor of {L} that is a multiple of {self.ulysses}")
 
     def local_len(self, seq_len: int) -> int:
         return seq_len // (self.ring * self.ulysses)
@@ -64,8 +85,9 @@ class ZigzagLayout:
             c = seq_len // (2 * R)
             group = torch.cat([torch.arange(ring_rank * c, (ring_rank + 1) * c, device=device),
                                torch.arange((2 * R - 1 - ring_rank) * c, (2 * R - ring_rank) * c, device=device)])
-        n = group.numel() // U
-        return group[ulysses_rank * n:(ulysses_rank + 1) * n]
+        C = self.chunk_size or group.numel()
+        # [chunk, ulysses rank, C/U]: rank u holds its slice of every chunk, chunk by chunk.
+        return group.view(group.numel() // C, U, C // U)[:, ulysses_rank].reshape(-1)
 
     def gather_order(self, seq_len: int, device=None) -> torch.Tensor:
         """Positions of all sequence-parallel ranks' tokens concatenated in ``sp_rank`` order. Shape ``[S]``."""
@@ -92,9 +114,10 @@ class ZigzagLayout:
         return RingBlock(slice(half, None), every, False)
 
 
-def positions(seq_len: int, topo: "Topology", device=None) -> torch.Tensor:
-    """Global positions (e.g. for RoPE) of this rank's ``S_local`` tokens in the layout. Shape ``[S_local]``."""
-    return ZigzagLayout.of(topo).local_positions(seq_len, topo.ring_rank, topo.ulysses_rank, device)
+def positions(seq_len: int, topo: "Topology", device=None, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Global positions (e.g. for RoPE) of this rank's ``S_local`` tokens in the layout (chunked for FPDT
+    when ``chunk_size`` is given). Shape ``[S_local]``."""
+    return ZigzagLayout.of(topo, chunk_size).local_positions(seq_len, topo.ring_rank, topo.ulysses_rank, device)
 
 
 def _all_gather_seq(x: torch.Tensor, topo: "Topology", dim: int) -> torch.Tensor:
@@ -109,58 +132,62 @@ def _all_gather_seq(x: torch.Tensor, topo: "Topology", dim: int) -> torch.Tensor
 
 class _Shard(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, topo, dim):
-        ctx.topo, ctx.dim = topo, dim
-        idx = positions(x.shape[dim], topo, device=x.device)
+    def forward(ctx, x, topo, dim, chunk_size):
+        ctx.topo, ctx.dim, ctx.chunk_size = topo, dim, chunk_size
+        idx = positions(x.shape[dim], topo, device=x.device, chunk_size=chunk_size)
         return x.index_select(dim, idx)
 
     @staticmethod
     def backward(ctx, grad):
-        return _unshard_impl(grad, ctx.topo, ctx.dim), None, None
+        return _unshard_impl(grad, ctx.topo, ctx.dim, ctx.chunk_size), None, None, None
 
 
 class _Unshard(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, topo, dim):
-        ctx.topo, ctx.dim = topo, dim
-        return _unshard_impl(x, topo, dim)
+    def forward(ctx, x, topo, dim, chunk_size):
+        ctx.topo, ctx.dim, ctx.chunk_size = topo, dim, chunk_size
+        return _unshard_impl(x, topo, dim, chunk_size)
 
     @staticmethod
     def backward(ctx, grad):
         topo, dim = ctx.topo, ctx.dim
-        idx = positions(grad.shape[dim], topo, device=grad.device)
-        return grad.index_select(dim, idx), None, None
+        idx = positions(grad.shape[dim], topo, device=grad.device, chunk_size=ctx.chunk_size)
+        return grad.index_select(dim, idx), None, None, None
 
 
-def _unshard_impl(x, topo, dim):
+def _unshard_impl(x, topo, dim, chunk_size=None):
     gathered = _all_gather_seq(x, topo, dim)
     seq_len = gathered.shape[dim]
-    order = ZigzagLayout.of(topo).gather_order(seq_len, device=x.device)
+    order = ZigzagLayout.of(topo, chunk_size).gather_order(seq_len, device=x.device)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(seq_len, device=x.device)
     return gathered.index_select(dim, inverse)
 
 
-def shard(x: torch.Tensor, topo: "Topology", dim: int = 1) -> torch.Tensor:
-    """This rank's part of the full sequence ``x`` in the zigzag layout.
+def shard(x: torch.Tensor, topo: "Topology", dim: int = 1, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """This rank's part of the full sequence ``x`` in the zigzag layout (chunked for FPDT with ``chunk_size``,
+    the layout :func:`ds_longctx.attention.attention` expects for that ``chunk_size``).
 
     ``x``: ``[..., S, ...]`` with the sequence at ``dim``, identical on every rank of the sequence-parallel
     group; returns ``[..., S / (U*R), ...]``. Autograd: the gradient of ``x`` is gathered from all
     sequence-parallel ranks, so every rank holds the full gradient of the replicated input.
     """
     dim = dim % x.dim()
-    ZigzagLayout.of(topo).check(x.shape[dim])
-    return _Shard.apply(x, topo, dim)
+    ZigzagLayout.of(topo, chunk_size).check(x.shape[dim])
+    return _Shard.apply(x, topo, dim, chunk_size)
 
 
-def unshard(x: torch.Tensor, topo: "Topology", dim: int = 1) -> torch.Tensor:
-    """Inverse of :func:`shard`: gathers the full sequence ``[..., S, ...]`` on every rank (collective).
+def unshard(x: torch.Tensor, topo: "Topology", dim: int = 1, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Inverse of :func:`shard` (same ``chunk_size``): gathers the full sequence ``[..., S, ...]`` on every
+    rank (collective).
 
     Autograd: the consumer of the full tensor is taken to be replicated on the sequence-parallel ranks
     (each computes the same function of it), so a shard's gradient is its slice of the full gradient.
     """
     dim = dim % x.dim()
-    return _Unshard.apply(x, topo, dim)
+    if chunk_size is not None:
+        ZigzagLayout.of(topo, chunk_size).check(x.shape[dim] * topo.sp)
+    return _Unshard.apply(x, topo, dim, chunk_size)
 
 
 class RingBlock:

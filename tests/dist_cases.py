@@ -99,3 +99,74 @@ def layout_roundtrip(ulysses, ring, S):
     mine = torch.cat([everyone[r] for r in topo.sp_ranks])
     holds_its_positions = torch.equal(shard(x, topo)[0, :, 0], (pos * 3).float())
     return torch.equal(back, x), sorted(mine.tolist()) == list(range(S)), holds_its_positions
+
+
+def chunked_vs_reference(ulysses, ring, configs, seed=0, dtype=torch.float32, repeat=1):
+    """FPDT chunked attention on inputs in the chunked layout, for each config ``(B, S, H, Hkv, D, causal,
+    chunk_size, offload)``: relative errors of out, dq, dk, dv against the float64 reference and against the
+    unchunked path (same inputs, plain layout), and the default host pool's state around the calls.
+
+    ``repeat`` runs each config that many times (a second forward/backward must reuse the pool's buffers).
+    """
+    from ds_longctx.memory import default_pool
+
+    topo = topology(ulysses, ring)
+    pool = default_pool()
+    results = []
+    for n, (B, S, H, Hkv, D, causal, chunk_size, offload) in enumerate(configs):
+        q, k, v, dout = (t.to(dtype).double() for t in
+                         _inputs(seed + 7 * n + 1000 * topo.dp_rank, B, S, H, Hkv, D))
+        scale = D ** -0.5
+        ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref_out = naive_attention(*ref_in, causal, scale)
+        ref_out.backward(dout)
+        want = [ref_out.detach()] + [t.grad for t in ref_in]
+
+        plain = [shard(t.to(dtype), topo).detach().requires_grad_() for t in (q, k, v)]
+        out = attention(*plain, topo, causal=causal)
+        out.backward(shard(dout.to(dtype), topo))
+        unchunked = [unshard(out.detach(), topo)] + [unshard(t.grad, topo) for t in plain]
+
+        allocations = []
+        for _ in range(repeat):
+            local = [shard(t.to(dtype), topo, chunk_size=chunk_size).detach().requires_grad_() for t in (q, k, v)]
+            out = attention(*local, topo, causal=causal, chunk_size=chunk_size, offload=offload)
+            leased_in_flight = pool.leased_bytes
+            out.backward(shard(dout.to(dtype), topo, chunk_size=chunk_size))
+            allocations.append(pool.allocations)
+        got = [unshard(out.detach(), topo, chunk_size=chunk_size)] + \
+              [unshard(t.grad, topo, chunk_size=chunk_size) for t in local]
+        names = ("out", "dq", "dk", "dv")
+        results.append({
+            "ref": {name: rel(a, b) for name, a, b in zip(names, got, want)},
+            "unchunked": {name: rel(a, b) for name, a, b in zip(names, got, unchunked)},
+            "leased_during_backward": leased_in_flight, "leased_after": pool.leased_bytes,
+            "allocations": allocations,
+        })
+    return results
+
+
+def chunked_layout_facts(ulysses, ring, S, chunk_size):
+    """Facts of the chunked layout on this rank: shard/unshard roundtrip, positions tiling ``range(S)``,
+    ``chunk_size = S / ring`` equal to the plain layout, and local rows ``[i*C/U, (i+1)*C/U)`` of the
+    Ulysses ranks gathering (in rank order) into chunk ``i`` of the ring position's group sequence."""
+    from ds_longctx.layout import ZigzagLayout, positions
+
+    topo = topology(ulysses, ring)
+    x = torch.arange(2 * S * 3, dtype=torch.float32).view(2, S, 3)
+    local = shard(x, topo, chunk_size=chunk_size)
+    roundtrip = torch.equal(unshard(local, topo, chunk_size=chunk_size), x)
+    pos = positions(S, topo, chunk_size=chunk_size)
+    holds_its_positions = torch.equal(local[0, :, 0], (pos * 3).float())
+    everyone = [torch.empty_like(pos) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, pos)
+    tiles = sorted(torch.cat([everyone[r] for r in topo.sp_ranks]).tolist()) == list(range(S))
+    L = S // ring
+    plain_when_whole = torch.equal(positions(S, topo, chunk_size=L), positions(S, topo))
+    group_seq = ZigzagLayout(ring, 1).local_positions(S, topo.ring_rank, 0)
+    c = chunk_size // ulysses
+    pieces = [everyone[r] for r in topo.ulysses_ranks]
+    chunks_gather = all(
+        torch.equal(torch.cat([p[i * c:(i + 1) * c] for p in pieces]), group_seq[i * chunk_size:(i + 1) * chunk_size])
+        for i in range(L // chunk_size))
+    return roundtrip, tiles, holds_its_positions, plain_when_whole, chunks_gather

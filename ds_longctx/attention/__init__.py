@@ -12,14 +12,14 @@ import torch
 from ..kernels import get_kernel
 from ..topology import Topology
 from .checks import check_inputs
+from .chunked import chunked_attention
 from .hybrid import HybridAttention
 from .ulysses import UlyssesPlan, head_chunks
 
 
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topo: Topology, causal: bool = True,
               softmax_scale: Optional[float] = None, kernel: str = "auto", chunk_size: Optional[int] = None,
-              offload: bool = False, pipeline_chunks: int = 2) -> torch.Tensor:
+              offload: bool = False, pipeline_chunks: int = 1) -> torch.Tensor:
     """Exact attention over the full sequence held in the zigzag layout by the sequence-parallel group.
 
     Args:
@@ -30,10 +30,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topo: Topology,
         causal: causal mask over global positions.
         softmax_scale: defaults to ``D ** -0.5``.
         kernel: local kernel name (see :func:`ds_longctx.kernels.kernel_names`), ``auto`` for the fastest.
-        chunk_size: FPDT chunking of the local pipeline in tokens of the group sequence (None: no chunking).
-        offload: keep K/V of chunks not in use in pinned host memory (needs ``chunk_size``).
+        chunk_size: FPDT chunking in tokens of the group sequence (``S / ring`` tokens; None: no chunking).
+            Must be a multiple of ``ulysses`` dividing ``S / ring``, and q, k, v must then be in the *chunked*
+            layout: ``shard(x, topo, chunk_size=chunk_size)`` (positions from ``positions(S, topo,
+            chunk_size=chunk_size)``); the output is in that layout too. Each chunk's all-to-all, ring
+            transfers and attention run in turn, so the attention state on the device stays a few chunks.
+        offload: keep K/V (and the saved q/out/lse) of chunks not in use in pinned host memory, copied on
+            side streams with double-buffered prefetch (needs ``chunk_size``); host buffers come from
+            :func:`ds_longctx.memory.default_pool`, reused across layers and steps.
         pipeline_chunks: the Ulysses all-to-all is pipelined over this many head chunks (whole GQA groups),
-            so communication of one chunk overlaps the attention of another; 1 turns it off.
+            so communication of one chunk overlaps the attention of another; 1 (the default) turns it off.
+            On 2 and 4 H200s over NVLink the all-to-all is a few percent of the kernel time and splitting
+            the kernel into head chunks costs more than it hides (bench/results/attention_*: ``ulysses_p2``,
+            ``ulysses_p4`` below ``ulysses``); it can pay off on slower links.
 
     Returns:
         ``[B, S_local, H, D]`` in q's dtype and layout.
@@ -44,7 +53,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topo: Topology,
     kern = get_kernel(kernel, q, k)
     plan = UlyssesPlan(H, Hkv, topo.ulysses, topo.ulysses_rank)
     if chunk_size is not None:
-        raise NotImplementedError("FPDT chunking (chunk_size) is not available yet")
+        return chunked_attention(q, k, v, topo, plan.local_kernel(kern), plan.q_ranges, plan.kv_ranges, causal,
+                                 scale, chunk_size, offload)
     return HybridAttention.apply(q, k, v, topo, head_chunks(plan, kern, pipeline_chunks), causal, scale)
 
 

@@ -47,3 +47,31 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topo, chunk_
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise AttentionInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        check_chunk_size(chunk_size, S_local, topo)
+
+
+def valid_chunk_sizes(S_local: int, topo) -> list:
+    """Chunk sizes the chunked layout accepts for this local length: multiples of ``ulysses`` that divide the
+    group sequence ``L = S_local * ulysses``."""
+    U = topo.ulysses
+    L = S_local * U
+    return [C for C in range(U, L + 1, U) if L % C == 0]
+
+
+def check_chunk_size(chunk_size: int, S_local: int, topo) -> None:
+    """``chunk_size`` (tokens of the group sequence per chunk) must split the group sequence evenly and each
+    chunk evenly over the Ulysses ranks; the message names the nearest sizes that do."""
+    U = topo.ulysses
+    L = S_local * U
+    if chunk_size % U == 0 and L % chunk_size == 0:
+        return
+    ok = valid_chunk_sizes(S_local, topo)
+    below = [C for C in ok if C < chunk_size]
+    above = [C for C in ok if C > chunk_size]
+    near = ([below[-1]] if below else []) + ([above[0]] if above else [])
+    why = (f"is not a multiple of ulysses={U} (each chunk is split evenly over the ulysses ranks)"
+           if chunk_size % U else
+           f"does not divide the group sequence of L = S_local {S_local} x ulysses {U} = {L} tokens")
+    raise AttentionInputError(
+        f"chunk_size {chunk_size} {why}; use a multiple of {U} that divides {L}, e.g. "
+        f"{' or '.join(map(str, near))} (inputs must be sharded with the same chunk_size)")

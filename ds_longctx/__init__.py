@@ -1,0 +1,37 @@
+"""ds_longctx: exact long-context attention for DeepSpeed (hybrid Ulysses x ring, FPDT chunking, ZeRO-3).
+
+``ds_longctx.initialize`` is a drop-in for ``deepspeed.initialize`` that reads the ``"long_context"`` block of
+the DeepSpeed config. Importing the package stays light: DeepSpeed and transformers are imported only when
+``initialize`` (or an integration module) is used.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "initialize": ("ds_longctx.integration.deepspeed", "initialize"),
+    "LongContextConfig": ("ds_longctx.config", "LongContextConfig"),
+    "LongContextConfigError": ("ds_longctx.config", "LongContextConfigError"),
+    "Topology": ("ds_longctx.topology", "Topology"),
+    "attention": ("ds_longctx.attention", "attention"),
+    "shard_batch": ("ds_longctx.integration.data", "shard_batch"),
+    "causal_lm_loss": ("ds_longctx.integration.loss", "causal_lm_loss"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ds_longctx' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = ["__version__"] + list(_LAZY)

@@ -1,0 +1,391 @@
+"""The ``"long_context"`` block of a DeepSpeed config, its validation, and its cross-rank agreement.
+
+DeepSpeed ignores top-level keys it does not know, so a typo in this block would otherwise go unnoticed;
+:class:`LongContextConfig` rejects unknown keys and names the offending field in every error.
+
+Example block (inside ``ds_config.json``)::
+
+    "long_context": {
+        "ulysses_degree": 4,
+        "ring_degree": 2,
+        "fpdt": {"chunk_size": 8192, "offload": true},
+        "kernel": "auto"
+    }
+
+Checks that need more than the block (world size, model head counts, sequence length) are methods of the
+config; they read only values every rank shares, so they fail on every rank alike and before any collective.
+:func:`agree_on_block` makes that true of the block itself: it gathers each rank's parse outcome and raises
+the same error everywhere when one rank failed or the ranks hold different blocks.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import json
+import os
+from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+BLOCK_KEY = "long_context"
+
+#: Local attention kernels accepted by ``kernel`` (``ds_longctx.kernels.kernel_names()``).
+KERNEL_NAMES = ("auto", "reference", "sdpa_cudnn", "sdpa_flash", "sdpa_cpu_flash", "flash_attn", "flash_attn4")
+
+KernelName = Literal["auto", "reference", "sdpa_cudnn", "sdpa_flash", "sdpa_cpu_flash", "flash_attn", "flash_attn4"]
+
+ConfigSource = Union[str, "os.PathLike[str]", Mapping[str, Any]]
+
+
+class LongContextConfigError(ValueError):
+    """An invalid or inconsistent ``long_context`` block; the message names the field and what to change."""
+
+
+class FPDTConfig(BaseModel):
+    """FPDT (fully pipelined distributed transformer) chunking of the attention of each rank."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    chunk_size: Optional[int] = Field(
+        default=None, strict=True, gt=0,
+        description="Tokens per chunk of the sequence a rank attends over after the Ulysses all-to-all; "
+                    "attention runs chunk by chunk so only one chunk's scores and K/V are live. "
+                    "null: no chunking (fastest when memory allows).")
+    offload: bool = Field(
+        default=False, strict=True,
+        description="Keep the K/V of chunks not in use in pinned host memory (needs chunk_size). "
+                    "Trades PCIe traffic for GPU memory at the longest sequences.")
+
+
+class LongContextConfig(BaseModel):
+    """The ``"long_context"`` block of a DeepSpeed config: hybrid Ulysses x ring sequence parallelism.
+
+    The world is split into ``dp = world_size / (ulysses_degree * ring_degree)`` data-parallel replicas of a
+    sequence-parallel group of ``ulysses_degree * ring_degree`` ranks that share one sequence.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ulysses_degree: int = Field(
+        default=1, strict=True, gt=0,
+        description="Ranks of each Ulysses group (all-to-all that scatters attention heads). Keep it within a "
+                    "node (NVLink) and at most the model's query-head count.")
+    ring_degree: int = Field(
+        default=1, strict=True, gt=0,
+        description="Ranks of each ring (K/V passed around, overlapped with compute). Not limited by heads; "
+                    "use it to span nodes.")
+    fpdt: FPDTConfig = Field(
+        default_factory=FPDTConfig,
+        description="FPDT chunking and host offload of the attention inputs.")
+    kernel: KernelName = Field(
+        default="auto",
+        description="Local attention kernel. auto picks the fastest available for the device and dtype "
+                    "(flash_attn4 > sdpa_cudnn > flash_attn > sdpa_flash on CUDA, sdpa_cpu_flash on CPU); "
+                    "reference is the plain PyTorch kernel used to check the others.")
+    causal: bool = Field(
+        default=True, strict=True,
+        description="Causal mask over global token positions (decoder LMs). Hugging Face attention modules "
+                    "use their own is_causal; this applies to direct calls through the engine's long_context.")
+    load_balance: Literal["zigzag"] = Field(
+        default="zigzag",
+        description="Token layout across the ring. zigzag: ring position r holds chunks r and 2R-1-r of the "
+                    "sequence so that causal work is equal on every rank.")
+
+    # ---- derived -----------------------------------------------------------------------------------------
+
+    @property
+    def sp_degree(self) -> int:
+        """Sequence-parallel group size ``ulysses_degree * ring_degree``."""
+        return self.ulysses_degree * self.ring_degree
+
+    @property
+    def seq_multiple(self) -> int:
+        """Global sequence lengths must be a multiple of this (see :class:`ds_longctx.layout.ZigzagLayout`;
+        with FPDT chunking each ring position's ``S / ring`` tokens must also hold whole chunks)."""
+        import math
+
+        from .layout import ZigzagLayout
+        m = ZigzagLayout(self.ring_degree, self.ulysses_degree).multiple
+        if self.fpdt.chunk_size is not None:
+            m = math.lcm(m, self.ring_degree * self.fpdt.chunk_size)
+        return m
+
+    def attention_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments of :func:`ds_longctx.attention.attention` that this block sets."""
+        return {"kernel": self.kernel, "chunk_size": self.fpdt.chunk_size, "offload": self.fpdt.offload}
+
+    # ---- construction ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_block(cls, block: Optional[Mapping[str, Any]]) -> "LongContextConfig":
+        """Validate a ``long_context`` block (``None``: all defaults, i.e. no sequence parallelism)."""
+        if block is None:
+            block = {}
+        if not isinstance(block, Mapping):
+            raise LongContextConfigError(
+                f"{BLOCK_KEY}: must be an object (a JSON dict), got {type(block).__name__} {block!r}")
+        try:
+            cfg = cls.model_validate(dict(block))
+        except ValidationError as exc:
+            raise LongContextConfigError(_format_validation_error(exc)) from None
+        cfg._check_self()
+        return cfg
+
+    @classmethod
+    def from_ds_config(cls, config: ConfigSource) -> "LongContextConfig":
+        """Read and validate the block of a full DeepSpeed config (dict, path to a json/hjson file, or base64).
+
+        A config without the block yields the defaults (``ulysses_degree = ring_degree = 1``).
+        """
+        ds = load_ds_config(config)
+        return cls.from_block(ds.get(BLOCK_KEY))
+
+    def _check_self(self) -> None:
+        C = self.fpdt.chunk_size
+        if C is not None and C % self.ulysses_degree != 0:
+            raise LongContextConfigError(
+                f"{BLOCK_KEY}.fpdt.chunk_size: {C} is not a multiple of ulysses_degree {self.ulysses_degree} "
+                f"(every chunk is split evenly over the Ulysses ranks); use e.g. "
+                f"{-(-C // self.ulysses_degree) * self.ulysses_degree}")
+        if self.fpdt.offload and self.fpdt.chunk_size is None:
+            raise LongContextConfigError(
+                f"{BLOCK_KEY}.fpdt.offload: offload=true needs {BLOCK_KEY}.fpdt.chunk_size (offload moves the "
+                f"K/V of chunks not in use to host memory); set a chunk_size such as 8192 or offload=false")
+
+    # ---- checks against the run --------------------------------------------------------------------------
+
+    def check_ds_config(self, ds: Mapping[str, Any]) -> None:
+        """Reject DeepSpeed keys that would build a second, conflicting sequence-parallel layout."""
+        if self.sp_degree == 1:
+            return
+        for key in ("sequence_parallel_size", "data_parallel_size"):
+            if key in ds:
+                raise LongContextConfigError(
+                    f"{key}: DeepSpeed's own {key} conflicts with {BLOCK_KEY} (ulysses_degree x ring_degree = "
+                    f"{self.sp_degree}); remove {key} from the DeepSpeed config, ds_longctx builds the groups")
+
+    def check_world(self, world_size: int) -> None:
+        """The world must be ``dp`` whole sequence-parallel groups."""
+        sp = self.sp_degree
+        if world_size % sp != 0:
+            divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+            raise LongContextConfigError(
+                f"{BLOCK_KEY}: ulysses_degree x ring_degree = {self.ulysses_degree} x {self.ring_degree} = {sp} "
+                f"does not divide the world size {world_size}; choose degrees whose product is one of "
+                f"{divisors} (the quotient is the data-parallel degree)")
+
+    def check_heads(self, num_heads: int, num_kv_heads: Optional[int] = None) -> None:
+        """Ulysses scatters query heads, so it needs at least ``ulysses_degree`` of them."""
+        if num_kv_heads is None:
+            num_kv_heads = num_heads
+        if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+            raise LongContextConfigError(
+                f"model: num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
+        if num_heads < self.ulysses_degree:
+            raise LongContextConfigError(
+                f"{BLOCK_KEY}.ulysses_degree: {self.ulysses_degree} exceeds the model's {num_heads} query heads; "
+                f"set ulysses_degree to at most {num_heads} and raise ring_degree instead (the ring is not "
+                f"limited by heads)")
+
+    def check_seq_len(self, seq_len: int, what: str = "sequence length") -> None:
+        """The zigzag layout splits the sequence into ``2 * ring`` chunks of ``ulysses`` pieces (and, with
+        FPDT, each ring position's ``seq_len / ring`` tokens into chunks of ``fpdt.chunk_size``)."""
+        m = self.seq_multiple
+        if seq_len % m != 0:
+            up = -(-seq_len // m) * m
+            chunks = (f", fpdt.chunk_size={self.fpdt.chunk_size}: whole chunks per ring position"
+                      if self.fpdt.chunk_size is not None else "")
+            raise LongContextConfigError(
+                f"{what} {seq_len} is not divisible by {m}, which {BLOCK_KEY} (ulysses_degree="
+                f"{self.ulysses_degree}, ring_degree={self.ring_degree}{chunks}) needs; pad or truncate "
+                f"sequences to a multiple of {m} (e.g. {up}) or change the degrees")
+
+    def check_model(self, model: Any) -> None:
+        """Check the head counts of a Hugging Face model (no-op for models without a transformers config)."""
+        heads = model_head_counts(model)
+        if heads is not None:
+            self.check_heads(*heads)
+
+
+def model_head_counts(model: Any) -> Optional[Tuple[int, int]]:
+    """``(num_attention_heads, num_key_value_heads)`` of a transformers model, ``None`` for other modules."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    heads = getattr(config, "num_attention_heads", None)
+    if not isinstance(heads, int):
+        return None
+    kv = getattr(config, "num_key_value_heads", None)
+    return heads, kv if isinstance(kv, int) else heads
+
+
+# ---- loading -----------------------------------------------------------------------------------------------
+
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise LongContextConfigError(f"duplicate keys {dupes} in the DeepSpeed config; keep one of each")
+    return dict(pairs)
+
+
+def load_ds_config(config: ConfigSource) -> Dict[str, Any]:
+    """A DeepSpeed config as a dict, from a dict, a json/hjson file path, or a base64-encoded json string.
+
+    Accepts what ``deepspeed.initialize(config=...)`` accepts. Raises :class:`LongContextConfigError` with
+    the path and the parser's message when the file is missing or malformed.
+    """
+    import hjson
+
+    if isinstance(config, Mapping):
+        return dict(config)
+    if isinstance(config, os.PathLike):
+        config = os.fspath(config)
+    if not isinstance(config, str):
+        raise LongContextConfigError(
+            f"DeepSpeed config must be a dict or a path to a json file, got {type(config).__name__}")
+    looks_like_path = config.endswith((".json", ".hjson", ".conf")) or os.sep in config
+    if os.path.exists(config):
+        try:
+            with open(config, "r") as f:
+                loaded = hjson.load(f, object_pairs_hook=_no_duplicate_keys)
+        except LongContextConfigError as exc:
+            raise LongContextConfigError(f"{config}: {exc}") from None
+        except (ValueError, hjson.HjsonDecodeError) as exc:
+            raise LongContextConfigError(f"{config}: not valid JSON/HJSON: {exc}") from None
+    else:
+        missing = LongContextConfigError(f"DeepSpeed config file {config!r} does not exist")
+        if looks_like_path:
+            raise missing
+        try:  # deepspeed.initialize also takes the config as base64-encoded JSON
+            decoded = base64.urlsafe_b64decode(config).decode("utf-8")
+            loaded = hjson.loads(decoded, object_pairs_hook=_no_duplicate_keys)
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise missing from None
+        if not isinstance(loaded, Mapping):
+            raise missing
+    if not isinstance(loaded, Mapping):
+        raise LongContextConfigError(f"{config}: the DeepSpeed config must be a JSON object, got "
+                                     f"{type(loaded).__name__}")
+    return _plain(loaded)
+
+
+def _plain(x):
+    """hjson returns OrderedDicts; plain dicts compare and print the same everywhere."""
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _field_names(model: type, loc: Tuple[Any, ...]) -> List[str]:
+    """Allowed keys at the level of ``loc`` (the loc of an extra key, whose last item is the key itself)."""
+    cls = model
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+        else:
+            return []
+    return list(cls.model_fields)
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        path = ".".join([BLOCK_KEY] + [str(p) for p in loc])
+        if err.get("type") == "extra_forbidden":
+            allowed = _field_names(LongContextConfig, loc)
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"{path}: unknown key{hint} (allowed keys here: {', '.join(allowed)})")
+            continue
+        value = err.get("input")
+        lines.append(f"{path}: {err.get('msg')} (got {json.dumps(value) if _jsonable(value) else repr(value)})")
+    return "invalid " + BLOCK_KEY + " block:\n  " + "\n  ".join(lines)
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+# ---- agreement across ranks --------------------------------------------------------------------------------
+
+def agree_on_block(outcome: Union[Dict[str, Any], BaseException], group=None, what: str = BLOCK_KEY) -> None:
+    """Make every rank raise the same error when any rank failed to read its block or the blocks differ.
+
+    ``outcome`` is this rank's parsed block (any picklable dict, e.g. ``cfg.model_dump()`` plus the model's
+    head counts) or the exception it raised reading it. Every rank of ``group`` must call this, including
+    those whose own reading failed, so that no rank is left waiting in a collective.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return
+    mine = ("error", f"{type(outcome).__name__}: {outcome}") if isinstance(outcome, BaseException) \
+        else ("ok", outcome)
+    gathered: List[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, mine, group=group)
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(len(gathered)))
+    failed = [(r, g[1]) for r, g in zip(ranks, gathered) if g[0] == "error"]
+    if failed:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        first_rank, msg = failed[0]
+        raise LongContextConfigError(
+            f"rank {first_rank} (and {len(failed) - 1} more) could not read its {what}: {msg}")
+    reference = gathered[0][1]
+    differing = [r for r, g in zip(ranks, gathered) if g[1] != reference]
+    if differing:
+        other = gathered[ranks.index(differing[0])][1]
+        diff = _describe_diff(reference, other)
+        raise LongContextConfigError(
+            f"ranks disagree on the {what}: rank {ranks[0]} has {diff[0]} but rank(s) {differing} "
+            f"have {diff[1]}; give every rank the same DeepSpeed config")
+
+
+def _describe_diff(a: Any, b: Any, path: str = "") -> Tuple[str, str]:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for key in sorted(set(a) | set(b), key=str):
+            if a.get(key, "<missing>") != b.get(key, "<missing>"):
+                return _describe_diff(a.get(key, "<missing>"), b.get(key, "<missing>"),
+                                      f"{path}.{key}" if path else str(key))
+    prefix = f"{path}=" if path else ""
+    return f"{prefix}{a!r}", f"{prefix}{b!r}"
+
+
+def from_ds_config(config: ConfigSource) -> LongContextConfig:
+    """The validated ``long_context`` block of a DeepSpeed config (dict, json/hjson path or base64 string)."""
+    return LongContextConfig.from_ds_config(config)
+
+
+def resolved_block(cfg: LongContextConfig) -> Dict[str, Any]:
+    """The block with every default filled in, as it would appear in a DeepSpeed config."""
+    return cfg.model_dump(mode="json")
+
+
+def describe_fields(model: type = LongContextConfig, prefix: str = "") -> Iterable[Tuple[str, Any, str]]:
+    """``(dotted name, default, description)`` of every field, nested models expanded (for docs/CLI)."""
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from describe_fields(ann, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field.get_default(call_default_factory=True), field.description or ""
+
+
+__all__ = ["BLOCK_KEY", "KERNEL_NAMES", "FPDTConfig", "LongContextConfig", "LongContextConfigError",
+           "agree_on_block", "describe_fields", "from_ds_config", "load_ds_config", "model_head_counts",
+           "resolved_block"]

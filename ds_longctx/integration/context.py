@@ -1,0 +1,84 @@
+"""One handle on a run's long-context setup: the Topology, the validated block, and what uses them.
+
+:func:`ds_longctx.initialize` attaches it to the engine as ``engine.long_context``; a plain torch module
+calls ``engine.long_context.attention(q, k, v)`` where it would call its local attention.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+
+from ..config import LongContextConfig
+from ..layout import positions
+from ..topology import Topology
+
+
+class LongContext:
+    """The :class:`~ds_longctx.topology.Topology` and :class:`~ds_longctx.config.LongContextConfig` of a run."""
+
+    def __init__(self, topology: Topology, config: LongContextConfig):
+        self.topology = topology
+        self.config = config
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: Optional[bool] = None,
+                  softmax_scale: Optional[float] = None) -> torch.Tensor:
+        """Exact attention over the group's full sequence with the block's kernel and FPDT settings.
+
+        ``q``: ``[B, S_local, H, D]``, ``k``/``v``: ``[B, S_local, Hkv, D]`` in the zigzag layout;
+        returns ``[B, S_local, H, D]``. ``causal`` defaults to the block's ``causal``.
+        """
+        from ..attention import attention
+
+        return attention(q, k, v, self.topology, causal=self.config.causal if causal is None else causal,
+                         softmax_scale=softmax_scale, **self.config.attention_kwargs())
+
+    def shard_batch(self, batch: Mapping[str, Any]) -> Dict[str, Any]:
+        """:func:`ds_longctx.integration.data.shard_batch` on this topology (``[B, S] -> [B, S_local]``)."""
+        from .data import shard_batch
+
+        return shard_batch(batch, self.topology, chunk_size=self.config.fpdt.chunk_size)
+
+    def loss(self, logits: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
+        """:func:`ds_longctx.integration.loss.causal_lm_loss`: ``[B, S_local, V]``, ``[B, S_local]`` -> scalar."""
+        from .loss import causal_lm_loss
+
+        return causal_lm_loss(logits, shift_labels, self.topology)
+
+    def positions(self, seq_len: int, device=None) -> torch.Tensor:
+        """Global positions of this rank's tokens of a ``seq_len`` sequence (in the FPDT-chunked layout when
+        the block sets ``fpdt.chunk_size``). ``[S_local]``."""
+        return positions(seq_len, self.topology, device=device, chunk_size=self.config.fpdt.chunk_size)
+
+    def __deepcopy__(self, memo):
+        # Process groups cannot be copied; a copied model shares the run's groups.
+        return self
+
+    def __repr__(self) -> str:
+        return f"LongContext({self.topology!r}, {self.config!r})"
+
+
+_ATTR = "_ds_longctx"
+
+
+def attach(model: torch.nn.Module, lc: LongContext) -> None:
+    """Make ``lc`` reachable from every submodule of ``model`` (see :func:`long_context_of`)."""
+    for module in model.modules():
+        # a plain attribute, not a submodule or buffer: state_dict, .to() and ZeRO do not see it
+        object.__setattr__(module, _ATTR, lc)
+
+
+def long_context_of(module: torch.nn.Module, required: bool = True) -> Optional[LongContext]:
+    """The :class:`LongContext` that :func:`ds_longctx.initialize` attached to ``module``.
+
+    With ``required=False`` returns ``None`` for a module that was not set up (e.g. to fall back to a
+    local attention in single-process runs).
+    """
+    lc = getattr(module, _ATTR, None)
+    if lc is None and required:
+        raise RuntimeError(f"{type(module).__name__} has no long-context setup; build the engine with "
+                           f"ds_longctx.initialize(...) (or call ds_longctx.integration.context.attach)")
+    return lc
+
+
+__all__ = ["LongContext", "attach", "long_context_of"]

@@ -1,0 +1,141 @@
+"""Put each batch in the load-balanced (zigzag) layout: input_ids, labels and position_ids.
+
+Labels are shifted *before* sharding: in the zigzag layout the token after a rank's last token usually
+lives on another rank, so shifting a shard would pair tokens with the wrong targets. Position ids are the
+global positions of the rank's tokens, so RoPE sees the same positions as on a single device.
+
+Every rank of a sequence-parallel group must receive the same full batch (e.g. the dataloader's sampler
+is split over the data-parallel ranks only; the mpu that :func:`ds_longctx.initialize` gives DeepSpeed
+does that for DeepSpeed's own dataloader).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional
+
+import torch
+
+from ..layout import LayoutError, ZigzagLayout, positions, shard
+from ..topology import Topology
+from .agree import raise_together
+
+IGNORE_INDEX = -100
+
+
+class BatchError(ValueError):
+    """A batch that cannot be put in the layout; raised on every rank alike, with what to change."""
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Next-token targets: ``out[:, t] = labels[:, t + 1]``, ``out[:, -1] = ignore_index``. ``[B, S] -> [B, S]``."""
+    out = torch.full_like(labels, ignore_index)
+    out[:, :-1] = labels[:, 1:]
+    return out
+
+
+def _problem(batch: Mapping[str, Any], topo: Topology, chunk_size: Optional[int]) -> Optional[str]:
+    """What is wrong with this rank's full batch, or ``None``; reads only local data (no collective)."""
+    if "input_ids" in batch:
+        ref_key = "input_ids"
+    elif "inputs_embeds" in batch:
+        ref_key = "inputs_embeds"
+    else:
+        return f"the batch needs input_ids (or inputs_embeds); it has keys {sorted(batch)}"
+    ref = batch[ref_key]
+    if not torch.is_tensor(ref) or ref.dim() < 2:
+        return f"{ref_key} must be a [batch, seq, ...] tensor, got {type(ref).__name__} " \
+               f"{tuple(ref.shape) if torch.is_tensor(ref) else ''}"
+    B, S = ref.shape[0], ref.shape[1]
+    m = ZigzagLayout.of(topo).multiple
+    if chunk_size is not None:
+        m = math.lcm(m, topo.ring * chunk_size)
+    if S % m != 0:
+        chunks = f" with fpdt.chunk_size={chunk_size}" if chunk_size is not None else ""
+        return (f"sequence length {S} is not divisible by {m}, which ulysses_degree={topo.ulysses} x "
+                f"ring_degree={topo.ring}{chunks} needs; pad sequences to a multiple of {m} (e.g. "
+                f"{-(-S // m) * m}, with labels -100 on the padding) or change the degrees")
+    try:
+        ZigzagLayout.of(topo, chunk_size).check(S)
+    except LayoutError as exc:
+        return str(exc)
+    for key in ("labels", "shift_labels", "attention_mask"):
+        t = batch.get(key)
+        if t is not None and (not torch.is_tensor(t) or tuple(t.shape) != (B, S)):
+            return f"{key} must be a [{B}, {S}] tensor like {ref_key}, got " \
+                   f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}"
+    if batch.get("labels") is not None and batch.get("shift_labels") is not None:
+        return "pass either labels (shifted here) or shift_labels (already shifted), not both"
+    pos = batch.get("position_ids")
+    if pos is not None and (not torch.is_tensor(pos) or pos.dim() != 2 or pos.shape[1] != S
+                            or pos.shape[0] not in (1, B)):
+        return f"position_ids must be [1 or {B}, {S}], got " \
+               f"{tuple(pos.shape) if torch.is_tensor(pos) else type(pos).__name__}"
+    mask = batch.get("attention_mask")
+    if mask is not None and not bool((mask != 0).all()):
+        return ("attention_mask has padding zeros, which the distributed attention cannot apply; pad on the "
+                "right and set labels to -100 on the padding (causal attention never lets a real token see "
+                "right padding), then drop attention_mask")
+    return None
+
+
+def shard_batch(batch: Mapping[str, Any], topo: Topology, ignore_index: int = IGNORE_INDEX,
+                chunk_size: Optional[int] = None) -> Dict[str, Any]:
+    """This rank's part of a full batch, in the zigzag layout. Collective over the world (one tiny all-reduce
+    that makes a bad batch on any rank raise on every rank).
+
+    Input (the same on every rank of a sequence-parallel group):
+        ``input_ids`` ``[B, S]`` (or ``inputs_embeds`` ``[B, S, E]``);
+        optional ``labels`` ``[B, S]`` (unshifted, as for ``*ForCausalLM``) or ``shift_labels`` ``[B, S]``;
+        optional ``position_ids`` ``[1 or B, S]`` (default ``arange(S)``);
+        optional ``attention_mask`` ``[B, S]``, which must be all ones (it is dropped: attention is causal);
+        other tensors with the sequence at dim 1 are sharded, anything else passes through.
+
+    Returns:
+        the same keys with ``S_local = S / (U * R)`` tokens, ``labels`` replaced by ``shift_labels``
+        (``[B, S_local]``, targets already aligned with this rank's tokens, ``ignore_index`` where none), and
+        ``position_ids`` ``[1 or B, S_local]`` holding global positions. Feed ``input_ids`` and
+        ``position_ids`` to the model and ``shift_labels`` to :func:`ds_longctx.integration.loss.causal_lm_loss`.
+
+    ``chunk_size``: the block's ``fpdt.chunk_size``; FPDT chunking takes its own (chunked) layout.
+    """
+    raise_together(_problem(batch, topo, chunk_size), BatchError)
+    ref = batch["input_ids"] if "input_ids" in batch else batch["inputs_embeds"]
+    B, S = ref.shape[0], ref.shape[1]
+    out: Dict[str, Any] = {}
+    for key, value in batch.items():
+        if key == "attention_mask":
+            continue  # all ones (checked): the attention is causal over global positions anyway
+        if key == "labels":
+            out["shift_labels"] = shard(shift_labels(value, ignore_index), topo, dim=1, chunk_size=chunk_size)
+        elif torch.is_tensor(value) and value.dim() >= 2 and value.shape[1] == S and value.shape[0] in (1, B):
+            out[key] = shard(value, topo, dim=1, chunk_size=chunk_size)
+        else:
+            out[key] = value
+    if out.get("position_ids") is None:
+        out["position_ids"] = positions(S, topo, device=ref.device, chunk_size=chunk_size).unsqueeze(0)
+    return out
+
+
+class ShardedLoader:
+    """Wrap any iterable of full batches (e.g. a ``DataLoader``) to yield :func:`shard_batch` of each.
+
+    ``len()`` is the wrapped loader's. Every rank of a sequence-parallel group must iterate over the same
+    batches (shard the sampler over data-parallel ranks only: ``num_replicas=topo.dp, rank=topo.dp_rank``).
+    """
+
+    def __init__(self, loader: Iterable[Mapping[str, Any]], topo: Topology, ignore_index: int = IGNORE_INDEX,
+                 chunk_size: Optional[int] = None):
+        self.loader = loader
+        self.topo = topo
+        self.ignore_index = ignore_index
+        self.chunk_size = chunk_size
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        for batch in self.loader:
+            yield shard_batch(batch, self.topo, self.ignore_index, self.chunk_size)
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+
+__all__ = ["BatchError", "IGNORE_INDEX", "ShardedLoader", "shard_batch", "shift_labels"]

@@ -1,0 +1,150 @@
+"""``ds_longctx.initialize``: ``deepspeed.initialize`` plus the long-context setup.
+
+Same arguments, same ``(engine, optimizer, training_dataloader, lr_scheduler)`` return. In between it
+reads and checks the ``long_context`` block, builds the :class:`~ds_longctx.topology.Topology`, hands
+DeepSpeed the :class:`~ds_longctx.integration.mpu.SequenceParallelMPU` (ZeRO partitions over every rank,
+gradients sum over sequence ranks and average over replicas), switches a transformers model to the
+distributed attention, and attaches a :class:`~ds_longctx.integration.context.LongContext` to the engine
+as ``engine.long_context``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Mapping, Optional
+
+from ..config import (BLOCK_KEY, LongContextConfig, LongContextConfigError, agree_on_block, load_ds_config,
+                      model_head_counts)
+from .context import LongContext
+
+
+def _config_source(args, config, config_params):
+    """Where ``deepspeed.initialize`` would take the config from (it asserts against ambiguous sources)."""
+    if config is None and config_params is not None:
+        config = config_params
+    from_args = getattr(args, "deepspeed_config", None) or getattr(args, "deepscale_config", None)
+    if from_args is not None:
+        if config is not None:
+            raise LongContextConfigError("a DeepSpeed config was given both in args.deepspeed_config and as "
+                                         "config=; pass only one")
+        return from_args
+    if config is None:
+        raise LongContextConfigError("no DeepSpeed config: pass config=<dict or path> or --deepspeed_config <path>")
+    return config
+
+
+def _first_sample_len(training_data) -> Optional[int]:
+    """Sequence length of a map-style dataset's first ``{"input_ids": [S] or [1, S]}`` sample, if cheap to see."""
+    try:
+        if training_data is None or not hasattr(training_data, "__getitem__") or len(training_data) == 0:
+            return None
+        sample = training_data[0]
+    except Exception:  # noqa: BLE001 - any dataset: knowing the length is a bonus, not a requirement
+        return None
+    ids = sample.get("input_ids") if isinstance(sample, Mapping) else None
+    shape = getattr(ids, "shape", None)
+    if shape is None and isinstance(ids, (list, tuple)):
+        return len(ids)
+    return int(shape[-1]) if shape else None
+
+
+def _read(source, model, training_data) -> Dict[str, Any]:
+    """This rank's view of the setup (no collective): the resolved block, the model's heads, the DS config."""
+    ds = load_ds_config(source)
+    cfg = LongContextConfig.from_block(ds.get(BLOCK_KEY))
+    cfg.check_ds_config(ds)
+    return {"block": cfg.model_dump(mode="json"), "heads": model_head_counts(model),
+            "sample_len": _first_sample_len(training_data), "cfg": cfg}
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
+               distributed_port: Optional[int] = None, mpu=None, dist_init_required: Optional[bool] = None,
+               collate_fn=None, config=None, mesh_param=None, config_params=None):
+    """Drop-in for :func:`deepspeed.initialize` that also sets up hybrid Ulysses x ring attention.
+
+    Arguments are those of ``deepspeed.initialize``; the DeepSpeed config (``config``, ``config_params`` or
+    ``args.deepspeed_config``) may carry a ``"long_context"`` block (:class:`~ds_longctx.config.LongContextConfig`;
+    without one the degrees are 1 and the run is plain DeepSpeed with the model on the local kernel).
+
+    Errors a user can cause (bad block, blocks that differ between ranks, degrees that do not divide the
+    world, more Ulysses ranks than heads, a dataset sequence length the layout cannot split, an own ``mpu``
+    or ``mesh_param`` with sequence parallelism) raise :class:`~ds_longctx.config.LongContextConfigError`
+    on every rank alike.
+
+    A transformers model is switched to the distributed attention (:mod:`.hf`); any other module reaches
+    it through ``ds_longctx.integration.context.long_context_of(self).attention(q, k, v)``.
+
+    Returns:
+        ``(engine, optimizer, training_dataloader, lr_scheduler)`` as ``deepspeed.initialize``; the engine
+        carries ``engine.long_context`` (:class:`~ds_longctx.integration.context.LongContext`: topology,
+        config, ``attention``, ``shard_batch``, ``loss``). Batches must be sharded
+        (``engine.long_context.shard_batch(batch)``) before the forward pass.
+    """
+    import deepspeed
+    import deepspeed.comm as ds_dist
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from ..topology import Topology
+
+    if model is None:
+        raise ValueError("ds_longctx.initialize requires a model (as deepspeed.initialize does)")
+    try:
+        mine: Any = _read(_config_source(args, config, config_params), model, training_data)
+    except LongContextConfigError as exc:
+        mine = exc
+    # The config may be unreadable on this rank only; the error is shared below, after the world is up.
+    init_kwargs = {"dist_backend": get_accelerator().communication_backend_name(),
+                   "dist_init_required": dist_init_required}
+    if distributed_port is not None:
+        init_kwargs["distributed_port"] = distributed_port
+    ds_dist.init_distributed(**init_kwargs)
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu" and "LOCAL_RANK" in os.environ:
+        # DeepSpeed selects the device only inside its engine; the object gathers below run before it and
+        # NCCL sends objects through the current device, which must differ between ranks of a node.
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+
+    shared = mine if isinstance(mine, BaseException) else {k: v for k, v in mine.items() if k != "cfg"}
+    agree_on_block(shared, what=f"{BLOCK_KEY} block / model heads / dataset sequence length")
+    cfg: LongContextConfig = mine["cfg"]
+    world = dist.get_world_size()
+    cfg.check_world(world)
+    if mine["heads"] is not None:
+        cfg.check_heads(*mine["heads"])
+    if mine["sample_len"] is not None:
+        cfg.check_seq_len(mine["sample_len"], what="training_data sequence length")
+    if mpu is not None and cfg.sp_degree > 1:
+        raise LongContextConfigError(
+            "an mpu was passed together with sequence parallelism (long_context.ulysses_degree x ring_degree = "
+            f"{cfg.sp_degree}); ds_longctx builds DeepSpeed's mpu itself and does not combine with tensor or "
+            "pipeline parallelism: drop the mpu argument or set both degrees to 1")
+    if mesh_param is not None and cfg.sp_degree > 1:
+        raise LongContextConfigError(
+            "mesh_param builds DeepSpeed's own data x sequence-parallel mesh, which conflicts with long_context "
+            f"(ulysses_degree x ring_degree = {cfg.sp_degree}); drop mesh_param")
+
+    topo = Topology(ulysses=cfg.ulysses_degree, ring=cfg.ring_degree)
+    lc = LongContext(topo, cfg)
+    if cfg.sp_degree > 1:
+        from .mpu import SequenceParallelMPU
+        mpu = SequenceParallelMPU(topo)
+
+    from .context import attach
+    from .hf import apply, is_hf_model
+    if is_hf_model(model):
+        apply(model, lc)
+    else:
+        attach(model, lc)  # its attention reaches lc through long_context_of(self)
+
+    ds_kwargs: Dict[str, Any] = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                                     training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
+                                     dist_init_required=dist_init_required, collate_fn=collate_fn, config=config,
+                                     mesh_param=mesh_param, config_params=config_params)
+    if distributed_port is not None:
+        ds_kwargs["distributed_port"] = distributed_port
+    engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(**ds_kwargs)
+    engine.long_context = lc
+    return engine, ds_optimizer, dataloader, scheduler
+
+
+__all__ = ["initialize"]

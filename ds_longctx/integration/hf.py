@@ -1,0 +1,153 @@
+"""Hugging Face transformers models on the distributed attention, unmodified.
+
+transformers' attention modules (Llama, Qwen2/Qwen3, Mistral, ...) call
+``ALL_ATTENTION_FUNCTIONS[config._attn_implementation](module, q, k, v, mask, scaling=..., **kwargs)``.
+:func:`apply` registers :func:`hf_attention` under the name ``"ds_longctx"`` and switches the model to it.
+The run's :class:`~ds_longctx.integration.context.LongContext` rides on the modules themselves (the registry
+is global, a run's process groups are not), so two models in one process may use different topologies.
+
+No mask function is registered for the name, so transformers builds no attention mask (it would be
+``S_local x S_local`` and wrong across ranks): causality comes from global positions inside the attention.
+RoPE comes from ``position_ids``: the model must see the global positions of its tokens, which
+:func:`ds_longctx.integration.data.shard_batch` returns, and which a forward pre-hook fills in when the
+caller passes none (the model's own default, ``arange(S_local)``, would be wrong on every rank but the first).
+The hook also turns the KV cache off unless the caller asks for it, and refuses an ``attention_mask``.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+import torch
+
+from .context import LongContext, attach, long_context_of
+
+ATTN_IMPLEMENTATION = "ds_longctx"
+_HOOK_ATTR = "_ds_longctx_hook"
+
+
+class HFModelError(ValueError):
+    """A model or call the distributed attention cannot serve; the message says what to change."""
+
+
+def hf_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
+                 **kwargs: Any):
+    """transformers attention function: ``query`` ``[B, H, S_local, D]``, ``key``/``value``
+    ``[B, Hkv, S_local, D]`` (the model's layout) -> ``([B, S_local, H, D], None)``.
+
+    Every check reads values all ranks share (shapes, module config), so a failure is raised everywhere.
+    """
+    lc = long_context_of(module, required=False)
+    if lc is None:
+        raise HFModelError(f"{type(module).__name__} uses attn_implementation={ATTN_IMPLEMENTATION!r} but was "
+                           f"not set up for it; call ds_longctx.initialize(...) or "
+                           f"ds_longctx.integration.hf.apply(model, long_context)")
+    topo = lc.topology
+    seq_len = query.shape[2] * topo.sp
+    if attention_mask is not None:
+        raise HFModelError("an attention mask reached the distributed attention; it applies its own causal mask "
+                           "over global positions: drop attention_mask (pad on the right with labels -100)")
+    if dropout:
+        raise HFModelError(f"attention dropout {dropout} is not supported by the distributed attention; set the "
+                           f"model config's attention_dropout to 0")
+    window = kwargs.get("sliding_window")
+    if window is not None and window < seq_len:
+        raise HFModelError(f"{type(module).__name__} uses a sliding window of {window} tokens, shorter than the "
+                           f"{seq_len}-token sequence; the distributed attention is full causal attention: set "
+                           f"sliding_window=None (use_sliding_window=False) in the model config or use sequences "
+                           f"of at most {window} tokens")
+    for unsupported in ("softcap", "s_aux", "cu_seq_lens_q", "cu_seq_lens_k"):
+        if kwargs.get(unsupported) is not None:
+            raise HFModelError(f"{type(module).__name__} passes {unsupported}, which the distributed attention "
+                               f"does not implement")
+    causal = kwargs.get("is_causal")
+    if causal is None:
+        causal = getattr(module, "is_causal", lc.config.causal)
+    out = lc.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                       causal=bool(causal), softmax_scale=scaling)
+    return out, None
+
+
+def register() -> None:
+    """Register :func:`hf_attention` in transformers' attention registry (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, hf_attention)
+
+
+def is_hf_model(model: Any) -> bool:
+    """Whether ``model`` is a transformers ``PreTrainedModel`` (without importing transformers needlessly)."""
+    import sys
+
+    if "transformers" not in sys.modules:
+        return False
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def _prepare_call(model: torch.nn.Module, args, kwargs):
+    """Forward pre-hook: pass the global positions as ``position_ids`` when the caller gives none, and turn
+    the KV cache off unless asked for (a cache of one rank's keys means nothing to the other ranks)."""
+    lc = long_context_of(model)
+    signature = inspect.signature(model.forward)
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError:
+        return None  # let the model raise its own error for a bad call
+    arguments = dict(bound.arguments)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
+            arguments.update(arguments.pop(name))
+        elif param.kind is inspect.Parameter.VAR_POSITIONAL and name in arguments:
+            return None  # cannot rebuild such a call by name; leave it as it is
+    if arguments.get("attention_mask") is not None:
+        # transformers builds no mask for this attention, so a padding mask would be dropped silently
+        raise HFModelError("attention_mask is not supported with ds_longctx attention (the attention is causal over "
+                           "global positions); drop it, or pass the batch through shard_batch, which checks that it "
+                           "is all ones and drops it")
+    changed = False
+    if "use_cache" in signature.parameters and arguments.get("use_cache") is None:
+        arguments["use_cache"] = False
+        changed = True
+    ref = arguments.get("input_ids")
+    if ref is None:
+        ref = arguments.get("inputs_embeds")
+    if arguments.get("position_ids") is None and ref is not None:
+        seq_len = ref.shape[1] * lc.topology.sp
+        lc.config.check_seq_len(seq_len, what=f"global sequence length (local {ref.shape[1]} x sp {lc.topology.sp})")
+        arguments["position_ids"] = lc.positions(seq_len, device=ref.device).unsqueeze(0)
+        changed = True
+    return ((), arguments) if changed else None
+
+
+def apply(model: torch.nn.Module, lc: LongContext) -> torch.nn.Module:
+    """Switch a transformers model to the distributed attention of ``lc`` (in place; returns the model).
+
+    Checks the head counts against ``ulysses_degree`` and that the model dispatches its attention through
+    transformers' registry (models that do not would silently keep their local attention).
+    """
+    from ..config import model_head_counts
+
+    heads = model_head_counts(model)
+    if heads is not None:
+        lc.config.check_heads(*heads)
+    register()
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    else:  # transformers < 4.53
+        model.config._attn_implementation = ATTN_IMPLEMENTATION
+    if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+        raise HFModelError(f"{type(model).__name__} does not dispatch attention through transformers' "
+                           f"AttentionInterface, so its attention cannot be replaced; call "
+                           f"engine.long_context.attention(q, k, v) from the model's attention instead")
+    attach(model, lc)
+    old = getattr(model, _HOOK_ATTR, None)
+    if old is not None:
+        old.remove()
+    object.__setattr__(model, _HOOK_ATTR, model.register_forward_pre_hook(_prepare_call, with_kwargs=True))
+    return model
+
+
+__all__ = ["ATTN_IMPLEMENTATION", "HFModelError", "apply", "hf_attention", "is_hf_model", "register"]

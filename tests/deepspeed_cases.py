@@ -1,0 +1,391 @@
+"""Training jobs for the DeepSpeed integration tests (module-level so that gloo workers can run them by name).
+
+``train_with_deepspeed`` runs on every rank of a world: a tiny causal LM (transformers Llama, Qwen2, Qwen3,
+Mistral, or a plain torch module), ZeRO (stage 3 unless asked), the ``long_context`` block of the case, a
+few optimizer steps. ``train_single_process`` trains the same model on the same data in one plain PyTorch
+process, without DeepSpeed or sequence parallelism, on the model's own attention: the reference.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional
+
+import torch
+
+VOCAB = 96
+# SGD with momentum for the exact comparisons: its update is linear in the gradient, so a wrong gradient
+# scale (e.g. summing instead of averaging over sequence ranks) shows as a wrong update, and fp32 rounding
+# stays at its own size. AdamW normalizes every element by its own history: it hides a global scale error
+# and turns the rounding of near-zero gradient elements into relative update errors above 1e-5.
+OPTIMIZERS = {
+    "sgd": {"type": "SGD", "params": {"lr": 0.3, "momentum": 0.9, "weight_decay": 0.01}},
+    "adamw": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
+                                          "torch_adam": True}},
+}
+
+
+def _torch_optimizer(name: str, params):
+    p = dict(OPTIMIZERS[name]["params"])
+    if name == "sgd":
+        return torch.optim.SGD(params, **p)
+    p.pop("torch_adam")
+    return torch.optim.AdamW(params, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
+                             weight_decay=p["weight_decay"])
+
+
+class TinyAttention(torch.nn.Module):
+    """Plain torch GQA attention: ds_longctx's distributed attention once set up, else local sdpa."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q = torch.nn.Linear(dim, heads * self.head_dim)
+        self.kv = torch.nn.Linear(dim, 2 * kv_heads * self.head_dim)
+        self.o = torch.nn.Linear(heads * self.head_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ds_longctx.integration.context import long_context_of
+
+        B, S, _ = x.shape
+        q = self.q(x).view(B, S, self.heads, self.head_dim)
+        k, v = self.kv(x).view(B, S, 2, self.kv_heads, self.head_dim).unbind(2)
+        lc = long_context_of(self, required=False)
+        if lc is not None:
+            out = lc.attention(q, k, v)  # [B, S_local, H, D], exact over the group's whole sequence
+        else:
+            rep = self.heads // self.kv_heads
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2),
+                v.repeat_interleave(rep, 2).transpose(1, 2), is_causal=True).transpose(1, 2)
+        return self.o(out.reshape(B, S, -1))
+
+
+class TinyTorchLM(torch.nn.Module):
+    """A causal LM written in plain torch (no transformers): learned absolute position embeddings read at
+    ``position_ids`` (global positions in the zigzag layout), one pre-norm attention + MLP block."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 32, heads: int = 4, kv_heads: int = 2, max_len: int = 256):
+        super().__init__()
+        self.tok = torch.nn.Embedding(vocab, dim)
+        self.pos = torch.nn.Embedding(max_len, dim)
+        self.norm1, self.norm2, self.norm3 = (torch.nn.LayerNorm(dim) for _ in range(3))
+        self.attn = TinyAttention(dim, heads, kv_heads)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim))
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        h = self.tok(input_ids) + self.pos(position_ids)
+        h = h + self.attn(self.norm1(h))
+        h = h + self.mlp(self.norm2(h))
+        return self.head(self.norm3(h))
+
+
+def build_model(kind: str, seq_len: int, seed: int = 0):
+    """A tiny fp32 causal LM of family ``kind`` built from a config (no download), seeded."""
+    if kind == "plain":
+        torch.manual_seed(seed)
+        return TinyTorchLM(max_len=max(seq_len, 256))
+    import transformers
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(seq_len, 256),
+                  tie_word_embeddings=False, attention_dropout=0.0)
+    if kind == "llama":
+        config = transformers.LlamaConfig(**common)
+        cls = transformers.LlamaForCausalLM
+    elif kind == "qwen2":
+        config = transformers.Qwen2Config(**common, use_sliding_window=False)
+        cls = transformers.Qwen2ForCausalLM
+    elif kind == "qwen3":
+        config = transformers.Qwen3Config(**common, head_dim=16, use_sliding_window=False)
+        cls = transformers.Qwen3ForCausalLM
+    elif kind == "mistral":
+        # the default window (4096) is longer than the test sequences, so it is plain causal attention
+        config = transformers.MistralConfig(**common)
+        cls = transformers.MistralForCausalLM
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(seed)
+    model = cls(config).float()
+    if kind == "qwen2":
+        # Qwen2 has q/k/v biases, initialized to zero: make them matter
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("_proj.bias"):
+                    p.normal_(0, 0.1)
+    return model
+
+
+def full_batch(step: int, dp_rank: int, batch_size: int, seq_len: int, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """The unsharded batch of data-parallel replica ``dp_rank`` at ``step``: random tokens, labels with
+    ``-100`` on a prompt prefix of random length and on random positions (uneven valid counts per rank)."""
+    g = torch.Generator().manual_seed(seed * 100003 + step * 101 + dp_rank)
+    input_ids = torch.randint(0, VOCAB, (batch_size, seq_len), generator=g)
+    labels = input_ids.clone()
+    for b in range(batch_size):
+        prompt = int(torch.randint(0, seq_len // 2, (1,), generator=g))
+        labels[b, :prompt] = -100
+    labels[torch.rand(batch_size, seq_len, generator=g) < 0.2] = -100
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kernel: str = "auto",
+              optim: str = "sgd", fpdt: Optional[dict] = None, zero_stage: int = 3) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": clip,
+        "optimizer": OPTIMIZERS[optim],
+        "zero_allow_untested_optimizer": True,  # torch SGD: elementwise, partitions like any optimizer
+        # persistence threshold 0: even the tiny model's parameters are partitioned
+        "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0,
+                              "reduce_bucket_size": 2000, "stage3_prefetch_bucket_size": 2000},
+        "long_context": {"ulysses_degree": ulysses, "ring_degree": ring, "kernel": kernel, "fpdt": fpdt or {}},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len: int, batch_size: int = 1,
+                         seed: int = 0, clip: float = 0.0, optim: str = "sgd", kernel: str = "auto",
+                         fpdt: Optional[dict] = None, zero_stage: int = 3) -> dict:
+    """Every rank: ZeRO training through ``ds_longctx.initialize``. Returns this rank's per-step losses,
+    coordinates, what DeepSpeed was told, and (rank 0) the final full parameters."""
+    import deepspeed
+
+    import ds_longctx
+
+    os.environ.setdefault("LOCAL_RANK", "0")
+    _quiet()
+    model = build_model(kind, seq_len, seed)
+    config = ds_config(ulysses, ring, batch_size, clip, kernel, optim, fpdt, zero_stage)
+    engine, _, _, _ = ds_longctx.initialize(model=model, model_parameters=model.parameters(), config=config)
+    lc = engine.long_context
+    topo = lc.topology
+    partitioned = zero_stage == 3 and all(p.ds_numel > p.ds_tensor.numel() for p in engine.module.parameters()
+                                          if p.ds_numel >= topo.world_size)
+    losses: List[float] = []
+    for step in range(steps):
+        batch = lc.shard_batch(full_batch(step, topo.dp_rank, batch_size, seq_len, seed))
+        out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+        loss = lc.loss(getattr(out, "logits", out), batch["shift_labels"])
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    params: Optional[Dict[str, torch.Tensor]] = None
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=zero_stage == 3):
+        if topo.rank == 0:
+            params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    info = {"rank": topo.rank, "dp_rank": topo.dp_rank, "sp": topo.sp, "dp": topo.dp,
+            "seq_dp_world": engine.seq_dp_world_size, "sp_size_seen_by_ds": engine.sequence_parallel_size,
+            "params_partitioned_over_world": partitioned,
+            "attn_impl": getattr(getattr(engine.module, "config", None), "_attn_implementation", None)}
+    engine.destroy()
+    return {"losses": losses, "params": params, "info": info}
+
+
+def train_single_process(kind: str, dp: int, steps: int, seq_len: int, batch_size: int = 1, seed: int = 0,
+                         clip: float = 0.0, optim: str = "sgd") -> dict:
+    """The reference: one process, no DeepSpeed, no sequence parallelism, the model's own attention (sdpa).
+
+    The ``dp`` replicas' batches are processed in turn and their losses averaged (DeepSpeed averages
+    gradients over data-parallel ranks); each replica's loss is its mean over valid next-token targets.
+    """
+    model = build_model(kind, seq_len, seed)
+    if kind != "plain":
+        model.set_attn_implementation("sdpa")
+    opt = _torch_optimizer(optim, model.parameters())
+    losses: List[List[float]] = []
+    clipped: List[bool] = []
+    for step in range(steps):
+        opt.zero_grad()
+        per_replica = []
+        for d in range(dp):
+            batch = full_batch(step, d, batch_size, seq_len, seed)
+            ids = batch["input_ids"]
+            out = model(input_ids=ids, position_ids=torch.arange(seq_len).expand_as(ids))
+            logits = getattr(out, "logits", out)
+            # the model's own shift-inside loss, to check ours against an independent implementation
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB).float(),
+                                                     batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+            (loss / dp).backward()
+            per_replica.append(loss.item())
+        if clip:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            clipped.append(bool(norm > clip))
+        opt.step()
+        losses.append(per_replica)
+    return {"losses": losses, "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "clipped": clipped}
+
+
+def _quiet():
+    """Keep DeepSpeed's per-rank info logs and deprecation warnings out of the test output."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def initialize_error(case: str) -> str:
+    """Every rank: call ``ds_longctx.initialize`` with a user error of kind ``case``; return what it raised
+    (type and message), so the test can check that every rank raised the same error and none hung."""
+    import torch.distributed as dist
+
+    import ds_longctx
+
+    os.environ.setdefault("LOCAL_RANK", "0")
+    _quiet()
+    rank = dist.get_rank()
+    seq_len = 32
+    model = build_model("llama", seq_len)  # 4 query heads, 2 kv heads
+    config = ds_config(2, 2, 1)
+    kwargs = {}
+    if case == "blocks_differ":
+        config["long_context"]["ring_degree"] = 2 if rank != 3 else 1
+        config["long_context"]["ulysses_degree"] = 2 if rank != 3 else 4
+    elif case == "unreadable_on_one_rank":
+        config = ds_config(2, 2, 1) if rank != 2 else "/nonexistent/ds_config.json"
+    elif case == "invalid_on_one_rank":
+        if rank == 1:
+            config["long_context"]["fpdt"] = {"chunk_size": 0}
+    elif case == "degrees_do_not_divide_world":
+        config["long_context"].update(ulysses_degree=3, ring_degree=1)
+    elif case == "more_ulysses_ranks_than_heads":
+        config["long_context"].update(ulysses_degree=4, ring_degree=1)
+        model = build_model("llama", seq_len)
+        model.config.num_attention_heads = 2  # what the check reads; the model is never run
+        model.config.num_key_value_heads = 2
+    elif case == "own_mpu":
+        kwargs["mpu"] = object()
+    elif case == "deepspeed_sequence_parallel_key":
+        config["sequence_parallel_size"] = 4
+    elif case == "config_given_twice":
+        import argparse
+
+        template = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "ds_config_templates", "cpu_smoke.json")
+        kwargs["args"] = argparse.Namespace(deepspeed_config=template, local_rank=0)
+    else:
+        raise ValueError(case)
+    try:
+        ds_longctx.initialize(model=model, model_parameters=model.parameters(), config=config, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def batch_error(case: str, ulysses: int, ring: int) -> str:
+    """Every rank: shard a batch that is bad on data-parallel replica 1 only; return what was raised."""
+    from ds_longctx.integration.data import shard_batch
+
+    topo = _topology(ulysses, ring)
+    seq_len = 32
+    batch = full_batch(0, topo.dp_rank, 1, seq_len)
+    if topo.dp_rank == 1:
+        if case == "length":
+            batch = full_batch(0, topo.dp_rank, 1, seq_len - 2)
+        elif case == "padding_mask":
+            mask = torch.ones(1, seq_len, dtype=torch.long)
+            mask[0, -3:] = 0
+            batch["attention_mask"] = mask
+        elif case == "labels_shape":
+            batch["labels"] = batch["labels"][:, :-1]
+        else:
+            raise ValueError(case)
+    try:
+        shard_batch(batch, topo)
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+_TOPOLOGIES: dict = {}
+
+
+def _topology(ulysses: int, ring: int):
+    """One Topology per factorization per worker (building one is collective: all ranks, same order)."""
+    from ds_longctx.topology import Topology
+
+    if (ulysses, ring) not in _TOPOLOGIES:
+        _TOPOLOGIES[ulysses, ring] = Topology(ulysses=ulysses, ring=ring)
+    return _TOPOLOGIES[ulysses, ring]
+
+
+def sharded_batch_and_loss(ulysses: int, ring: int, seed: int = 0) -> dict:
+    """Every rank: shard a batch, check the sharded labels against the full ones, and train one step of a
+    replicated linear head on the sharded features with :func:`causal_lm_loss`; return the head's gradient
+    averaged over all ranks (what DeepSpeed applies) and the loss, for comparison with the unsharded ones."""
+    import torch.distributed as dist
+
+    from ds_longctx.integration.data import shard_batch
+    from ds_longctx.integration.loss import causal_lm_loss
+
+    topo = _topology(ulysses, ring)
+    B, S, E = 2, 48, 8
+    batch = full_batch(7, topo.dp_rank, B, S, seed)
+    g = torch.Generator().manual_seed(seed + 17 * topo.dp_rank)
+    features = torch.randn(B, S, E, generator=g, dtype=torch.float64)
+    batch["features"] = features
+    batch["attention_mask"] = torch.ones(B, S, dtype=torch.long)
+    local = shard_batch(batch, topo)
+    pos = local["position_ids"][0]
+    full_targets = torch.cat([batch["labels"][:, 1:], torch.full((B, 1), -100)], dim=1)
+    labels_ok = bool(torch.equal(local["shift_labels"], full_targets[:, pos]))
+    ids_ok = bool(torch.equal(local["input_ids"], batch["input_ids"][:, pos]))
+    head = torch.nn.Linear(E, VOCAB, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(VOCAB, E, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+        head.bias.zero_()
+    loss = causal_lm_loss(head(local["features"]), local["shift_labels"], topo)
+    loss.backward()
+    grad = head.weight.grad.clone()
+    dist.all_reduce(grad)
+    grad /= topo.world_size
+    return {"loss": loss.item(), "grad": grad, "dp_rank": topo.dp_rank, "labels_ok": labels_ok, "ids_ok": ids_ok,
+            "keys": sorted(local), "local_len": local["input_ids"].shape[1], "positions": pos.tolist(),
+            "weight": head.weight.detach().clone(), "features": features, "labels": batch["labels"]}
+
+
+def hf_forward_matches_full(kind: str, ulysses: int, ring: int, seq_len: int = 48) -> float:
+    """Every rank: a transformers model switched to the distributed attention, called on its shard without
+    position_ids (the pre-hook fills in global positions); returns the max relative error of its logits
+    against the same model's full-sequence logits (own sdpa attention) at this rank's positions."""
+    from ds_longctx.config import LongContextConfig
+    from ds_longctx.integration.context import LongContext
+    from ds_longctx.integration.hf import apply
+    from ds_longctx.layout import positions
+
+    topo = _topology(ulysses, ring)
+    reference = build_model(kind, seq_len).double()
+    reference.set_attn_implementation("sdpa")
+    model = build_model(kind, seq_len).double()
+    cfg = LongContextConfig.from_block({"ulysses_degree": ulysses, "ring_degree": ring, "kernel": "reference"})
+    apply(model, LongContext(topo, cfg))
+    ids = full_batch(3, topo.dp_rank, 2, seq_len)["input_ids"]
+    pos = positions(seq_len, topo)
+    with torch.no_grad():
+        full = reference(input_ids=ids).logits[:, pos]
+        mine = model(input_ids=ids[:, pos]).logits
+    return ((mine - full).norm() / full.norm()).item()
+
+
+def sliding_window_error(ulysses: int, ring: int) -> str:
+    """Every rank: a Mistral model whose sliding window is shorter than the sequence; return what was raised."""
+    from ds_longctx.config import LongContextConfig
+    from ds_longctx.integration.context import LongContext
+    from ds_longctx.integration.hf import apply
+
+    topo = _topology(ulysses, ring)
+    model = build_model("mistral", 64)
+    model.config.sliding_window = 16
+    apply(model, LongContext(topo, LongContextConfig.from_block({"ulysses_degree": ulysses, "ring_degree": ring})))
+    ids = full_batch(0, topo.dp_rank, 1, 64)["input_ids"]
+    try:
+        from ds_longctx.layout import shard
+        model(input_ids=shard(ids, topo))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"

@@ -1,0 +1,188 @@
+"""ds_longctx.initialize with ZeRO-3 on 4 gloo ranks trains transformers models exactly like one process.
+
+Every case runs on one pool of 4 worker processes started once for this module (each launch costs the
+torch/transformers/deepspeed imports), one case after the other.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import deepspeed_cases as cases
+from tests.distpool import DistPool
+
+WORLD = 4
+STEPS = 4
+SEQ = 48
+BATCH = 2
+RTOL = 1e-5  # fp32: relative to each tensor's norm
+
+# (ulysses, ring): every factorization of 4 (dp = 1) and dp = 2 x sp = 2 (both sp layouts across models)
+TOPOLOGIES = {
+    "llama": [(1, 4), (2, 2), (4, 1), (1, 2)],
+    "qwen2": [(1, 4), (2, 2), (4, 1), (2, 1)],
+    "qwen3": [(1, 4), (2, 2), (4, 1), (1, 2)],
+    "mistral": [(1, 4), (2, 2), (4, 1), (2, 1)],
+}
+CASES = [(kind, u, r) for kind, tops in TOPOLOGIES.items() for u, r in tops]
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = DistPool(WORLD)
+    yield p
+    p.close()
+
+
+_references = {}
+
+
+def reference(kind: str, dp: int, clip: float = 0.0, optim: str = "sgd") -> dict:
+    key = (kind, dp, clip, optim)
+    if key not in _references:
+        _references[key] = cases.train_single_process(kind, dp, STEPS, SEQ, BATCH, clip=clip, optim=optim)
+    return _references[key]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check_run(results, ref, kind, ulysses, ring, compare_params=True, zero3=True):
+    dp = WORLD // (ulysses * ring)
+    for res in results:
+        info = res["info"]
+        assert (info["sp"], info["dp"]) == (ulysses * ring, dp)
+        assert info["attn_impl"] == (None if kind == "plain" else "ds_longctx")
+        # ZeRO-3 partitions every parameter over all ranks and reduces gradients over all of them
+        assert info["params_partitioned_over_world"] == zero3
+        assert info["seq_dp_world"] == WORLD
+        # DeepSpeed is told of no sequence parallelism, so every ZeRO path averages over all ranks
+        assert info["sp_size_seen_by_ds"] == 1
+        expected = [step[info["dp_rank"]] for step in ref["losses"]]
+        assert res["losses"] == pytest.approx(expected, rel=RTOL), f"rank {info['rank']}"
+    if not compare_params:
+        return
+    final = results[0]["params"]
+    initial = cases.build_model(kind, SEQ).state_dict()
+    assert set(final) == set(ref["params"])
+    for name, want in ref["params"].items():
+        # the comparison means something only if training moved the weights far beyond the tolerance
+        assert rel(initial[name], want) > 100 * RTOL, name
+        assert rel(final[name], want) < RTOL, f"{name}: rel error {rel(final[name], want):.2e}"
+
+
+@pytest.mark.parametrize("kind,ulysses,ring", CASES, ids=[f"{k}-U{u}xR{r}" for k, u, r in CASES])
+def test_zero3_sequence_parallel_training_matches_single_process(pool, kind, ulysses, ring):
+    results = pool.run(cases.train_with_deepspeed, kind, ulysses, ring, STEPS, SEQ, BATCH, timeout=300)
+    check_run(results, reference(kind, WORLD // (ulysses * ring)), kind, ulysses, ring)
+
+
+@pytest.mark.parametrize("ulysses,ring", [(2, 2), (1, 2)])
+def test_plain_torch_module_calling_the_attention_trains_like_one_process(pool, ulysses, ring):
+    results = pool.run(cases.train_with_deepspeed, "plain", ulysses, ring, STEPS, SEQ, BATCH, timeout=300)
+    check_run(results, reference("plain", WORLD // (ulysses * ring)), "plain", ulysses, ring)
+
+
+@pytest.mark.parametrize("ulysses,ring,chunk_size,offload", [(2, 2, 8, False), (2, 2, 12, True), (1, 2, 8, True)])
+def test_fpdt_chunked_attention_trains_like_one_process(pool, ulysses, ring, chunk_size, offload):
+    fpdt = {"chunk_size": chunk_size, "offload": offload}
+    results = pool.run(cases.train_with_deepspeed, "llama", ulysses, ring, STEPS, SEQ, BATCH, fpdt=fpdt, timeout=300)
+    check_run(results, reference("llama", WORLD // (ulysses * ring)), "llama", ulysses, ring)
+
+
+@pytest.mark.parametrize("ulysses,ring", [(1, 4), (1, 2)])
+def test_gradient_clipping_uses_the_global_norm_over_all_partitions(pool, ulysses, ring):
+    # With clipping active a wrong norm (e.g. summed over sequence ranks) changes every update.
+    clip = 0.5
+    ref = reference("llama", WORLD // (ulysses * ring), clip=clip)
+    assert any(ref["clipped"]), "the clip threshold must bind for this test to mean anything"
+    results = pool.run(cases.train_with_deepspeed, "llama", ulysses, ring, STEPS, SEQ, BATCH, clip=clip, timeout=300)
+    check_run(results, ref, "llama", ulysses, ring)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_other_zero_stages_train_like_one_process(pool, stage):
+    # Stages 0-2 reduce gradients on their own code paths (and stage 0 clips through the mpu's model-parallel
+    # group); the mpu must give all of them the same averaging over all ranks.
+    ref = reference("llama", 2, clip=0.5)
+    assert any(ref["clipped"])
+    results = pool.run(cases.train_with_deepspeed, "llama", 1, 2, STEPS, SEQ, BATCH, clip=0.5, zero_stage=stage,
+                       timeout=300)
+    check_run(results, ref, "llama", 1, 2, zero3=False)
+
+
+def test_zero3_adamw_training_gives_the_single_process_losses(pool):
+    # AdamW's per-element normalization amplifies fp32 rounding of near-zero gradient elements beyond a 1e-5
+    # parameter tolerance (the gradients themselves agree to ~4e-7), so this case compares losses only.
+    results = pool.run(cases.train_with_deepspeed, "llama", 2, 2, STEPS, SEQ, BATCH, optim="adamw", timeout=300)
+    check_run(results, reference("llama", 1, optim="adamw"), "llama", 2, 2, compare_params=False)
+
+
+ERROR_CASES = {
+    "blocks_differ": "ranks disagree",
+    "unreadable_on_one_rank": "does not exist",
+    "invalid_on_one_rank": "long_context.fpdt.chunk_size",
+    "degrees_do_not_divide_world": "does not divide the world size 4",
+    "more_ulysses_ranks_than_heads": "long_context.ulysses_degree: 4 exceeds the model's 2 query heads",
+    "own_mpu": "drop the mpu argument",
+    "deepspeed_sequence_parallel_key": "remove sequence_parallel_size",
+    "config_given_twice": "both in args.deepspeed_config and as config=",
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_user_errors_at_initialize_raise_on_every_rank_without_hanging(pool, case):
+    raised = pool.run(cases.initialize_error, case, timeout=120)
+    assert all(r.startswith("LongContextConfigError") for r in raised), raised
+    assert all(ERROR_CASES[case] in r for r in raised), raised
+    if case not in ("unreadable_on_one_rank", "invalid_on_one_rank"):
+        assert len(set(raised)) == 1, raised  # word for word, except where the failing rank has its own detail
+
+
+@pytest.mark.parametrize("case,expect", [("length", "sequence length 30 is not divisible by 4"),
+                                         ("padding_mask", "attention_mask has padding zeros"),
+                                         ("labels_shape", "labels must be a [1, 32] tensor")])
+def test_a_bad_batch_on_one_replica_raises_on_every_rank(pool, case, expect):
+    raised = pool.run(cases.batch_error, case, 1, 2, timeout=120)
+    assert all(r.startswith("BatchError") and expect in r for r in raised), raised
+
+
+@pytest.mark.parametrize("ulysses,ring", [(2, 2), (1, 2)])
+def test_sharded_labels_and_loss_give_the_unsharded_loss_and_gradient(pool, ulysses, ring):
+    results = pool.run(cases.sharded_batch_and_loss, ulysses, ring, timeout=120)
+    sp = ulysses * ring
+    dp = WORLD // sp
+    assert all(r["labels_ok"] and r["ids_ok"] for r in results)
+    assert all(r["local_len"] == 48 // sp and "attention_mask" not in r["keys"] and "labels" not in r["keys"]
+               for r in results)
+    # the ranks of a replica hold disjoint positions that cover the sequence
+    for d in range(dp):
+        held = sorted(p for r in results if r["dp_rank"] == d for p in r["positions"])
+        assert held == list(range(48))
+
+    weight = results[0]["weight"].requires_grad_(True)
+    losses = []
+    for d in range(dp):
+        r = next(r for r in results if r["dp_rank"] == d)
+        logits = torch.nn.functional.linear(r["features"], weight)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 r["labels"][:, 1:].reshape(-1), ignore_index=-100)
+        losses.append(loss)
+        for other in results:
+            if other["dp_rank"] == d:
+                assert other["loss"] == pytest.approx(loss.item(), rel=1e-12)
+    (sum(losses) / dp).backward()
+    for r in results:
+        assert rel(r["grad"], weight.grad) < 1e-12
+
+
+@pytest.mark.parametrize("kind,ulysses,ring", [("llama", 2, 2), ("qwen3", 1, 4), ("mistral", 4, 1)])
+def test_hf_model_on_shards_without_position_ids_gives_the_full_models_logits(pool, kind, ulysses, ring):
+    errors = pool.run(cases.hf_forward_matches_full, kind, ulysses, ring, timeout=120)
+    assert max(errors) < 1e-12, errors
+
+
+def test_sliding_window_shorter_than_the_sequence_is_refused_on_every_rank(pool):
+    raised = pool.run(cases.sliding_window_error, 2, 2, timeout=120)
+    assert len(set(raised)) == 1 and raised[0].startswith("HFModelError") and "sliding window of 16" in raised[0]

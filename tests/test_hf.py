@@ -1,0 +1,87 @@
+"""transformers models on the ds_longctx attention, in one process (no sequence parallelism).
+
+The distributed cases (shards on 4 ranks, training) are in test_deepspeed_integration.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds_longctx.config import LongContextConfig, LongContextConfigError
+from ds_longctx.integration.context import LongContext, long_context_of
+from ds_longctx.integration.hf import ATTN_IMPLEMENTATION, HFModelError, apply, hf_attention
+from ds_longctx.topology import Topology
+from tests import deepspeed_cases as cases
+
+
+def setup(kind="llama", block=None, seq_len=32):
+    model = cases.build_model(kind, seq_len)
+    lc = LongContext(Topology(), LongContextConfig.from_block(block or {"kernel": "reference"}))
+    apply(model, lc)
+    return model, lc
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
+def test_switched_model_gives_the_logits_of_its_own_attention(kind):
+    model, _ = setup(kind)
+    assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+    reference = cases.build_model(kind, 32)
+    reference.set_attn_implementation("sdpa")
+    ids = cases.full_batch(0, 0, 2, 32)["input_ids"]
+    with torch.no_grad():
+        want = reference(input_ids=ids).logits
+        got = model(input_ids=ids).logits
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_every_submodule_reaches_the_run_and_copies_share_it():
+    import copy
+
+    model, lc = setup()
+    assert all(long_context_of(m) is lc for m in model.modules())
+    assert long_context_of(copy.deepcopy(model)) is lc
+    assert "_ds_longctx" not in "".join(model.state_dict())
+
+
+def test_kv_cache_is_off_unless_asked_for():
+    model, _ = setup()
+    ids = cases.full_batch(0, 0, 1, 32)["input_ids"]
+    with torch.no_grad():
+        assert model(input_ids=ids).past_key_values is None
+
+
+def test_attention_mask_is_refused_with_what_to_do():
+    model, _ = setup()
+    ids = cases.full_batch(0, 0, 1, 32)["input_ids"]
+    with pytest.raises(HFModelError, match="drop it, or pass the batch through shard_batch"):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def test_length_outside_the_layout_is_refused_before_the_attention():
+    model, _ = setup(block={"fpdt": {"chunk_size": 8}, "kernel": "reference"})
+    with pytest.raises(LongContextConfigError, match="global sequence length \\(local 30 x sp 1\\) 30"):
+        model(input_ids=torch.zeros(1, 30, dtype=torch.long))
+
+
+def test_attention_dropout_is_refused():
+    model, _ = setup()
+    model.config.attention_dropout = 0.1
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.1
+    model.train()
+    with pytest.raises(HFModelError, match="attention_dropout to 0"):
+        model(input_ids=torch.zeros(1, 32, dtype=torch.long))
+
+
+def test_attention_of_a_module_that_was_not_set_up_says_how():
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(HFModelError, match="ds_longctx.initialize"):
+        hf_attention(torch.nn.Linear(1, 1), q, q, q, None)
+
+
+def test_ulysses_degree_beyond_the_heads_is_refused_at_apply():
+    model = cases.build_model("llama", 32)  # 4 query heads
+    lc = LongContext(Topology(), LongContextConfig.from_block({"ulysses_degree": 8}))
+    with pytest.raises(LongContextConfigError, match="exceeds the model's 4 query heads"):
+        apply(model, lc)
