@@ -262,6 +262,8 @@ def main():
             show(memory[-1])
     payload["memory"] = memory
     log(f"memory sweep {time.time() - t0:.0f}s")
+    if rank == 0:
+        write_json(args.out, payload)  # a run cut short keeps what it measured
 
     t0 = time.time()
     thr = []
@@ -275,6 +277,8 @@ def main():
             r["vs_unchunked"] = r["tflops_per_gpu"] / base["tflops_per_gpu"]
     payload["throughput"] = thr
     log(f"throughput sweep {time.time() - t0:.0f}s")
+    if rank == 0:
+        write_json(args.out, payload)
 
     # One traced fwd+bwd with offload: are the host copies hidden behind the kernels?
     n = args.trace_seq // world
