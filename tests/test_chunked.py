@@ -103,6 +103,20 @@ def test_single_process_without_torch_distributed():
                     assert err < TOL, (causal, chunk_size, offload, name, err)
 
 
+def test_offloaded_store_keeps_no_view_of_a_larger_input_on_the_device():
+    """With one Ulysses rank a chunk is a slice of the caller's tensor; the chunk the store keeps resident
+    must not keep that whole tensor (a projection output of the model) alive after the forward."""
+    from ds_longctx.memory import ChunkStore, HostPool
+
+    whole = torch.randn(1, 64, 2, 8)
+    pool = HostPool()
+    store = ChunkStore(4, [((1, 16, 2, 8), whole.dtype)], whole.device, pool.lease())
+    store.put(3, [whole[:, 48:]])
+    kept = store.fetch(3).tensors[0]
+    assert kept.untyped_storage().nbytes() == kept.numel() * kept.element_size()
+    assert torch.equal(kept, whole[:, 48:])
+
+
 def test_forward_without_grad_returns_host_buffers_and_second_backward_is_refused():
     from ds_longctx.memory import default_pool
 

@@ -68,6 +68,11 @@ class Fetched:
         return self.tensors
 
 
+def _compact(t: torch.Tensor) -> bool:
+    """Whether ``t`` is the only thing its storage holds."""
+    return t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
 class ChunkStore:
     """``n`` chunks, each a tuple of tensors of fixed ``specs`` (shape, dtype), kept on ``device`` or offloaded.
 
@@ -117,7 +122,9 @@ class ChunkStore:
                 self._ready[j] = torch.cuda.Event()
                 self._ready[j].record(s.d2h)
             self._lease.after(self._ready[j], s.d2h)
-        self._resident = (j, tensors)
+        # A chunk may be a view into a whole input (with one Ulysses rank the all-to-all is a slice): keeping
+        # the view resident would keep that whole input alive, so keep a compact copy of the chunk instead.
+        self._resident = (j, tuple(t if _compact(t) else t.clone() for t in tensors))
 
     def prefetch(self, j: int) -> None:
         """Start copying chunk ``j`` back to the device (nothing to do when it is on the device already)."""
