@@ -1,0 +1,148 @@
+"""Training a Llama-shaped model (random init) with ZeRO-3 and bf16: ds_longctx (hybrid attention, FPDT
+offload) against plain DeepSpeed ZeRO-3 (every rank the whole sequence, transformers' SDPA attention).
+
+    deepspeed --num_gpus N bench/bench_train.py --mode ds_longctx --seq_len 262144 --out $OUT/train.json
+    deepspeed --num_gpus N bench/bench_train.py --mode deepspeed  --seq_len 262144 --out $OUT/train_ds.json
+
+Reports per step: loss, tokens/s, model TFLOP/s per GPU (6 x params x tokens plus the causal attention's
+3.5 x 2 x S^2 x H x D per layer; no recompute counted), and peak GPU memory; an out-of-memory is a result.
+The text is the Python standard library's source read as bytes (256-token vocabulary), as in
+``examples/train.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench.common import record_header, write_json  # noqa: E402
+
+
+def ds_config(args, world):
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": True},
+        # torch's AdamW: DeepSpeed's fused Adam would have to be compiled on the machine first.
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.1,
+                                                  "torch_adam": True}},
+        "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                              "stage3_param_persistence_threshold": 100000},
+        "steps_per_print": 1000000,
+    }
+    if args.mode == "ds_longctx":
+        U = args.ulysses or world // args.ring
+        cfg["long_context"] = {"ulysses_degree": U, "ring_degree": args.ring, "kernel": args.kernel,
+                               "fpdt": {"chunk_size": args.chunk_size, "offload": args.offload}}
+    return cfg
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--local_rank", type=int, default=-1)
+    ap.add_argument("--mode", choices=["ds_longctx", "deepspeed"], default="ds_longctx")
+    ap.add_argument("--seq_len", type=int, default=131072)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=14336)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv_heads", type=int, default=8)
+    ap.add_argument("--ulysses", type=int, default=0, help="default: all ranks / ring")
+    ap.add_argument("--ring", type=int, default=1)
+    ap.add_argument("--kernel", default="auto")
+    ap.add_argument("--chunk_size", type=int, default=None)
+    ap.add_argument("--offload", action="store_true")
+    ap.add_argument("--checkpointing", action="store_true", help="transformers' gradient checkpointing")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2, help="steps left out of the rates")
+    ap.add_argument("--commit", default="")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    import deepspeed
+    import transformers
+
+    import ds_longctx
+    from examples.train import load_corpus, sample_batch
+
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # gloo: a CPU smoke run
+    import torch.distributed as dist
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    dev = torch.device("cuda") if cuda else torch.device("cpu")
+    peak = (lambda: torch.cuda.max_memory_allocated() / 2 ** 30) if cuda else (lambda: 0.0)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq_len,
+        rope_theta=500000.0, tie_word_embeddings=False, attn_implementation="sdpa")
+    with dev:  # built on the device (fast random init), then partitioned by ZeRO-3 at initialize
+        model = transformers.LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    if args.checkpointing:
+        model.gradient_checkpointing_enable()
+    init = ds_longctx.initialize if args.mode == "ds_longctx" else deepspeed.initialize
+    engine, _, _, _ = init(model=model, model_parameters=model.parameters(), config=ds_config(args, world))
+    lc = getattr(engine, "long_context", None)
+    dp = lc.topology.dp if lc else world
+
+    payload = record_header(world, args.commit)
+    payload.update(vars(args), params=n_params, ds_config=ds_config(args, world), dp=dp)
+    corpus = load_corpus(8.0)
+    gen = torch.Generator().manual_seed(lc.topology.dp_rank if lc else rank)
+    D = args.hidden // args.heads
+    S = args.seq_len
+    flops_step = dp * (6 * n_params * S + 3.5 * 2 * S * S * args.heads * D * args.layers)
+    steps = []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(args.steps):
+        batch = sample_batch(corpus, 1, S, gen)
+        sync()
+        t0 = time.perf_counter()
+        try:
+            if lc is not None:
+                b = lc.shard_batch(batch)
+                logits = engine(input_ids=b["input_ids"].to(dev), position_ids=b["position_ids"].to(dev)).logits
+                loss = lc.loss(logits, b["shift_labels"].to(dev))
+                del logits
+            else:
+                loss = engine(input_ids=batch["input_ids"].to(dev), labels=batch["labels"].to(dev)).loss
+            engine.backward(loss)
+            engine.step()
+            sync()
+        except torch.cuda.OutOfMemoryError as exc:
+            payload["oom"] = {"step": step, "error": str(exc).split("\n")[0][:400],
+                              "peak_gib": peak()}
+            if rank == 0:
+                print("OOM:", payload["oom"], flush=True)
+            break
+        dt = time.perf_counter() - t0
+        row = {"step": step, "loss": loss.item(), "seconds": dt, "tokens_per_s": S * dp / dt,
+               "tflops_per_gpu": flops_step / world / dt / 1e12,
+               "peak_gib": peak()}
+        steps.append(row)
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+    payload["steps"] = steps
+    timed = steps[args.warmup:]
+    if timed:
+        payload["summary"] = {k: sum(r[k] for r in timed) / len(timed) for k in ("tokens_per_s", "tflops_per_gpu")}
+        payload["summary"]["peak_gib"] = max(r["peak_gib"] for r in steps)
+    if rank == 0:
+        write_json(args.out, payload)
+        print("summary:", payload.get("summary"), "oom:", "oom" in payload, flush=True)
+
+
+if __name__ == "__main__":
+    main()
