@@ -1,0 +1,149 @@
+"""Render the committed benchmark JSON under bench/results/ as Markdown tables (the numbers in README and
+docs come from here).
+
+    python bench/report.py > docs/results.md
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def load(pattern):
+    return [(os.path.basename(p), json.load(open(p))) for p in sorted(glob.glob(os.path.join(HERE, pattern)))]
+
+
+def header(name, d):
+    v = d["versions"]
+    gpus = d.get("gpus") or ["?"]
+    return (f"**`bench/results/{name}`**: {len(gpus)} x {gpus[0]}, torch {v['torch']}, cuDNN {v.get('cudnn')}, "
+            f"deepspeed {v.get('deepspeed')}, commit `{d.get('commit')}`, {d['date']}  \n"
+            f"`{d['command']}`\n")
+
+
+def f(x, spec=".3f"):
+    return "" if x is None else format(x, spec)
+
+
+def attention_tables():
+    out = []
+    for name, d in load("attention_*.json"):
+        out.append(header(name, d))
+        out.append(f"Kernel `{d['kernel_requested']}` resolved to `{d['kernel_resolved']}`; Llama-3-8B heads "
+                   f"({d['heads']} q, {d['kv_heads']} kv, D={d['head_dim']}), causal, bf16, fwd+bwd.\n")
+        out.append("| impl | kernel | total tokens | tokens/GPU | ms | TFLOP/s/GPU | x same kernel on 1 GPU | "
+                   "x cuDNN on 1 GPU | x DeepSpeed Ulysses (cuDNN) |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for r in d["results"]:
+            if r.get("oom"):
+                out.append(f"| {r['impl']} | {r['kernel']} | {r['total_tokens']} | {r['tokens_per_gpu']} | OOM |||||")
+                continue
+            out.append(f"| {r['impl']} | {r['kernel']} | {r['total_tokens']} | {r['tokens_per_gpu']} | "
+                       f"{r['fwd_bwd_ms']:.1f} | {r['tflops_per_gpu']:.1f} | "
+                       f"{'' if r['impl'] == 'deepspeed' else f(r.get('vs_single_gpu_kernel'))} | "
+                       f"{f(r.get('vs_single_gpu_cudnn'))} | {f(r.get('vs_deepspeed_ulysses_cudnn'))} |")
+        chk = d.get("kernel_check", {})
+        if chk:
+            out.append("\nKernel check against the fp32 reference kernel (relative error, bf16 inputs, S=2048):\n")
+            out.append("| kernel | case | out | lse | dq | dk | dv |")
+            out.append("|---|---|---|---|---|---|---|")
+            for k, cases in chk.items():
+                for case, e in cases.items():
+                    if case == "error":
+                        out.append(f"| {k} | error: {e} ||||||")
+                        continue
+                    out.append(f"| {k} | {case} | " + " | ".join(f(e.get(n), ".1e") for n in
+                                                                ("out", "lse", "dq", "dk", "dv")) + " |")
+        out.append("")
+    return out
+
+
+def fpdt_tables():
+    out = []
+    for name, d in load("fpdt_*.json"):
+        out.append(header(name, d))
+        out.append(f"Topology ulysses={d['ulysses']} x ring={d['ring']}, kernel `{d['kernel_resolved']}`, one "
+                   f"attention layer fwd+bwd, Llama-3-8B heads, causal, bf16. GiB from the CUDA caching "
+                   f"allocator; *state* = peak minus the layer's inputs (q, k, v, dout) and what it must return "
+                   f"(out, dq, dk, dv); *retained* = what the layer's graph holds between forward and backward, "
+                   f"beyond its output.\n")
+        ex = d.get("exactness_bf16_vs_unchunked", {})
+        if ex:
+            worst = max(max(e.values()) for e in ex.values())
+            out.append(f"Exactness: chunked and offloaded against unchunked, bf16, worst relative error over "
+                       f"out/dq/dk/dv and {len(ex)} settings: {worst:.1e}.\n")
+        if d.get("memory"):
+            out.append("| mode | total tokens | peak GiB | state GiB | retained GiB | host allocations, 1st / later steps |")
+            out.append("|---|---|---|---|---|---|")
+            for r in d["memory"]:
+                if r["oom"]:
+                    out.append(f"| {r['mode']} | {r['total_tokens']} | OOM ||||")
+                    continue
+                later = r.get("host_allocations_later_steps")
+                out.append(f"| {r['mode']} | {r['total_tokens']} | {r['peak_gib']:.2f} | {r['state_gib']:.2f} | "
+                           f"{r['retained_after_forward_gib']:.2f} | {r['host_allocations_first_step']}"
+                           f"{'' if later is None else f' / {later}'} |")
+            out.append("")
+        out.append("| mode | total tokens | ms | TFLOP/s/GPU | x unchunked | peak GiB | state GiB |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in d.get("throughput", []):
+            if "fwd_bwd_ms" not in r:
+                continue
+            out.append(f"| {r['mode']} | {r['total_tokens']} | {r['fwd_bwd_ms']:.1f} | {r['tflops_per_gpu']:.1f} | "
+                       f"{f(r.get('vs_unchunked'))} | {r['peak_gib']:.2f} | {r['state_gib']:.2f} |")
+        ov = d.get("overlap_trace")
+        if ov:
+            out.append(f"\nCUDA trace of one fwd+bwd, offload, {ov['total_tokens']} tokens, chunk {ov['chunk_size']} "
+                       f"(kernels busy {ov['kernel_busy_ms']:.0f} ms of a {ov['span_ms']:.0f} ms span):\n")
+            out.append("| copies | count | GiB | copy ms | ms overlapped with kernels | overlapped | GB/s |")
+            out.append("|---|---|---|---|---|---|---|")
+            for kind in ("HtoD", "DtoH"):
+                c = ov[kind]
+                out.append(f"| {kind} | {c['copies']} | {c['gib']:.2f} | {c['copy_ms']:.1f} | "
+                           f"{c['overlapped_with_kernels_ms']:.1f} | {f(c['overlap_fraction'])} | "
+                           f"{f(c['gb_per_s_while_copying'], '.1f')} |")
+        out.append("")
+    return out
+
+
+def train_tables():
+    rows = load("train_*.json")
+    if not rows:
+        return []
+    out = ["| file | mode | GPUs | seq_len | params | attention | grad. checkpointing | tokens/s | "
+           "model TFLOP/s/GPU | peak GiB | loss per step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, d in rows:
+        attn = "transformers SDPA" if d["mode"] == "deepspeed" else (
+            f"{d['ds_config']['long_context']['ulysses_degree']}x{d['ds_config']['long_context']['ring_degree']}, "
+            f"kernel {d['kernel']}"
+            + (" (flash-attn absent: sdpa_cudnn)" if d["kernel"] == "auto" and d["versions"].get("flash_attn") == "absent"
+               else "") + f", chunk {d['chunk_size']}, offload {d['offload']}")
+        s = d.get("summary") or {}
+        losses = ", ".join(format(r["loss"], ".3f") for r in d["steps"])
+        res = "OOM" if "oom" in d else f"{s.get('tokens_per_s', 0):,.0f}"
+        out.append(f"| `{name}` | {d['mode']} | {d['world_size']} | {d['seq_len']} | {d['params'] / 1e9:.2f}B | {attn} | {d['checkpointing']} | "
+                   f"{res} | {f(s.get('tflops_per_gpu'), '.1f')} | {f(s.get('peak_gib'), '.1f')} | "
+                   f"{losses} |")
+    out.append("")
+    for name, d in rows:
+        out.append(header(name, d))
+    return out
+
+
+def main():
+    print("# Benchmark results\n")
+    print("Generated by `python bench/report.py > docs/results.md` from the JSON under `bench/results/`; "
+          "each section names its file, the machine, versions, the exact command and the commit measured.\n")
+    print("## Distributed attention\n")
+    print("\n".join(attention_tables()))
+    print("## FPDT chunking and host offload\n")
+    print("\n".join(fpdt_tables()))
+    print("## Training (ZeRO-3, bf16)\n")
+    print("\n".join(train_tables()))
+
+
+if __name__ == "__main__":
+    main()
