@@ -267,7 +267,8 @@ def main():
 
     t0 = time.time()
     thr = []
-    modes = ["unchunked"] + [f"{m}:{c}" for c in args.chunks.split(",") for m in ("offload", "chunk")]
+    chunks = [c for c in args.chunks.split(",") if c]
+    modes = ["unchunked"] + [f"{m}:{c}" for c in chunks for m in ("offload", "chunk")] if chunks else []
     for mode in modes:
         thr.append(measure(mode, args.thr_seq, topo, args.kernel, ds_attn, device, iters=args.iters))
         show(thr[-1])
