@@ -87,8 +87,9 @@ def fpdt_tables():
                            f"{r['retained_after_forward_gib']:.2f} | {r['host_allocations_first_step']}"
                            f"{'' if later is None else f' / {later}'} |")
             out.append("")
-        out.append("| mode | total tokens | ms | TFLOP/s/GPU | x unchunked | peak GiB | state GiB |")
-        out.append("|---|---|---|---|---|---|---|")
+        if d.get("throughput"):
+            out.append("| mode | total tokens | ms | TFLOP/s/GPU | x unchunked | peak GiB | state GiB |")
+            out.append("|---|---|---|---|---|---|---|")
         for r in d.get("throughput", []):
             if "fwd_bwd_ms" not in r:
                 continue
