@@ -54,8 +54,9 @@ class FPDTConfig(BaseModel):
                     "null: no chunking (fastest when memory allows).")
     offload: bool = Field(
         default=False, strict=True,
-        description="Keep the K/V of chunks not in use in pinned host memory (needs chunk_size). "
-                    "Trades PCIe traffic for GPU memory at the longest sequences.")
+        description="Keep the K/V chunks and the q/out/lse saved for backward in pinned host memory, copied on "
+                    "side streams behind the kernels (needs chunk_size). The attention's GPU state then stays "
+                    "a few chunks whatever the sequence length.")
 
 
 class LongContextConfig(BaseModel):
