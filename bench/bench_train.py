@@ -98,6 +98,11 @@ def main():
 
     payload = record_header(world, args.commit)
     payload.update(vars(args), params=n_params, ds_config=ds_config(args, world), dp=dp)
+    if lc is not None:
+        from ds_longctx.kernels import get_kernel
+        probe = torch.empty(1, 8, args.heads // lc.topology.ulysses, args.hidden // args.heads, device=dev,
+                            dtype=torch.bfloat16 if cuda else torch.float32)
+        payload["kernel_resolved"] = get_kernel(args.kernel, probe, probe).name
     corpus = load_corpus(8.0)
     gen = torch.Generator().manual_seed(lc.topology.dp_rank if lc else rank)
     D = args.hidden // args.heads

@@ -119,9 +119,10 @@ def train_tables():
     for name, d in rows:
         attn = "transformers SDPA" if d["mode"] == "deepspeed" else (
             f"{d['ds_config']['long_context']['ulysses_degree']}x{d['ds_config']['long_context']['ring_degree']}, "
-            f"kernel {d['kernel']}"
-            + (" (flash-attn absent: sdpa_cudnn)" if d["kernel"] == "auto" and d["versions"].get("flash_attn") == "absent"
-               else "") + f", chunk {d['chunk_size']}, offload {d['offload']}")
+            f"kernel {d['kernel']}" + (f" ({d['kernel_resolved']})" if "kernel_resolved" in d else
+                                       " (flash-attn absent: sdpa_cudnn)" if d["kernel"] == "auto"
+                                       and d["versions"].get("flash_attn") == "absent" else "")
+            + f", chunk {d['chunk_size']}, offload {d['offload']}")
         s = d.get("summary") or {}
         losses = ", ".join(format(r["loss"], ".3f") for r in d["steps"])
         res = "OOM" if "oom" in d else f"{s.get('tokens_per_s', 0):,.0f}"
