@@ -1,4 +1,4 @@
-"""The ``"long_context"`` block of a DeepSpeed config, its validation, and its cross-rank agreement.
+"""The ``"long_context"`` block of a DeepSpeed config and its validation.
 
 DeepSpeed ignores top-level keys it does not know, so a typo in this block would otherwise go unnoticed;
 :class:`LongContextConfig` rejects unknown keys and names the offending field in every error.
@@ -14,8 +14,8 @@ Example block (inside ``ds_config.json``)::
 
 Checks that need more than the block (world size, model head counts, sequence length) are methods of the
 config; they read only values every rank shares, so they fail on every rank alike and before any collective.
-:func:`agree_on_block` makes that true of the block itself: it gathers each rank's parse outcome and raises
-the same error everywhere when one rank failed or the ranks hold different blocks.
+That every rank holds the same block is checked at initialization
+(:func:`ds_longctx.integration.agree.agree_on_block`).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ BLOCK_KEY = "long_context"
 #: Local attention kernels accepted by ``kernel`` (``ds_longctx.kernels.kernel_names()``).
 KERNEL_NAMES = ("auto", "reference", "sdpa_cudnn", "sdpa_flash", "sdpa_cpu_flash", "flash_attn", "flash_attn4")
 
-KernelName = Literal["auto", "reference", "sdpa_cudnn", "sdpa_flash", "sdpa_cpu_flash", "flash_attn", "flash_attn4"]
+KernelName = Literal[KERNEL_NAMES]
 
 ConfigSource = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 
@@ -320,53 +320,6 @@ def _jsonable(value) -> bool:
         return False
 
 
-# ---- agreement across ranks --------------------------------------------------------------------------------
-
-def agree_on_block(outcome: Union[Dict[str, Any], BaseException], group=None, what: str = BLOCK_KEY) -> None:
-    """Make every rank raise the same error when any rank failed to read its block or the blocks differ.
-
-    ``outcome`` is this rank's parsed block (any picklable dict, e.g. ``cfg.model_dump()`` plus the model's
-    head counts) or the exception it raised reading it. Every rank of ``group`` must call this, including
-    those whose own reading failed, so that no rank is left waiting in a collective.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return
-    mine = ("error", f"{type(outcome).__name__}: {outcome}") if isinstance(outcome, BaseException) \
-        else ("ok", outcome)
-    gathered: List[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, mine, group=group)
-    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(len(gathered)))
-    failed = [(r, g[1]) for r, g in zip(ranks, gathered) if g[0] == "error"]
-    if failed:
-        if isinstance(outcome, BaseException):
-            raise outcome
-        first_rank, msg = failed[0]
-        raise LongContextConfigError(
-            f"rank {first_rank} (and {len(failed) - 1} more) could not read its {what}: {msg}")
-    reference = gathered[0][1]
-    differing = [r for r, g in zip(ranks, gathered) if g[1] != reference]
-    if differing:
-        other = gathered[ranks.index(differing[0])][1]
-        diff = _describe_diff(reference, other)
-        raise LongContextConfigError(
-            f"ranks disagree on the {what}: rank {ranks[0]} has {diff[0]} but rank(s) {differing} "
-            f"have {diff[1]}; give every rank the same DeepSpeed config")
-
-
-def _describe_diff(a: Any, b: Any, path: str = "") -> Tuple[str, str]:
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        for key in sorted(set(a) | set(b), key=str):
-            if a.get(key, "<missing>") != b.get(key, "<missing>"):
-                return _describe_diff(a.get(key, "<missing>"), b.get(key, "<missing>"),
-                                      f"{path}.{key}" if path else str(key))
-    prefix = f"{path}=" if path else ""
-    return f"{prefix}{a!r}", f"{prefix}{b!r}"
-
-
 def from_ds_config(config: ConfigSource) -> LongContextConfig:
     """The validated ``long_context`` block of a DeepSpeed config (dict, json/hjson path or base64 string)."""
     return LongContextConfig.from_ds_config(config)
@@ -388,5 +341,5 @@ def describe_fields(model: type = LongContextConfig, prefix: str = "") -> Iterab
 
 
 __all__ = ["BLOCK_KEY", "KERNEL_NAMES", "FPDTConfig", "LongContextConfig", "LongContextConfigError",
-           "agree_on_block", "describe_fields", "from_ds_config", "load_ds_config", "model_head_counts",
+           "describe_fields", "from_ds_config", "load_ds_config", "model_head_counts",
            "resolved_block"]

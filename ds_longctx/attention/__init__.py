@@ -39,10 +39,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topo: Topology,
             side streams with double-buffered prefetch (needs ``chunk_size``); host buffers come from
             :func:`ds_longctx.memory.default_pool`, reused across layers and steps.
         pipeline_chunks: the Ulysses all-to-all is pipelined over this many head chunks (whole GQA groups),
-            so communication of one chunk overlaps the attention of another; 1 (the default) turns it off.
-            On 2 and 4 H200s over NVLink the all-to-all is a few percent of the kernel time and splitting
-            the kernel into head chunks costs more than it hides (bench/results/attention_*: ``ulysses_p2``,
-            ``ulysses_p4`` below ``ulysses``); it can pay off on slower links.
+            so communication of one chunk overlaps the attention of another; 1 (the default) turns it off:
+            over NVLink the all-to-all is small beside the kernel, and splitting the kernel into head chunks
+            lowers its rate. ``bench/bench_attention.py --impls ulysses,ulysses_p2,ulysses_p4`` compares them.
 
     Returns:
         ``[B, S_local, H, D]`` in q's dtype and layout.

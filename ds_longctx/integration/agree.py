@@ -1,15 +1,39 @@
 """Raise on every rank when any rank found a problem in its own data, so that none waits in a collective.
 
-A batch is read per rank: one data-parallel replica may get a bad batch while the others get good ones.
-If only the bad ranks raised, the others would block in the next gradient reduction until the collective
-timeout. :func:`raise_together` costs one all-reduce of one integer when all is well.
+A config file or a batch is read per rank: one rank may find a problem the others do not. If only that
+rank raised, the others would block in the next collective until its timeout. :func:`raise_together`
+shares a per-rank problem (one all-reduce of one integer when all is well); :func:`agree_on_block`
+also checks that every rank read the same configuration.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Type
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, Union
 
 import torch
 import torch.distributed as dist
+
+from ..config import BLOCK_KEY, LongContextConfigError
+
+
+def _distributed(group) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _group_ranks(group, n: int) -> List[int]:
+    return dist.get_process_group_ranks(group) if group is not None else list(range(n))
+
+
+def _raise_first(mine: Optional[BaseException], problems: List[Optional[str]], ranks: List[int],
+                 error: Type[Exception], what: str) -> None:
+    """Raise when any rank has a problem: a failing rank its own exception, the others the first rank's."""
+    failed = [(r, p) for r, p in zip(ranks, problems) if p is not None]
+    if not failed:
+        return
+    if mine is not None:
+        raise mine
+    rank, message = failed[0]
+    more = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
+    raise error(f"rank {rank}{more}{what}: {message}")
 
 
 def _flag_device() -> torch.device:
@@ -29,23 +53,55 @@ def raise_together(problem: Optional[str], error: Type[Exception] = ValueError, 
 
     Every rank of ``group`` must call it, with ``problem=None`` when its own data is fine.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        if problem is not None:
-            raise error(problem)
+    mine = None if problem is None else error(problem)
+    if not _distributed(group):
+        if mine is not None:
+            raise mine
         return
     flag = torch.tensor([0 if problem is None else 1], dtype=torch.int32, device=_flag_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     if int(flag.item()) == 0:
         return
-    messages: List[Optional[str]] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(messages, problem, group=group)
-    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(len(messages)))
-    failed = [(r, m) for r, m in zip(ranks, messages) if m is not None]
-    if problem is not None:
-        raise error(problem)
-    rank, message = failed[0]
-    more = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
-    raise error(f"rank {rank}{more}: {message}")
+    problems: List[Optional[str]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(problems, problem, group=group)
+    _raise_first(mine, problems, _group_ranks(group, len(problems)), error, "")
 
 
-__all__ = ["raise_together"]
+def agree_on_block(outcome: Union[Dict[str, Any], BaseException], group=None, what: str = BLOCK_KEY) -> None:
+    """Make every rank raise the same error when any rank failed to read its block or the blocks differ.
+
+    ``outcome`` is this rank's parsed block (any picklable dict, e.g. ``cfg.model_dump()`` plus the model's
+    head counts) or the exception it raised reading it. Every rank of ``group`` must call this, including
+    those whose own reading failed, so that no rank is left waiting in a collective.
+    """
+    mine = outcome if isinstance(outcome, BaseException) else None
+    if not _distributed(group):
+        if mine is not None:
+            raise mine
+        return
+    entry = (f"{type(mine).__name__}: {mine}", None) if mine is not None else (None, outcome)
+    gathered: List[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, entry, group=group)  # one collective: errors and blocks together
+    ranks = _group_ranks(group, len(gathered))
+    _raise_first(mine, [g[0] for g in gathered], ranks, LongContextConfigError, f" could not read its {what}")
+    blocks = [g[1] for g in gathered]
+    differing = [r for r, b in zip(ranks, blocks) if b != blocks[0]]
+    if differing:
+        diff = _describe_diff(blocks[0], blocks[ranks.index(differing[0])])
+        raise LongContextConfigError(
+            f"ranks disagree on the {what}: rank {ranks[0]} has {diff[0]} but rank(s) {differing} "
+            f"have {diff[1]}; give every rank the same DeepSpeed config")
+
+
+def _describe_diff(a: Any, b: Any, path: str = "") -> Tuple[str, str]:
+    """The first differing leaf of two nested dicts, as ``path=value`` for each."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for key in sorted(set(a) | set(b), key=str):
+            if a.get(key, "<missing>") != b.get(key, "<missing>"):
+                return _describe_diff(a.get(key, "<missing>"), b.get(key, "<missing>"),
+                                      f"{path}.{key}" if path else str(key))
+    prefix = f"{path}=" if path else ""
+    return f"{prefix}{a!r}", f"{prefix}{b!r}"
+
+
+__all__ = ["agree_on_block", "raise_together"]

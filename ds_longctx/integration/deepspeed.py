@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Mapping, Optional
 
-from ..config import (BLOCK_KEY, LongContextConfig, LongContextConfigError, agree_on_block, load_ds_config,
-                      model_head_counts)
+from ..config import BLOCK_KEY, LongContextConfig, LongContextConfigError, load_ds_config, model_head_counts
+from .agree import agree_on_block
 from .context import LongContext
 
 

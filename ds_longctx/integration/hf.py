@@ -128,11 +128,7 @@ def apply(model: torch.nn.Module, lc: LongContext) -> torch.nn.Module:
     Checks the head counts against ``ulysses_degree`` and that the model dispatches its attention through
     transformers' registry (models that do not would silently keep their local attention).
     """
-    from ..config import model_head_counts
-
-    heads = model_head_counts(model)
-    if heads is not None:
-        lc.config.check_heads(*heads)
+    lc.config.check_model(model)
     register()
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
