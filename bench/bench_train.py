@@ -4,6 +4,11 @@ offload) against plain DeepSpeed ZeRO-3 (every rank the whole sequence, transfor
     deepspeed --num_gpus N bench/bench_train.py --mode ds_longctx --seq_len 262144 --out $OUT/train.json
     deepspeed --num_gpus N bench/bench_train.py --mode deepspeed  --seq_len 262144 --out $OUT/train_ds.json
 
+With ``--checkpointing`` (transformers' gradient checkpointing) ds_longctx keeps the attention outputs
+(``--keep_attention_output 1``, the default; 0 recomputes the attention like plain checkpointing), and
+``--mlp_tile_tokens`` runs the MLPs over sequence tiles. Plain DeepSpeed runs transformers' SDPA attention
+with the backend of ``--ds_sdpa`` (cuDNN by default: the fastest SDPA backend on Hopper).
+
 Reports per step: loss, tokens/s, model TFLOP/s per GPU (6 x params x tokens plus the causal attention's
 3.5 x 2 x S^2 x H x D per layer; no recompute counted), and peak GPU memory; an out-of-memory is a result.
 The text is the Python standard library's source read as bytes (256-token vocabulary), as in
@@ -12,6 +17,7 @@ The text is the Python standard library's source read as bytes (256-token vocabu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -27,6 +33,9 @@ from bench.common import record_header, write_json  # noqa: E402
 def ds_config(args, world):
     cfg = {
         "train_micro_batch_size_per_gpu": 1,
+        # warmup: a random-init model at full learning rate from step 0 makes the per-step losses jump
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-4,
+                                                     "warmup_num_steps": 20, "warmup_type": "linear"}},
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
         "bf16": {"enabled": True},
@@ -40,7 +49,9 @@ def ds_config(args, world):
     if args.mode == "ds_longctx":
         U = args.ulysses or world // args.ring
         cfg["long_context"] = {"ulysses_degree": U, "ring_degree": args.ring, "kernel": args.kernel,
-                               "fpdt": {"chunk_size": args.chunk_size, "offload": args.offload}}
+                               "fpdt": {"chunk_size": args.chunk_size, "offload": args.offload},
+                               "keep_attention_output": bool(args.keep_attention_output),
+                               "mlp_tile_tokens": args.mlp_tile_tokens}
     return cfg
 
 
@@ -60,6 +71,10 @@ def main():
     ap.add_argument("--chunk_size", type=int, default=None)
     ap.add_argument("--offload", action="store_true")
     ap.add_argument("--checkpointing", action="store_true", help="transformers' gradient checkpointing")
+    ap.add_argument("--keep_attention_output", type=int, default=1, choices=[0, 1])
+    ap.add_argument("--mlp_tile_tokens", type=int, default=None)
+    ap.add_argument("--ds_sdpa", default="cudnn", choices=["cudnn", "flash", "efficient", "default"],
+                    help="SDPA backend of the plain DeepSpeed run (default: PyTorch's own choice)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the rates")
     ap.add_argument("--commit", default="")
@@ -103,6 +118,12 @@ def main():
         probe = torch.empty(1, 8, args.heads // lc.topology.ulysses, args.hidden // args.heads, device=dev,
                             dtype=torch.bfloat16 if cuda else torch.float32)
         payload["kernel_resolved"] = get_kernel(args.kernel, probe, probe).name
+    attn_ctx = contextlib.nullcontext
+    if lc is None and cuda and args.ds_sdpa != "default":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                   "efficient": SDPBackend.EFFICIENT_ATTENTION}[args.ds_sdpa]
+        attn_ctx = lambda: sdpa_kernel([backend])  # noqa: E731
     corpus = load_corpus(8.0)
     gen = torch.Generator().manual_seed(lc.topology.dp_rank if lc else rank)
     D = args.hidden // args.heads
@@ -116,14 +137,15 @@ def main():
         sync()
         t0 = time.perf_counter()
         try:
-            if lc is not None:
-                b = lc.shard_batch(batch)
-                logits = engine(input_ids=b["input_ids"].to(dev), position_ids=b["position_ids"].to(dev)).logits
-                loss = lc.loss(logits, b["shift_labels"].to(dev))
-                del logits
-            else:
-                loss = engine(input_ids=batch["input_ids"].to(dev), labels=batch["labels"].to(dev)).loss
-            engine.backward(loss)
+            with attn_ctx():
+                if lc is not None:
+                    b = lc.shard_batch(batch)
+                    logits = engine(input_ids=b["input_ids"].to(dev), position_ids=b["position_ids"].to(dev)).logits
+                    loss = lc.loss(logits, b["shift_labels"].to(dev))
+                    del logits
+                else:
+                    loss = engine(input_ids=batch["input_ids"].to(dev), labels=batch["labels"].to(dev)).loss
+                engine.backward(loss)
             engine.step()
             sync()
         except torch.cuda.OutOfMemoryError as exc:

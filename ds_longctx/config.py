@@ -88,6 +88,19 @@ class LongContextConfig(BaseModel):
         default=True, strict=True,
         description="Causal mask over global token positions (decoder LMs). Hugging Face attention modules "
                     "use their own is_causal; this applies to direct calls through the engine's long_context.")
+    keep_attention_output: bool = Field(
+        default=True, strict=True,
+        description="With activation checkpointing on (model.gradient_checkpointing_enable() for Hugging Face "
+                    "models, ds_longctx.memory.remat.checkpoint otherwise), keep each layer's attention output "
+                    "and log-sum-exp instead of running the attention again in backward (DistFlashAttn's "
+                    "rematerialization-aware checkpointing): one attention forward less per layer and step, "
+                    "for one more [S_local, hidden] activation per layer.")
+    mlp_tile_tokens: Optional[int] = Field(
+        default=None, strict=True, gt=0,
+        description="Hugging Face models: run each decoder layer's MLP over tiles of this many local tokens, "
+                    "recomputing a tile's activations in backward, so its [S_local, intermediate] activations "
+                    "never exist whole (one more MLP forward per step). null: off. Try 16384 for sequences "
+                    "of 256K+ tokens per rank.")
     load_balance: Literal["zigzag"] = Field(
         default="zigzag",
         description="Token layout across the ring. zigzag: ring position r holds chunks r and 2R-1-r of the "

@@ -130,7 +130,8 @@ def full_batch(step: int, dp_rank: int, batch_size: int, seq_len: int, seed: int
 
 
 def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kernel: str = "auto",
-              optim: str = "sgd", fpdt: Optional[dict] = None, zero_stage: int = 3) -> dict:
+              optim: str = "sgd", fpdt: Optional[dict] = None, zero_stage: int = 3,
+              keep_attention_output: bool = True, mlp_tile_tokens: Optional[int] = None) -> dict:
     return {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": 1,
@@ -140,7 +141,8 @@ def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kerne
         # persistence threshold 0: even the tiny model's parameters are partitioned
         "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0,
                               "reduce_bucket_size": 2000, "stage3_prefetch_bucket_size": 2000},
-        "long_context": {"ulysses_degree": ulysses, "ring_degree": ring, "kernel": kernel, "fpdt": fpdt or {}},
+        "long_context": {"ulysses_degree": ulysses, "ring_degree": ring, "kernel": kernel, "fpdt": fpdt or {},
+                         "keep_attention_output": keep_attention_output, "mlp_tile_tokens": mlp_tile_tokens},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
@@ -148,30 +150,44 @@ def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kerne
 
 def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len: int, batch_size: int = 1,
                          seed: int = 0, clip: float = 0.0, optim: str = "sgd", kernel: str = "auto",
-                         fpdt: Optional[dict] = None, zero_stage: int = 3) -> dict:
-    """Every rank: ZeRO training through ``ds_longctx.initialize``. Returns this rank's per-step losses,
-    coordinates, what DeepSpeed was told, and (rank 0) the final full parameters."""
+                         fpdt: Optional[dict] = None, zero_stage: int = 3, checkpointing: Optional[str] = None,
+                         mlp_tile_tokens: Optional[int] = None) -> dict:
+    """Every rank: ZeRO training through ``ds_longctx.initialize``. Returns this rank's per-step losses and
+    local-kernel forward calls, coordinates, what DeepSpeed was told, and (rank 0) the final full parameters.
+
+    ``checkpointing``: None, ``"keep"`` (transformers' gradient checkpointing enabled before initialize,
+    attention outputs kept) or ``"recompute"`` (enabled on the engine's module after initialize,
+    ``keep_attention_output: false``)."""
     import deepspeed
 
     import ds_longctx
+    from tests.dist_cases import counted_kernel_forwards
 
     os.environ.setdefault("LOCAL_RANK", "0")
     _quiet()
     model = build_model(kind, seq_len, seed)
-    config = ds_config(ulysses, ring, batch_size, clip, kernel, optim, fpdt, zero_stage)
+    if checkpointing == "keep":
+        model.gradient_checkpointing_enable()
+    config = ds_config(ulysses, ring, batch_size, clip, kernel, optim, fpdt, zero_stage,
+                       keep_attention_output=checkpointing != "recompute", mlp_tile_tokens=mlp_tile_tokens)
     engine, _, _, _ = ds_longctx.initialize(model=model, model_parameters=model.parameters(), config=config)
+    if checkpointing == "recompute":
+        engine.module.gradient_checkpointing_enable()
     lc = engine.long_context
     topo = lc.topology
     partitioned = zero_stage == 3 and all(p.ds_numel > p.ds_tensor.numel() for p in engine.module.parameters()
                                           if p.ds_numel >= topo.world_size)
     losses: List[float] = []
+    forwards: List[int] = []
     for step in range(steps):
         batch = lc.shard_batch(full_batch(step, topo.dp_rank, batch_size, seq_len, seed))
-        out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
-        loss = lc.loss(getattr(out, "logits", out), batch["shift_labels"])
-        engine.backward(loss)
+        with counted_kernel_forwards() as counted:
+            out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+            loss = lc.loss(getattr(out, "logits", out), batch["shift_labels"])
+            engine.backward(loss)
         engine.step()
         losses.append(loss.item())
+        forwards.append(counted.forwards)
     params: Optional[Dict[str, torch.Tensor]] = None
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=zero_stage == 3):
         if topo.rank == 0:
@@ -181,7 +197,7 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
             "params_partitioned_over_world": partitioned,
             "attn_impl": getattr(getattr(engine.module, "config", None), "_attn_implementation", None)}
     engine.destroy()
-    return {"losses": losses, "params": params, "info": info}
+    return {"losses": losses, "forwards": forwards, "params": params, "info": info}
 
 
 def train_single_process(kind: str, dp: int, steps: int, seq_len: int, batch_size: int = 1, seed: int = 0,

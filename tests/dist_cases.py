@@ -170,3 +170,88 @@ def chunked_layout_facts(ulysses, ring, S, chunk_size):
         torch.equal(torch.cat([p[i * c:(i + 1) * c] for p in pieces]), group_seq[i * chunk_size:(i + 1) * chunk_size])
         for i in range(L // chunk_size))
     return roundtrip, tiles, holds_its_positions, plain_when_whole, chunks_gather
+
+
+class counted_kernel_forwards:
+    """Context manager: counts local-kernel forward calls of :func:`ds_longctx.attention.attention` (every
+    block of every ring step and chunk) in ``.forwards``."""
+
+    def __init__(self):
+        self.forwards = 0
+
+    def __enter__(self):
+        import ds_longctx.attention as attention_module
+
+        self._module, self._get = attention_module, attention_module.get_kernel
+        counter = self
+
+        class Counting:
+            def __init__(self, inner):
+                self.inner, self.name = inner, inner.name
+
+            def forward(self, *args, **kwargs):
+                counter.forwards += 1
+                return self.inner.forward(*args, **kwargs)
+
+            def backward(self, *args, **kwargs):
+                return self.inner.backward(*args, **kwargs)
+
+        attention_module.get_kernel = lambda *a, **k: Counting(self._get(*a, **k))
+        return self
+
+    def __exit__(self, *exc):
+        self._module.get_kernel = self._get
+
+
+def checkpointed_attention_vs_plain(ulysses, ring, B, S, H, Hkv, D, chunk_size=None, offload=False, seed=0):
+    """A region ``tanh(attention(1.5 q, k, v) @ w)`` run plainly and under ``ds_longctx.memory.remat.checkpoint``
+    (keeping the attention output, and not), non-reentrant and reentrant: per mode the relative errors of the
+    output and the q/k/v/w gradients against the plain run (and the plain run's against the float64
+    reference), the kernel forward calls of forward + backward, and the host bytes still leased after
+    the forward."""
+    from ds_longctx.memory import default_pool
+    from ds_longctx.memory.remat import checkpoint
+
+    topo = topology(ulysses, ring)
+    q, k, v, _ = (t.float().double() for t in _inputs(seed + 1000 * topo.dp_rank, B, S, H, Hkv, D))
+    g = torch.Generator().manual_seed(seed + 1)
+    w = torch.randn(H * D, H * D, generator=g, dtype=torch.float64) / (H * D) ** 0.5
+
+    def region(q_, k_, v_, w_):
+        o = attention(q_ * 1.5, k_, v_, topo, chunk_size=chunk_size, offload=offload)
+        return torch.tanh(o.reshape(*o.shape[:2], -1) @ w_)
+
+    def ref_region(q_, k_, v_, w_):
+        o = naive_attention(q_ * 1.5, k_, v_, True, D ** -0.5)
+        return torch.tanh(o.reshape(*o.shape[:2], -1) @ w_)
+
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v, w)]
+    ref_out = ref_region(*ref_in)
+    ref_out.sum().backward()
+
+    modes = {"plain": lambda *a: region(*a),
+             "keep": lambda *a: checkpoint(region, *a),
+             "keep_reentrant": lambda *a: checkpoint(region, *a, use_reentrant=True),
+             "recompute": lambda *a: checkpoint(region, *a, keep_attention_output=False)}
+    runs = {}
+    for name, run in modes.items():
+        local = [shard(t.float(), topo, chunk_size=chunk_size).detach().requires_grad_() for t in (q, k, v)]
+        w_ = w.float().clone().requires_grad_()
+        with counted_kernel_forwards() as counted:
+            y = run(*local, w_)
+            leased = default_pool().leased_bytes
+            # each rank's loss is the sum of its shard; summed over ranks it is the full sequence's
+            y.sum().backward()
+        got = [unshard(y.detach(), topo, chunk_size=chunk_size)] + \
+              [unshard(t.grad, topo, chunk_size=chunk_size) for t in local]
+        dw = w_.grad.clone()
+        dist.all_reduce(dw, group=topo.sp_group)
+        runs[name] = {"got": got + [dw], "forwards": counted.forwards, "leased_after_forward": leased}
+    plain = runs["plain"]["got"]
+    names = ("out", "dq", "dk", "dv", "dw")
+    result = {"reference": {n: rel(a, b) for n, a, b in zip(names, plain, [ref_out.detach()] +
+                                                               [t.grad for t in ref_in])}}
+    for name, r in runs.items():
+        result[name] = {"vs_plain": {n: rel(a, b) for n, a, b in zip(names, r["got"], plain)},
+                        "forwards": r["forwards"], "leased_after_forward": r["leased_after_forward"]}
+    return result

@@ -91,6 +91,29 @@ def test_fpdt_chunked_attention_trains_like_one_process(pool, ulysses, ring, chu
     check_run(results, reference("llama", WORLD // (ulysses * ring)), "llama", ulysses, ring)
 
 
+# (ulysses, ring, fpdt chunk_size with offload or None, checkpointing, mlp_tile_tokens)
+CHECKPOINTED = [(2, 2, None, "keep", None), (1, 4, None, "recompute", 5), (4, 1, 12, "keep", 5),
+                (1, 2, 8, "recompute", None), (2, 2, 8, "keep", 7)]
+
+
+@pytest.mark.parametrize("ulysses,ring,chunk_size,checkpointing,tile", CHECKPOINTED,
+                         ids=[f"U{u}xR{r}-C{c}-{m}-tile{t}" for u, r, c, m, t in CHECKPOINTED])
+def test_checkpointed_layers_train_like_one_process_without_rerunning_attention(pool, ulysses, ring, chunk_size,
+                                                                                checkpointing, tile):
+    """transformers' gradient checkpointing (enabled before or after initialize), with FPDT offload or not,
+    with tiled MLPs or not: the same training; with kept attention outputs the attention kernels run
+    forward once per step."""
+    fpdt = {"chunk_size": chunk_size, "offload": True} if chunk_size else None
+    results = pool.run(cases.train_with_deepspeed, "llama", ulysses, ring, STEPS, SEQ, BATCH, fpdt=fpdt,
+                       checkpointing=checkpointing, mlp_tile_tokens=tile, timeout=300)
+    check_run(results, reference("llama", WORLD // (ulysses * ring)), "llama", ulysses, ring)
+    plain = pool.run(cases.train_with_deepspeed, "llama", ulysses, ring, 1, SEQ, BATCH, fpdt=fpdt, timeout=300)
+    once = plain[0]["forwards"][0]
+    assert once > 0
+    for res in results:
+        assert res["forwards"] == [once if checkpointing == "keep" else 2 * once] * STEPS
+
+
 @pytest.mark.parametrize("ulysses,ring", [(1, 4), (1, 2)])
 def test_gradient_clipping_uses_the_global_norm_over_all_partitions(pool, ulysses, ring):
     # With clipping active a wrong norm (e.g. summed over sequence ranks) changes every update.

@@ -45,6 +45,7 @@ from ..comm.all_to_all import heads_to_seq_start, seq_to_heads_start
 from ..kernels.base import Kernel
 from ..memory.chunk_store import ChunkStore, side_stream
 from ..memory.host_pool import HostPool, default_pool
+from ..memory.remat import active_stash
 from .merge import merge_
 
 EVERY = slice(None)
@@ -233,9 +234,19 @@ class ChunkedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, topo, kernel, q_ranges, kv_ranges, causal, scale, chunk_size, offload, save,
                 pool=None):
         p = _Pipeline(q, k, topo, kernel, q_ranges, kv_ranges, causal, scale, chunk_size, offload, pool)
+        # In a checkpointed region (ds_longctx.memory.remat) the forward run keeps no chunks: the recompute
+        # builds them and hands them over through the stash (with kept outputs it runs no kernel, only the
+        # all-to-alls and K/V stores the backward reads).
+        stash = active_stash()
+        call = stash.call(("chunked", tuple(q.shape), tuple(k.shape), q.dtype, causal, scale, chunk_size)) \
+            if stash is not None else None
+        replaying = call is not None and stash.replaying
+        kept = call.kept() if replaying else None
+        keep_state = save and (call is None or replaying)
         lease = p.pool.lease() if offload else None
         kv = p.store(p.kv_spec(p.dtype), lease)
-        saved = p.store([((p.B, p.C, p.h, p.D), p.dtype)] * 2 + [((p.B, p.h, p.C), p.acc)], lease) if save else None
+        saved = p.store([((p.B, p.C, p.h, p.D), p.dtype)] * 2 + [((p.B, p.h, p.C), p.acc)], lease) \
+            if keep_state else None
         G, grp = p.group, p.urank
 
         def post(job):
@@ -243,18 +254,26 @@ class ChunkedAttention(torch.autograd.Function):
             if kind == "kv":
                 return (seq_to_heads_start(k[:, p.rows(j)], kv_ranges, G, grp),
                         seq_to_heads_start(v[:, p.rows(j)], kv_ranges, G, grp))
+            if kept is not None:
+                return (seq_to_heads_start(q[:, p.rows(j)], q_ranges, G, grp),
+                        seq_to_heads_start(kept.out[:, p.rows(j)], q_ranges, G, grp))
             return (seq_to_heads_start(q[:, p.rows(j)], q_ranges, G, grp),)
 
         jobs = _gather_jobs(p)
         ahead = _Ahead([lambda job=job: post(job) for job in jobs])
-        out = torch.empty_like(q)
-        t, outgoing = 0, None
+        out = torch.empty_like(q) if kept is None else kept.out.detach()
+        t, outgoing, lses = 0, None, []
         for i in range(p.n):
             while jobs[t][0] == "kv":
                 kv.put(jobs[t][1], [w.wait() for w in ahead.take(t)])
                 t += 1
-            q_i = ahead.take(t)[0].wait()
+            pend_q = ahead.take(t)
+            q_i = pend_q[0].wait()
             t += 1
+            if kept is not None:
+                if keep_state:
+                    saved.put(i, (q_i, pend_q[1].wait(), kept.lses[i]))
+                continue
             o_acc = lse_acc = None
             n_groups = p.sched.groups(i)
             pend = p.post_kv(i, 0, kv)
@@ -277,24 +296,41 @@ class ChunkedAttention(torch.autograd.Function):
             if outgoing is not None:
                 outgoing.wait()  # one output chunk in flight at a time
             outgoing = heads_to_seq_start(o_i, q_ranges, G, grp, p.H, into=out[:, p.rows(i)])
-            if save:
+            if keep_state:
                 saved.put(i, (q_i, o_i, lse_acc))
-        outgoing.wait()
-        if save:
-            ctx.p, ctx.kv, ctx.saved, ctx.lease = p, kv, saved, lease
+            lses.append(lse_acc)
+        if outgoing is not None:
+            outgoing.wait()
+        if call is not None and stash.keep_output and not replaying:
+            call.keep(out, lses)
+        ctx.call = call
+        ctx.state = None
+        if keep_state:
+            ctx.state = _State(p, kv, saved, lease)
+            if call is not None:
+                call.state = ctx.state
         else:
             kv.close()
             if lease is not None:
                 lease.release()
+        # One token tensor through autograd's saved tensors, so that a checkpoint's backward unpacks it
+        # (and so recomputes the region) before this node looks for the recompute's state.
+        ctx.save_for_backward(torch.empty(0, device=q.device))
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        p = getattr(ctx, "p", None)
-        if p is None or ctx.kv is None:
+        ctx.saved_tensors  # noqa: B018 - under a checkpoint this recomputes the region, which hands over the state
+        state, ctx.state = ctx.state, None
+        if state is None and ctx.call is not None:
+            state = ctx.call.take_state()
+        elif ctx.call is not None:
+            ctx.call.state = None
+        if state is None:
             raise RuntimeError("chunked attention: backward ran twice, or after a forward without grad; its "
                                "chunks are released after the first backward (retain_graph is not supported)")
-        kv, saved, kernel, scale = ctx.kv, ctx.saved, p.kernel, p.scale
+        p, kv, saved = state.p, state.kv, state.saved
+        kernel, scale = p.kernel, p.scale
         G, grp = p.group, p.urank
         dout = dout.contiguous()
         dq = torch.empty_like(dout)  # every head of every row comes back from exactly one rank's chunk
@@ -361,11 +397,17 @@ class ChunkedAttention(torch.autograd.Function):
         finally:
             for store in (kv, saved, dkv):
                 store.close()
-            for lease in (ctx.lease, acc_lease):
+            for lease in (state.lease, acc_lease):
                 if lease is not None:
                     lease.release()
-            ctx.kv = ctx.saved = None
         return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+class _State:
+    """What the backward reads: the plan, the K/V chunk store, the saved q/out/lse store, their host lease."""
+
+    def __init__(self, p: _Pipeline, kv: ChunkStore, saved: ChunkStore, lease):
+        self.p, self.kv, self.saved, self.lease = p, kv, saved, lease
 
 
 def _accumulate(p: _Pipeline, dkv: ChunkStore, k: int, returning: _Transfer, contrib, base) -> None:

@@ -13,6 +13,7 @@ import torch
 from ..comm.all_to_all import heads_to_seq_start, seq_to_heads_start
 from ..comm.ring import RingComm
 from ..layout import ZigzagLayout
+from ..memory.remat import active_stash
 from .ring import ring_backward, ring_forward
 from .ulysses import HeadChunk
 
@@ -25,20 +26,39 @@ class HybridAttention(torch.autograd.Function):
         group, rank = topo.ulysses_group, topo.ulysses_rank
         ring, layout = RingComm(topo), ZigzagLayout.of(topo)
         H = q.shape[2]
+        single = topo.ulysses == 1 and len(chunks) == 1
+        # Inside a rematerialization-aware checkpoint the recompute takes out/lse from the forward's run and
+        # only redoes the all-to-alls that rebuild the head-scattered tensors the backward reads.
+        stash = active_stash()
+        call = stash.call(("hybrid", tuple(q.shape), tuple(k.shape), q.dtype, causal, scale, len(chunks))) \
+            if stash is not None else None
+        kept = call.kept() if call is not None and stash.replaying else None
         incoming = [(seq_to_heads_start(q, c.q_ranges, group, rank), seq_to_heads_start(k, c.kv_ranges, group, rank),
-                     seq_to_heads_start(v, c.kv_ranges, group, rank)) for c in chunks]
-        out = torch.empty_like(q) if topo.ulysses > 1 or len(chunks) > 1 else None
-        outgoing, saved = [], []
-        for c, pend in zip(chunks, incoming):
-            qc, kc, vc = (p.wait() for p in pend)
-            oc, lse = ring_forward(qc, kc, vc, ring, layout, c.kernel, causal, scale)
+                     seq_to_heads_start(v, c.kv_ranges, group, rank),
+                     None if kept is None or single else seq_to_heads_start(kept.out, c.q_ranges, group, rank))
+                    for c in chunks]
+        out = torch.empty_like(q) if not single and kept is None else None
+        outgoing, saved, lses = [], [], []
+        for i, (c, pend) in enumerate(zip(chunks, incoming)):
+            qc, kc, vc = (p.wait() for p in pend[:3])
+            if kept is not None:
+                oc, lse = kept.out if single else pend[3].wait(), kept.lses[i]
+            else:
+                oc, lse = ring_forward(qc, kc, vc, ring, layout, c.kernel, causal, scale)
             saved += [qc, kc, vc, oc, lse]
+            lses.append(lse)
+            if kept is not None:
+                continue
             if out is None:
                 out = oc
             else:
                 outgoing.append(heads_to_seq_start(oc, c.q_ranges, group, rank, H, into=out))
         for p in outgoing:
             p.wait()
+        if kept is not None:
+            out = kept.out.detach()  # an alias of its own, so the stash's tensor gets no autograd history
+        elif call is not None and stash.keep_output and not stash.replaying:
+            call.keep(out, lses)
         ctx.save_for_backward(*saved)
         ctx.args = (topo, chunks, causal, scale, k.shape[2])
         return out

@@ -12,6 +12,13 @@ RoPE comes from ``position_ids``: the model must see the global positions of its
 :func:`ds_longctx.integration.data.shard_batch` returns, and which a forward pre-hook fills in when the
 caller passes none (the model's own default, ``arange(S_local)``, would be wrong on every rank but the first).
 The hook also turns the KV cache off unless the caller asks for it, and refuses an ``attention_mask``.
+
+With activation checkpointing on (``model.gradient_checkpointing_enable()``, before or after
+:func:`apply`), the hook wraps each layer's checkpoint function in a
+:class:`~ds_longctx.memory.remat.StashingCheckpoint`: the recompute of a layer in backward takes the
+attention's output from the forward instead of running the attention again (``keep_attention_output``), and
+FPDT's offloaded chunks are built once, by the recompute, instead of living from forward to backward.
+With ``mlp_tile_tokens`` the decoder layers' MLPs run over sequence tiles (:mod:`ds_longctx.memory.tiling`).
 """
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ from typing import Any, Optional
 
 import torch
 
+from ..memory.remat import StashingCheckpoint
+from ..memory.tiling import tile_module, untile_module
 from .context import LongContext, attach, long_context_of
 
 ATTN_IMPLEMENTATION = "ds_longctx"
@@ -87,10 +96,47 @@ def is_hf_model(model: Any) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def stash_checkpoints(model: torch.nn.Module, keep_attention_output: bool) -> int:
+    """Wrap the checkpoint function of every checkpointing layer of ``model`` (transformers'
+    ``_gradient_checkpointing_func``) in a :class:`~ds_longctx.memory.remat.StashingCheckpoint`, or rewrap
+    it with a new ``keep_attention_output``. Returns the number of layers wrapped now."""
+    wrapped = 0
+    for module in model.modules():
+        fn = module.__dict__.get("_gradient_checkpointing_func")
+        if fn is None:
+            continue
+        if isinstance(fn, StashingCheckpoint):
+            if fn.keep_attention_output == keep_attention_output:
+                continue
+            fn = fn.inner
+        module._gradient_checkpointing_func = StashingCheckpoint(fn, keep_attention_output)
+        wrapped += 1
+    return wrapped
+
+
+def tile_mlps(model: torch.nn.Module, tile_tokens: Optional[int]) -> int:
+    """Run the ``mlp`` of every decoder layer of ``model`` over sequence tiles of ``tile_tokens`` tokens
+    (:func:`ds_longctx.memory.tiling.tile_module`; None: untiled). Returns the number of MLPs tiled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    n = 0
+    for layer in model.modules():
+        mlp = getattr(layer, "mlp", None)
+        if not isinstance(layer, GradientCheckpointingLayer) or not isinstance(mlp, torch.nn.Module):
+            continue
+        untile_module(mlp)
+        if tile_tokens is not None:
+            tile_module(mlp, tile_tokens)
+            n += 1
+    return n
+
+
 def _prepare_call(model: torch.nn.Module, args, kwargs):
-    """Forward pre-hook: pass the global positions as ``position_ids`` when the caller gives none, and turn
-    the KV cache off unless asked for (a cache of one rank's keys means nothing to the other ranks)."""
+    """Forward pre-hook: pass the global positions as ``position_ids`` when the caller gives none, turn
+    the KV cache off unless asked for (a cache of one rank's keys means nothing to the other ranks), and
+    put the layers' checkpoint functions (set by ``gradient_checkpointing_enable`` at any time) in stashes."""
     lc = long_context_of(model)
+    stash_checkpoints(model, lc.config.keep_attention_output)
     signature = inspect.signature(model.forward)
     try:
         bound = signature.bind_partial(*args, **kwargs)
@@ -139,6 +185,8 @@ def apply(model: torch.nn.Module, lc: LongContext) -> torch.nn.Module:
                            f"AttentionInterface, so its attention cannot be replaced; call "
                            f"engine.long_context.attention(q, k, v) from the model's attention instead")
     attach(model, lc)
+    stash_checkpoints(model, lc.config.keep_attention_output)
+    tile_mlps(model, lc.config.mlp_tile_tokens)
     old = getattr(model, _HOOK_ATTR, None)
     if old is not None:
         old.remove()
@@ -146,4 +194,5 @@ def apply(model: torch.nn.Module, lc: LongContext) -> torch.nn.Module:
     return model
 
 
-__all__ = ["ATTN_IMPLEMENTATION", "HFModelError", "apply", "hf_attention", "is_hf_model", "register"]
+__all__ = ["ATTN_IMPLEMENTATION", "HFModelError", "apply", "hf_attention", "is_hf_model", "register",
+           "stash_checkpoints", "tile_mlps"]

@@ -1,0 +1,167 @@
+"""Rematerialization-aware checkpointing: recompute a layer in backward, except its attention.
+
+Activation checkpointing keeps a layer's input and reruns the layer in backward to rebuild what its
+backward reads. For long sequences the attention forward is the most expensive part of that rerun (its
+cost grows with ``S^2``, the projections' with ``S``) and the cheapest to keep: its output is one
+activation of ``[B, S_local, H, D]`` plus an fp32 log-sum-exp of ``[B, h, S]``. DistFlashAttn
+(Li et al., 2023) therefore puts the checkpoint boundary so that the attention output is kept and the
+attention is never recomputed; this module does the same for any checkpointed region.
+
+A region runs inside an :class:`AttentionStash`. The first run (the forward) *records*: every call of
+:func:`ds_longctx.attention.attention` in it computes as usual and leaves its output and log-sum-exp in the
+stash. Every later run (the recompute in backward) *replays*: the attention calls, in the same order, redo
+only their communication (the all-to-alls that rebuild the head-scattered q/k/v the backward reads) and
+take their output and log-sum-exp from the stash, so no attention kernel runs forward twice. The gradients
+are exactly those of plain checkpointing: the backward reads the same values.
+
+FPDT chunked attention keeps its saved chunks outside autograd's saved tensors (in host memory, with
+offload), where a checkpoint cannot see them: under a plain ``torch.utils.checkpoint`` the forward's chunks
+would stay alive until backward and the recompute's would be thrown away. In a stash region the forward run
+keeps no chunks and the recompute hands its chunks to the forward's autograd node.
+
+The active stash is per thread, like autocast state: backward's recompute may run on an autograd worker
+thread, and the region sets its stash on whichever thread runs it.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.utils.checkpoint
+
+_local = threading.local()
+
+
+class AttentionStashError(RuntimeError):
+    """A replayed region called the attention differently from its recorded run."""
+
+
+class StashedCall:
+    """One attention call of a region: what identifies it, its kept ``out`` (the returned tensor, caller's
+    layout) and log-sum-exps (one per head chunk or FPDT query chunk, fp32) when the stash keeps outputs,
+    and the saved state a recompute hands to the forward's autograd node (FPDT keeps its chunks outside
+    autograd's saved tensors, where a checkpoint cannot see them)."""
+
+    def __init__(self, key: Tuple):
+        self.key = key
+        self.out: Optional[torch.Tensor] = None
+        self.lses: List[torch.Tensor] = []
+        self.version = 0
+        self.state: Any = None
+
+    def keep(self, out: torch.Tensor, lses: Sequence[torch.Tensor]) -> None:
+        self.out, self.lses, self.version = out.detach(), [t.detach() for t in lses], out._version
+
+    def kept(self) -> Optional["StashedCall"]:
+        """Self when an output was kept (and not modified since), else None."""
+        if self.out is None:
+            return None
+        if self.out._version != self.version:
+            raise AttentionStashError("the attention output kept for backward was modified in place after the "
+                                      "forward; copy it before changing it (out = out.clone())")
+        return self
+
+    def take_state(self) -> Any:
+        state, self.state = self.state, None
+        return state
+
+
+class AttentionStash:
+    """The attention calls of one checkpointed region, recorded on its first run and replayed, in call
+    order, on each later one. ``keep_output=False`` keeps no outputs (the recompute runs the attention again)
+    but still hands FPDT's saved state from the recompute to the forward's node."""
+
+    def __init__(self, keep_output: bool = True):
+        self.keep_output = keep_output
+        self._calls: List[StashedCall] = []
+        self._runs = 0
+        self._cursor = 0
+
+    @property
+    def replaying(self) -> bool:
+        return self._runs > 1
+
+    @contextmanager
+    def region(self) -> Iterator["AttentionStash"]:
+        """One run of the region: the first records, later ones replay from the first call."""
+        self._runs += 1
+        self._cursor = 0
+        stack = _stack()
+        stack.append(self)
+        try:
+            yield self
+        finally:
+            stack.pop()
+        if self.replaying and self._cursor != len(self._calls):
+            raise AttentionStashError(f"the recomputed region made {self._cursor} attention calls, its forward "
+                                      f"made {len(self._calls)}: a checkpointed region must be deterministic")
+
+    def wrap(self, fn: Callable) -> Callable:
+        """``fn`` run inside :meth:`region` (what a checkpoint function is given to run and rerun)."""
+
+        def run(*args, **kwargs):
+            with self.region():
+                return fn(*args, **kwargs)
+
+        return run
+
+    def call(self, key: Tuple) -> StashedCall:
+        """The entry of the next attention call: a new one on the first run, the recorded twin on a replay."""
+        if not self.replaying:
+            self._calls.append(StashedCall(key))
+            return self._calls[-1]
+        if self._cursor >= len(self._calls):
+            raise AttentionStashError(f"the recomputed region calls the attention more often than its forward "
+                                      f"did ({len(self._calls)} calls): a checkpointed region must be deterministic")
+        entry = self._calls[self._cursor]
+        self._cursor += 1
+        if entry.key != key:
+            raise AttentionStashError(f"attention call {self._cursor} of the recomputed region differs from the "
+                                      f"forward's: {key} != {entry.key}")
+        return entry
+
+
+def _stack() -> List[AttentionStash]:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+def active_stash() -> Optional[AttentionStash]:
+    """The stash of the innermost region running on this thread, or None."""
+    stack = getattr(_local, "stack", None)
+    return stack[-1] if stack else None
+
+
+def checkpoint(fn: Callable, *args: Any, keep_attention_output: bool = True, use_reentrant: bool = False,
+               **kwargs: Any) -> Any:
+    """:func:`torch.utils.checkpoint.checkpoint` of ``fn(*args, **kwargs)``, except that the distributed
+    attention calls inside ``fn`` keep their output and log-sum-exp instead of running again in backward.
+
+    Costs one ``[B, S_local, H, D]`` activation (in q's dtype) and ``[B, h, S]`` fp32 per attention call
+    beyond plain checkpointing, and saves one attention forward per call per step. With
+    ``keep_attention_output=False`` it is plain checkpointing, which FPDT chunked attention needs too: under
+    a plain ``torch.utils.checkpoint`` its chunks from the forward stay alive until backward.
+    """
+    return torch.utils.checkpoint.checkpoint(AttentionStash(keep_attention_output).wrap(fn), *args,
+                                             use_reentrant=use_reentrant, **kwargs)
+
+
+class StashingCheckpoint:
+    """A checkpoint function (``fn, *args -> outputs``, the kind transformers keeps in a layer's
+    ``_gradient_checkpointing_func``) around ``inner`` that gives each region its own :class:`AttentionStash`."""
+
+    def __init__(self, inner: Callable, keep_attention_output: bool = True):
+        self.inner, self.keep_attention_output = inner, keep_attention_output
+
+    def __call__(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(AttentionStash(self.keep_attention_output).wrap(fn), *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"StashingCheckpoint({self.inner!r}, keep_attention_output={self.keep_attention_output})"
+
+
+__all__ = ["AttentionStash", "AttentionStashError", "StashedCall", "StashingCheckpoint", "active_stash", "checkpoint"]
