@@ -114,21 +114,29 @@ def train_tables():
     rows = load("train_*.json")
     if not rows:
         return []
-    out = ["| file | mode | GPUs | seq_len | params | attention | grad. checkpointing | tokens/s | "
-           "model TFLOP/s/GPU | peak GiB | loss per step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| file | mode | GPUs | seq_len | params | attention | grad. checkpointing | MLP tiles | tokens/s | "
+           "model TFLOP/s/GPU | peak GiB | loss per step |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, d in rows:
-        attn = "transformers SDPA" if d["mode"] == "deepspeed" else (
-            f"{d['ds_config']['long_context']['ulysses_degree']}x{d['ds_config']['long_context']['ring_degree']}, "
-            f"kernel {d['kernel']}" + (f" ({d['kernel_resolved']})" if "kernel_resolved" in d else
-                                       " (flash-attn absent: sdpa_cudnn)" if d["kernel"] == "auto"
-                                       and d["versions"].get("flash_attn") == "absent" else "")
-            + f", chunk {d['chunk_size']}, offload {d['offload']}")
+        lc = d["ds_config"].get("long_context")
+        if d["mode"] == "deepspeed":
+            attn = f"transformers SDPA ({d.get('ds_sdpa', 'default')})"
+        else:
+            attn = (f"{lc['ulysses_degree']}x{lc['ring_degree']}, "
+                    f"kernel {d['kernel']}" + (f" ({d['kernel_resolved']})" if "kernel_resolved" in d else
+                                               " (flash-attn absent: sdpa_cudnn)" if d["kernel"] == "auto"
+                                               and d["versions"].get("flash_attn") == "absent" else "")
+                    + f", chunk {d['chunk_size']}, offload {d['offload']}")
+        ckpt = str(d["checkpointing"])
+        if d["checkpointing"] and lc is not None:
+            ckpt += ", attention kept" if lc.get("keep_attention_output", False) else ", attention recomputed"
+        tiles = (lc or {}).get("mlp_tile_tokens") or "-"
         s = d.get("summary") or {}
         losses = ", ".join(format(r["loss"], ".3f") for r in d["steps"])
         res = "OOM" if "oom" in d else f"{s.get('tokens_per_s', 0):,.0f}"
-        out.append(f"| `{name}` | {d['mode']} | {d['world_size']} | {d['seq_len']} | {d['params'] / 1e9:.2f}B | {attn} | {d['checkpointing']} | "
-                   f"{res} | {f(s.get('tflops_per_gpu'), '.1f')} | {f(s.get('peak_gib'), '.1f')} | "
-                   f"{losses} |")
+        peak = f"{d['oom']['peak_gib']:.1f} at OOM" if "oom" in d else f(s.get("peak_gib"), ".1f")
+        out.append(f"| `{name}` | {d['mode']} | {d['world_size']} | {d['seq_len']} | {d['params'] / 1e9:.2f}B | "
+                   f"{attn} | {ckpt} | {tiles} | {res} | {f(s.get('tflops_per_gpu'), '.1f')} | {peak} | "
+                   f"{losses or '-'} |")
     out.append("")
     for name, d in rows:
         out.append(header(name, d))
