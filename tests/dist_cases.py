@@ -203,7 +203,8 @@ class counted_kernel_forwards:
         self._module.get_kernel = self._get
 
 
-def checkpointed_attention_vs_plain(ulysses, ring, B, S, H, Hkv, D, chunk_size=None, offload=False, seed=0):
+def checkpointed_attention_vs_plain(ulysses, ring, B, S, H, Hkv, D, chunk_size=None, offload=False, seed=0,
+                                    **options):
     """A region ``tanh(attention(1.5 q, k, v) @ w)`` run plainly and under ``ds_longctx.memory.remat.checkpoint``
     (keeping the attention output, and not), non-reentrant and reentrant: per mode the relative errors of the
     output and the q/k/v/w gradients against the plain run (and the plain run's against the float64
@@ -218,7 +219,7 @@ def checkpointed_attention_vs_plain(ulysses, ring, B, S, H, Hkv, D, chunk_size=N
     w = torch.randn(H * D, H * D, generator=g, dtype=torch.float64) / (H * D) ** 0.5
 
     def region(q_, k_, v_, w_):
-        o = attention(q_ * 1.5, k_, v_, topo, chunk_size=chunk_size, offload=offload)
+        o = attention(q_ * 1.5, k_, v_, topo, chunk_size=chunk_size, offload=offload, **options)
         return torch.tanh(o.reshape(*o.shape[:2], -1) @ w_)
 
     def ref_region(q_, k_, v_, w_):

@@ -18,14 +18,7 @@ FACTORIZATIONS_OF_4 = [(u, r) for u in (1, 2, 4) for r in (1, 2, 4) if 4 % (u * 
 PATHS = {"hybrid": (None, False), "fpdt": (2, False), "fpdt_offload": (2, True)}
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("ulysses,ring", FACTORIZATIONS_OF_4, ids=[f"u{u}-r{r}" for u, r in FACTORIZATIONS_OF_4])
-def test_checkpoint_keeps_the_attention_output_and_the_gradients(dist_pools, ulysses, ring, path):
-    S = 16 * ulysses * ring
-    parts, offload = PATHS[path]
-    chunk_size = None if parts is None else S // ring // parts
-    results = dist_pools(4).run(dist_cases.checkpointed_attention_vs_plain, ulysses, ring, 2, S, 4, 2, 8,
-                                chunk_size=chunk_size, offload=offload, seed=ulysses * 10 + ring)
+def check_checkpointed(results, offload=False):
     for rank, res in enumerate(results):
         for name, err in res["reference"].items():
             assert err < TOL, f"rank {rank}: plain {name} vs float64 reference {err:.3g}"
@@ -42,6 +35,25 @@ def test_checkpoint_keeps_the_attention_output_and_the_gradients(dist_pools, uly
             assert res["plain"]["leased_after_forward"] > 0
             for mode in ("keep", "keep_reentrant", "recompute"):
                 assert res[mode]["leased_after_forward"] == 0, (rank, mode, res[mode])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("ulysses,ring", FACTORIZATIONS_OF_4, ids=[f"u{u}-r{r}" for u, r in FACTORIZATIONS_OF_4])
+def test_checkpoint_keeps_the_attention_output_and_the_gradients(dist_pools, ulysses, ring, path):
+    S = 16 * ulysses * ring
+    parts, offload = PATHS[path]
+    chunk_size = None if parts is None else S // ring // parts
+    results = dist_pools(4).run(dist_cases.checkpointed_attention_vs_plain, ulysses, ring, 2, S, 4, 2, 8,
+                                chunk_size=chunk_size, offload=offload, seed=ulysses * 10 + ring)
+    check_checkpointed(results, offload)
+
+
+@pytest.mark.parametrize("ulysses,ring", [(2, 1), (2, 2)])
+def test_checkpoint_keeps_the_outputs_of_every_head_chunk_of_a_pipelined_ulysses(dist_pools, ulysses, ring):
+    """Head-chunk pipelining: the kept output is split back into its head chunks, each with its own lse."""
+    S = 16 * ulysses * ring
+    check_checkpointed(dist_pools(4).run(dist_cases.checkpointed_attention_vs_plain, ulysses, ring, 1, S, 8, 4, 8,
+                                         seed=5, pipeline_chunks=2))
 
 
 @pytest.fixture(scope="module")
