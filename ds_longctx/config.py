@@ -101,6 +101,12 @@ class LongContextConfig(BaseModel):
                     "recomputing a tile's activations in backward, so its [S_local, intermediate] activations "
                     "never exist whole (one more MLP forward per step). null: off. Try 16384 for sequences "
                     "of 256K+ tokens per rank.")
+    loss_tile_tokens: Optional[int] = Field(
+        default=None, strict=True, gt=0,
+        description="Hugging Face models called with shift_labels=...: compute the loss from the final hidden "
+                    "states over tiles of this many local tokens (one tile's logits at a time, recomputed in "
+                    "backward) and return no logits. null: the loss comes from the model's full logits. Try "
+                    "4096 with a large vocabulary.")
     load_balance: Literal["zigzag"] = Field(
         default="zigzag",
         description="Token layout across the ring. zigzag: ring position r holds chunks r and 2R-1-r of the "

@@ -131,7 +131,8 @@ def full_batch(step: int, dp_rank: int, batch_size: int, seq_len: int, seed: int
 
 def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kernel: str = "auto",
               optim: str = "sgd", fpdt: Optional[dict] = None, zero_stage: int = 3,
-              keep_attention_output: bool = True, mlp_tile_tokens: Optional[int] = None) -> dict:
+              keep_attention_output: bool = True, mlp_tile_tokens: Optional[int] = None,
+              loss_tile_tokens: Optional[int] = None) -> dict:
     return {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": 1,
@@ -142,7 +143,8 @@ def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kerne
         "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0,
                               "reduce_bucket_size": 2000, "stage3_prefetch_bucket_size": 2000},
         "long_context": {"ulysses_degree": ulysses, "ring_degree": ring, "kernel": kernel, "fpdt": fpdt or {},
-                         "keep_attention_output": keep_attention_output, "mlp_tile_tokens": mlp_tile_tokens},
+                         "keep_attention_output": keep_attention_output, "mlp_tile_tokens": mlp_tile_tokens,
+                         "loss_tile_tokens": loss_tile_tokens},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
@@ -151,13 +153,15 @@ def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kerne
 def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len: int, batch_size: int = 1,
                          seed: int = 0, clip: float = 0.0, optim: str = "sgd", kernel: str = "auto",
                          fpdt: Optional[dict] = None, zero_stage: int = 3, checkpointing: Optional[str] = None,
-                         mlp_tile_tokens: Optional[int] = None) -> dict:
+                         mlp_tile_tokens: Optional[int] = None, loss_in_model: bool = False,
+                         loss_tile_tokens: Optional[int] = None) -> dict:
     """Every rank: ZeRO training through ``ds_longctx.initialize``. Returns this rank's per-step losses and
     local-kernel forward calls, coordinates, what DeepSpeed was told, and (rank 0) the final full parameters.
 
     ``checkpointing``: None, ``"keep"`` (transformers' gradient checkpointing enabled before initialize,
     attention outputs kept) or ``"recompute"`` (enabled on the engine's module after initialize,
-    ``keep_attention_output: false``)."""
+    ``keep_attention_output: false``). ``loss_in_model``: the loss comes back as the model output's ``.loss``
+    (``shift_labels=`` in the call; tiled from the hidden states with ``loss_tile_tokens``)."""
     import deepspeed
 
     import ds_longctx
@@ -169,7 +173,8 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
     if checkpointing == "keep":
         model.gradient_checkpointing_enable()
     config = ds_config(ulysses, ring, batch_size, clip, kernel, optim, fpdt, zero_stage,
-                       keep_attention_output=checkpointing != "recompute", mlp_tile_tokens=mlp_tile_tokens)
+                       keep_attention_output=checkpointing != "recompute", mlp_tile_tokens=mlp_tile_tokens,
+                       loss_tile_tokens=loss_tile_tokens)
     engine, _, _, _ = ds_longctx.initialize(model=model, model_parameters=model.parameters(), config=config)
     if checkpointing == "recompute":
         engine.module.gradient_checkpointing_enable()
@@ -182,8 +187,15 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
     for step in range(steps):
         batch = lc.shard_batch(full_batch(step, topo.dp_rank, batch_size, seq_len, seed))
         with counted_kernel_forwards() as counted:
-            out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
-            loss = lc.loss(getattr(out, "logits", out), batch["shift_labels"])
+            if loss_in_model:
+                out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                             shift_labels=batch["shift_labels"])
+                loss = out.loss
+                logits_kept = out.logits.shape[1]
+            else:
+                out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+                loss = lc.loss(getattr(out, "logits", out), batch["shift_labels"])
+                logits_kept = None
             engine.backward(loss)
         engine.step()
         losses.append(loss.item())
@@ -194,7 +206,7 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
             params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     info = {"rank": topo.rank, "dp_rank": topo.dp_rank, "sp": topo.sp, "dp": topo.dp,
             "seq_dp_world": engine.seq_dp_world_size, "sp_size_seen_by_ds": engine.sequence_parallel_size,
-            "params_partitioned_over_world": partitioned,
+            "params_partitioned_over_world": partitioned, "logits_kept": logits_kept,
             "attn_impl": getattr(getattr(engine.module, "config", None), "_attn_implementation", None)}
     engine.destroy()
     return {"losses": losses, "forwards": forwards, "params": params, "info": info}
@@ -386,6 +398,24 @@ def hf_forward_matches_full(kind: str, ulysses: int, ring: int, seq_len: int = 4
         full = reference(input_ids=ids).logits[:, pos]
         mine = model(input_ids=ids[:, pos]).logits
     return ((mine - full).norm() / full.norm()).item()
+
+
+def model_labels_error(ulysses: int, ring: int) -> str:
+    """Every rank: call a sequence-parallel Llama with the model's own ``labels=``; return what was raised."""
+    from ds_longctx.config import LongContextConfig
+    from ds_longctx.integration.context import LongContext
+    from ds_longctx.integration.hf import apply
+
+    topo = _topology(ulysses, ring)
+    model = build_model("llama", 32)
+    lc = LongContext(topo, LongContextConfig.from_block({"ulysses_degree": ulysses, "ring_degree": ring}))
+    apply(model, lc)
+    batch = lc.shard_batch(full_batch(0, topo.dp_rank, 1, 32))
+    try:
+        model(input_ids=batch["input_ids"], labels=batch["input_ids"])
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
 
 
 def sliding_window_error(ulysses: int, ring: int) -> str:

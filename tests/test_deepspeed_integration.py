@@ -114,6 +114,17 @@ def test_checkpointed_layers_train_like_one_process_without_rerunning_attention(
         assert res["forwards"] == [once if checkpointing == "keep" else 2 * once] * STEPS
 
 
+@pytest.mark.parametrize("ulysses,ring,tile", [(2, 2, None), (1, 4, 5), (2, 1, 7)])
+def test_loss_returned_by_the_model_trains_like_one_process(pool, ulysses, ring, tile):
+    """``engine(..., shift_labels=...)`` returns the group loss in ``.loss``; with ``loss_tile_tokens`` the
+    model returns no logits and the loss runs the LM head tile by tile."""
+    results = pool.run(cases.train_with_deepspeed, "llama", ulysses, ring, STEPS, SEQ, BATCH, loss_in_model=True,
+                       loss_tile_tokens=tile, timeout=300)
+    check_run(results, reference("llama", WORLD // (ulysses * ring)), "llama", ulysses, ring)
+    for res in results:
+        assert res["info"]["logits_kept"] == (0 if tile else SEQ // (ulysses * ring))
+
+
 @pytest.mark.parametrize("ulysses,ring", [(1, 4), (1, 2)])
 def test_gradient_clipping_uses_the_global_norm_over_all_partitions(pool, ulysses, ring):
     # With clipping active a wrong norm (e.g. summed over sequence ranks) changes every update.
@@ -204,6 +215,11 @@ def test_sharded_labels_and_loss_give_the_unsharded_loss_and_gradient(pool, ulys
 def test_hf_model_on_shards_without_position_ids_gives_the_full_models_logits(pool, kind, ulysses, ring):
     errors = pool.run(cases.hf_forward_matches_full, kind, ulysses, ring, timeout=120)
     assert max(errors) < 1e-12, errors
+
+
+def test_model_labels_under_sequence_parallelism_are_refused_with_what_to_pass(pool):
+    raised = pool.run(cases.model_labels_error, 1, 2, timeout=120)
+    assert len(set(raised)) == 1 and raised[0].startswith("HFModelError") and "shift_labels=" in raised[0]
 
 
 def test_sliding_window_shorter_than_the_sequence_is_refused_on_every_rank(pool):

@@ -85,3 +85,24 @@ def test_ulysses_degree_beyond_the_heads_is_refused_at_apply():
     lc = LongContext(Topology(), LongContextConfig.from_block({"ulysses_degree": 8}))
     with pytest.raises(LongContextConfigError, match="exceeds the model's 4 query heads"):
         apply(model, lc)
+
+
+@pytest.mark.parametrize("tile", [None, 5, 64])
+def test_shift_labels_in_the_call_return_the_loss_of_the_logits(tile):
+    """``.loss`` equals the loss of the full logits; tiled, the model returns no logits and the same loss and
+    gradients (float64)."""
+    from ds_longctx.integration.loss import causal_lm_loss
+
+    model, lc = setup(block={"kernel": "reference", "loss_tile_tokens": tile})
+    model.double()
+    reference, _ = setup()
+    reference.double()
+    batch = lc.shard_batch(cases.full_batch(0, 0, 2, 32))
+    out = model(input_ids=batch["input_ids"], shift_labels=batch["shift_labels"])
+    want = causal_lm_loss(reference(input_ids=batch["input_ids"]).logits, batch["shift_labels"], lc.topology)
+    assert out.logits.shape[1] == (0 if tile else 32)
+    assert abs(out.loss.item() - want.item()) < 1e-12 * abs(want.item())
+    out.loss.backward()
+    want.backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert ((p.grad - q.grad).norm() / q.grad.norm()).item() < 1e-10, name

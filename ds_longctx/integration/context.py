@@ -45,6 +45,15 @@ class LongContext:
 
         return causal_lm_loss(logits, shift_labels, self.topology)
 
+    def loss_from_hidden(self, hidden: torch.Tensor, head, shift_labels: torch.Tensor,
+                         tile_tokens: Optional[int] = None) -> torch.Tensor:
+        """:func:`ds_longctx.integration.loss.tiled_causal_lm_loss` over tiles of ``tile_tokens`` (default: the
+        block's ``loss_tile_tokens``, else 4096): ``[B, S_local, hidden]``, LM head, ``[B, S_local]`` -> scalar."""
+        from .loss import tiled_causal_lm_loss
+
+        tile = tile_tokens or self.config.loss_tile_tokens or 4096
+        return tiled_causal_lm_loss(hidden, head, shift_labels, self.topology, tile)
+
     def positions(self, seq_len: int, device=None) -> torch.Tensor:
         """Global positions of this rank's tokens of a ``seq_len`` sequence (in the FPDT-chunked layout when
         the block sets ``fpdt.chunk_size``). ``[S_local]``."""

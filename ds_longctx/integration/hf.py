@@ -19,6 +19,12 @@ With activation checkpointing on (``model.gradient_checkpointing_enable()``, bef
 attention's output from the forward instead of running the attention again (``keep_attention_output``), and
 FPDT's offloaded chunks are built once, by the recompute, instead of living from forward to backward.
 With ``mlp_tile_tokens`` the decoder layers' MLPs run over sequence tiles (:mod:`ds_longctx.memory.tiling`).
+
+A call with ``shift_labels=`` (from :func:`~ds_longctx.integration.data.shard_batch`) returns the
+sequence-parallel group's loss in ``.loss`` (:func:`~ds_longctx.integration.loss.causal_lm_loss`); with
+``loss_tile_tokens`` the model computes no logits and the loss runs the LM head tile by tile from the final
+hidden states (:func:`~ds_longctx.integration.loss.tiled_causal_lm_loss`). ``labels=`` is refused under
+sequence parallelism: the model's own loss would shift inside each rank's shard.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from .context import LongContext, attach, long_context_of
 
 ATTN_IMPLEMENTATION = "ds_longctx"
 _HOOK_ATTR = "_ds_longctx_hook"
+_REQUEST_ATTR = "_ds_longctx_loss_request"
 
 
 class HFModelError(ValueError):
@@ -131,11 +138,73 @@ def tile_mlps(model: torch.nn.Module, tile_tokens: Optional[int]) -> int:
     return n
 
 
+class _LossRequest:
+    """A call's ``shift_labels``, the loss tile, and (tiled) the final hidden states the base model returned."""
+
+    def __init__(self, shift_labels: torch.Tensor, tile_tokens: Optional[int]):
+        self.shift_labels, self.tile_tokens = shift_labels, tile_tokens
+        self.hidden: Optional[torch.Tensor] = None
+
+
+def _set_request(model: torch.nn.Module, request: Optional[_LossRequest]) -> None:
+    object.__setattr__(model, _REQUEST_ATTR, request)
+    base = getattr(model, "base_model", model)
+    if base is not model:
+        object.__setattr__(base, _REQUEST_ATTR, request)
+
+
+def _loss_request(model: torch.nn.Module, lc: LongContext, signature, arguments) -> Optional[_LossRequest]:
+    """The loss the call asks for with ``shift_labels=`` (taken out of ``arguments``); refuses ``labels``
+    under sequence parallelism, where the model's own loss would shift labels inside each rank's shard."""
+    shift_labels = arguments.pop("shift_labels", None)
+    if arguments.get("labels") is not None and lc.topology.sp > 1:
+        raise HFModelError("labels= makes the model shift labels inside each rank's shard and average per rank; "
+                           "pass shift_labels=batch['shift_labels'] (from shard_batch) instead: the output's .loss "
+                           "is then the mean over the whole sequence's valid tokens")
+    if shift_labels is None:
+        return None
+    tile = lc.config.loss_tile_tokens
+    if tile is not None:
+        if "logits_to_keep" not in signature.parameters or getattr(model, "base_model", model) is model:
+            raise HFModelError(f"{type(model).__name__} has no logits_to_keep argument or no base model, which "
+                               f"long_context.loss_tile_tokens needs; set loss_tile_tokens to null")
+        # no logits at all from the model: the loss computes them tile by tile from the final hidden states
+        arguments["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=shift_labels.device)
+    return _LossRequest(shift_labels, tile)
+
+
+def _capture_hidden(base: torch.nn.Module, args, output):
+    """Forward hook of the base model: keep the final hidden states for a tiled loss."""
+    request = getattr(base, _REQUEST_ATTR, None)
+    if request is not None and request.tile_tokens is not None:
+        request.hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
+def _finish_call(model: torch.nn.Module, args, kwargs, output):
+    """Forward hook: with ``shift_labels=`` in the call, put the sequence-parallel group's loss in ``.loss``."""
+    request = getattr(model, _REQUEST_ATTR, None)
+    if request is None:
+        return None
+    _set_request(model, None)
+    lc = long_context_of(model)
+    if request.tile_tokens is not None:
+        if request.hidden is None:
+            raise HFModelError(f"{type(model).__name__}'s base model returned no hidden states to the loss")
+        loss = lc.loss_from_hidden(request.hidden, model.get_output_embeddings(), request.shift_labels,
+                                   request.tile_tokens)
+    else:
+        loss = lc.loss(output.logits, request.shift_labels)
+    output["loss"] = loss
+    return output
+
+
 def _prepare_call(model: torch.nn.Module, args, kwargs):
     """Forward pre-hook: pass the global positions as ``position_ids`` when the caller gives none, turn
-    the KV cache off unless asked for (a cache of one rank's keys means nothing to the other ranks), and
-    put the layers' checkpoint functions (set by ``gradient_checkpointing_enable`` at any time) in stashes."""
+    the KV cache off unless asked for (a cache of one rank's keys means nothing to the other ranks), take
+    ``shift_labels`` out of the call for the group loss, and put the layers' checkpoint functions (set by
+    ``gradient_checkpointing_enable`` at any time) in stashes."""
     lc = long_context_of(model)
+    _set_request(model, None)
     stash_checkpoints(model, lc.config.keep_attention_output)
     signature = inspect.signature(model.forward)
     try:
@@ -153,7 +222,8 @@ def _prepare_call(model: torch.nn.Module, args, kwargs):
         raise HFModelError("attention_mask is not supported with ds_longctx attention (the attention is causal over "
                            "global positions); drop it, or pass the batch through shard_batch, which checks that it "
                            "is all ones and drops it")
-    changed = False
+    request = _loss_request(model, lc, signature, arguments)
+    changed = request is not None
     if "use_cache" in signature.parameters and arguments.get("use_cache") is None:
         arguments["use_cache"] = False
         changed = True
@@ -165,6 +235,7 @@ def _prepare_call(model: torch.nn.Module, args, kwargs):
         lc.config.check_seq_len(seq_len, what=f"global sequence length (local {ref.shape[1]} x sp {lc.topology.sp})")
         arguments["position_ids"] = lc.positions(seq_len, device=ref.device).unsqueeze(0)
         changed = True
+    _set_request(model, request)
     return ((), arguments) if changed else None
 
 
@@ -187,10 +258,14 @@ def apply(model: torch.nn.Module, lc: LongContext) -> torch.nn.Module:
     attach(model, lc)
     stash_checkpoints(model, lc.config.keep_attention_output)
     tile_mlps(model, lc.config.mlp_tile_tokens)
-    old = getattr(model, _HOOK_ATTR, None)
-    if old is not None:
+    for old in getattr(model, _HOOK_ATTR, None) or ():
         old.remove()
-    object.__setattr__(model, _HOOK_ATTR, model.register_forward_pre_hook(_prepare_call, with_kwargs=True))
+    hooks = [model.register_forward_pre_hook(_prepare_call, with_kwargs=True),
+             model.register_forward_hook(_finish_call, with_kwargs=True)]
+    base = getattr(model, "base_model", model)
+    if base is not model:
+        hooks.append(base.register_forward_hook(_capture_hidden))
+    object.__setattr__(model, _HOOK_ATTR, hooks)
     return model
 
 
