@@ -9,10 +9,11 @@ With ``--checkpointing`` (transformers' gradient checkpointing) ds_longctx keeps
 ``--mlp_tile_tokens`` runs the MLPs over sequence tiles. Plain DeepSpeed runs transformers' SDPA attention
 with the backend of ``--ds_sdpa`` (cuDNN by default: the fastest SDPA backend on Hopper).
 
-Reports per step: loss, tokens/s, model TFLOP/s per GPU (6 x params x tokens plus the causal attention's
-3.5 x 2 x S^2 x H x D per layer; no recompute counted), and peak GPU memory; an out-of-memory is a result.
-The text is the Python standard library's source read as bytes (256-token vocabulary), as in
-``examples/train.py``.
+Reports per step: loss, tokens/s, model TFLOP/s per GPU (6 x params x tokens, the input embedding left out,
+plus the causal attention's 3.5 x 2 x S^2 x H x D per layer; no recompute counted), and peak GPU memory;
+an out-of-memory is a result. The text is the Python standard library's source read as bytes, as in
+``examples/train.py``; ``--vocab`` sizes the embedding and LM head (e.g. Llama 3's 128256) for the loss's
+memory, and ``--loss_tile_tokens`` has ds_longctx compute the loss from the hidden states tile by tile.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def ds_config(args, world):
         cfg["long_context"] = {"ulysses_degree": U, "ring_degree": args.ring, "kernel": args.kernel,
                                "fpdt": {"chunk_size": args.chunk_size, "offload": args.offload},
                                "keep_attention_output": bool(args.keep_attention_output),
-                               "mlp_tile_tokens": args.mlp_tile_tokens}
+                               "mlp_tile_tokens": args.mlp_tile_tokens, "loss_tile_tokens": args.loss_tile_tokens}
     return cfg
 
 
@@ -73,6 +74,9 @@ def main():
     ap.add_argument("--checkpointing", action="store_true", help="transformers' gradient checkpointing")
     ap.add_argument("--keep_attention_output", type=int, default=1, choices=[0, 1])
     ap.add_argument("--mlp_tile_tokens", type=int, default=None)
+    ap.add_argument("--vocab", type=int, default=256, help="vocabulary (the text is bytes: ids < 256)")
+    ap.add_argument("--loss_tile_tokens", type=int, default=None,
+                    help="ds_longctx: loss from the model's hidden states over tiles of this many tokens")
     ap.add_argument("--ds_sdpa", default="cudnn", choices=["cudnn", "flash", "efficient", "default"],
                     help="SDPA backend of the plain DeepSpeed run (default: PyTorch's own choice)")
     ap.add_argument("--steps", type=int, default=6)
@@ -98,12 +102,14 @@ def main():
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq_len,
         rope_theta=500000.0, tie_word_embeddings=False, attn_implementation="sdpa")
     with dev:  # built on the device (fast random init), then partitioned by ZeRO-3 at initialize
         model = transformers.LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
+    # an embedding lookup is no matmul: the FLOP count leaves the input embedding out (the LM head stays in)
+    flops_params = n_params - model.get_input_embeddings().weight.numel()
     if args.checkpointing:
         model.gradient_checkpointing_enable()
     init = ds_longctx.initialize if args.mode == "ds_longctx" else deepspeed.initialize
@@ -112,7 +118,7 @@ def main():
     dp = lc.topology.dp if lc else world
 
     payload = record_header(world, args.commit)
-    payload.update(vars(args), params=n_params, ds_config=ds_config(args, world), dp=dp)
+    payload.update(vars(args), params=n_params, flops_params=flops_params, ds_config=ds_config(args, world), dp=dp)
     if lc is not None:
         from ds_longctx.kernels import get_kernel
         probe = torch.empty(1, 8, args.heads // lc.topology.ulysses, args.hidden // args.heads, device=dev,
@@ -128,7 +134,7 @@ def main():
     gen = torch.Generator().manual_seed(lc.topology.dp_rank if lc else rank)
     D = args.hidden // args.heads
     S = args.seq_len
-    flops_step = dp * (6 * n_params * S + 3.5 * 2 * S * S * args.heads * D * args.layers)
+    flops_step = dp * (6 * flops_params * S + 3.5 * 2 * S * S * args.heads * D * args.layers)
     steps = []
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -140,9 +146,13 @@ def main():
             with attn_ctx():
                 if lc is not None:
                     b = lc.shard_batch(batch)
-                    logits = engine(input_ids=b["input_ids"].to(dev), position_ids=b["position_ids"].to(dev)).logits
-                    loss = lc.loss(logits, b["shift_labels"].to(dev))
-                    del logits
+                    ids, pos, labels = (b[k].to(dev) for k in ("input_ids", "position_ids", "shift_labels"))
+                    if args.loss_tile_tokens:  # the loss from the model, tiled: no logits
+                        loss = engine(input_ids=ids, position_ids=pos, shift_labels=labels).loss
+                    else:
+                        logits = engine(input_ids=ids, position_ids=pos).logits
+                        loss = lc.loss(logits, labels)
+                        del logits
                 else:
                     loss = engine(input_ids=batch["input_ids"].to(dev), labels=batch["labels"].to(dev)).loss
                 engine.backward(loss)
