@@ -37,6 +37,9 @@ def parse_args():
     p.add_argument("--corpus_mb", type=float, default=8.0, help="MB of stdlib source to train on")
     p.add_argument("--log_every", type=int, default=50, help="also print a log line every N steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing of the decoder layers (the attention outputs are kept unless "
+                        "the config's long_context.keep_attention_output is false)")
     p = deepspeed.add_config_arguments(p)
     args = p.parse_args()
     if args.deepspeed_config is None:
@@ -89,6 +92,8 @@ def main():
         max_position_embeddings=args.seq_len, tie_word_embeddings=True)
     model = transformers.LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+    if args.checkpointing:
+        model.gradient_checkpointing_enable()
 
     # The one changed call: ds_longctx.initialize takes deepspeed.initialize's arguments.
     engine, _, _, _ = ds_longctx.initialize(args=args, model=model, model_parameters=model.parameters())
@@ -108,6 +113,9 @@ def main():
         print(f"model {n_params / 1e6:.2f}M params, {topo.world_size} ranks = dp {topo.dp} x ring {topo.ring} "
               f"x ulysses {topo.ulysses}, seq_len {args.seq_len} ({args.seq_len // topo.sp} tokens per rank), "
               f"corpus {corpus.numel() / 2 ** 20:.1f} MB of stdlib source, device {engine.device}", flush=True)
+        if args.checkpointing:
+            kept = "kept" if lc.config.keep_attention_output else "recomputed"
+            print(f"activation checkpointing on, attention outputs {kept}", flush=True)
 
     first_loss = last_loss = None
     start = time.perf_counter()
@@ -146,6 +154,10 @@ def main():
               f"loss {first_loss:.4f} -> {last_loss:.4f}, held-out loss {sum(eval_losses) / len(eval_losses):.4f} "
               f"(uniform over bytes: {torch.log(torch.tensor(256.0)).item():.4f}), "
               f"peak memory {memory_gb(engine.device):.2f} GB", flush=True)
+    # A clean shutdown: process groups left to interpreter teardown can abort a rank's exit.
+    engine.destroy()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
