@@ -245,14 +245,17 @@ def checkpointed_attention_vs_plain(ulysses, ring, B, S, H, Hkv, D, chunk_size=N
             y.sum().backward()
         got = [unshard(y.detach(), topo, chunk_size=chunk_size)] + \
               [unshard(t.grad, topo, chunk_size=chunk_size) for t in local]
+        del y  # the graph, and with it the checkpoint's stash
         dw = w_.grad.clone()
         dist.all_reduce(dw, group=topo.sp_group)
-        runs[name] = {"got": got + [dw], "forwards": counted.forwards, "leased_after_forward": leased}
+        runs[name] = {"got": got + [dw], "forwards": counted.forwards, "leased_after_forward": leased,
+                      "leased_after_backward": default_pool().leased_bytes}
     plain = runs["plain"]["got"]
     names = ("out", "dq", "dk", "dv", "dw")
     result = {"reference": {n: rel(a, b) for n, a, b in zip(names, plain, [ref_out.detach()] +
                                                                [t.grad for t in ref_in])}}
     for name, r in runs.items():
         result[name] = {"vs_plain": {n: rel(a, b) for n, a, b in zip(names, r["got"], plain)},
-                        "forwards": r["forwards"], "leased_after_forward": r["leased_after_forward"]}
+                        "forwards": r["forwards"], "leased_after_forward": r["leased_after_forward"],
+                        "leased_after_backward": r["leased_after_backward"]}
     return result

@@ -18,7 +18,7 @@ FACTORIZATIONS_OF_4 = [(u, r) for u in (1, 2, 4) for r in (1, 2, 4) if 4 % (u * 
 PATHS = {"hybrid": (None, False), "fpdt": (2, False), "fpdt_offload": (2, True)}
 
 
-def check_checkpointed(results, offload=False):
+def check_checkpointed(results, offload=False, out_bytes=0):
     for rank, res in enumerate(results):
         for name, err in res["reference"].items():
             assert err < TOL, f"rank {rank}: plain {name} vs float64 reference {err:.3g}"
@@ -31,10 +31,13 @@ def check_checkpointed(results, offload=False):
         assert res["keep"]["forwards"] == plain and res["keep_reentrant"]["forwards"] == plain
         assert res["recompute"]["forwards"] == 2 * plain
         if offload:
-            # the plain run holds its offloaded chunks until backward; a checkpointed forward holds none
+            # the plain run holds its offloaded chunks until backward; a checkpointed forward holds none, and
+            # a kept output waits in host memory: exactly one output's bytes stay leased
             assert res["plain"]["leased_after_forward"] > 0
-            for mode in ("keep", "keep_reentrant", "recompute"):
-                assert res[mode]["leased_after_forward"] == 0, (rank, mode, res[mode])
+            for mode, held in (("keep", out_bytes), ("keep_reentrant", out_bytes), ("recompute", 0)):
+                assert res[mode]["leased_after_forward"] == held, (rank, mode, res[mode])
+        for mode in ("plain", "keep", "keep_reentrant", "recompute"):
+            assert res[mode]["leased_after_backward"] == 0, (rank, mode, res[mode])  # every host buffer back
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -43,9 +46,10 @@ def test_checkpoint_keeps_the_attention_output_and_the_gradients(dist_pools, uly
     S = 16 * ulysses * ring
     parts, offload = PATHS[path]
     chunk_size = None if parts is None else S // ring // parts
-    results = dist_pools(4).run(dist_cases.checkpointed_attention_vs_plain, ulysses, ring, 2, S, 4, 2, 8,
+    B, H, D = 2, 4, 8
+    results = dist_pools(4).run(dist_cases.checkpointed_attention_vs_plain, ulysses, ring, B, S, H, 2, D,
                                 chunk_size=chunk_size, offload=offload, seed=ulysses * 10 + ring)
-    check_checkpointed(results, offload)
+    check_checkpointed(results, offload, out_bytes=B * S // (ulysses * ring) * H * D * 4)
 
 
 @pytest.mark.parametrize("ulysses,ring", [(2, 1), (2, 2)])

@@ -302,7 +302,8 @@ class ChunkedAttention(torch.autograd.Function):
         if outgoing is not None:
             outgoing.wait()
         if call is not None and stash.keep_output and not replaying:
-            call.keep(out, lses)
+            # with offload the kept output goes to host memory too: the GPU keeps no attention state
+            call.keep(out, lses, p.pool.lease() if offload else None)
         ctx.call = call
         ctx.state = None
         if keep_state:

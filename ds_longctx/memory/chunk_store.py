@@ -126,6 +126,12 @@ class ChunkStore:
         # the view resident would keep that whole input alive, so keep a compact copy of the chunk instead.
         self._resident = (j, tuple(t if _compact(t) else t.clone() for t in tensors))
 
+    def evict(self) -> None:
+        """Drop the device copy of the most recently stored chunk (with offload its host copy remains; the copy's
+        ``record_stream`` keeps the device memory from reuse until the copy is done)."""
+        if self.offload:
+            self._resident = None
+
     def prefetch(self, j: int) -> None:
         """Start copying chunk ``j`` back to the device (nothing to do when it is on the device already)."""
         if not self.offload or j in self._inflight or (self._resident and self._resident[0] == j):

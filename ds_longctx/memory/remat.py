@@ -50,12 +50,29 @@ class StashedCall:
         self.lses: List[torch.Tensor] = []
         self.version = 0
         self.state: Any = None
+        self._host = None  # (ChunkStore, Lease) of an output kept in host memory
 
-    def keep(self, out: torch.Tensor, lses: Sequence[torch.Tensor]) -> None:
-        self.out, self.lses, self.version = out.detach(), [t.detach() for t in lses], out._version
+    def keep(self, out: torch.Tensor, lses: Sequence[torch.Tensor], lease=None) -> None:
+        """Keep ``out`` and ``lses``; with a host ``lease`` (FPDT offload) ``out`` goes to pinned host memory
+        on the offload side stream and comes back when the recompute asks for it."""
+        self.lses = [t.detach() for t in lses]
+        if lease is None:
+            self.out, self.version = out.detach(), out._version
+            return
+        from .chunk_store import ChunkStore
+
+        store = ChunkStore(1, [(tuple(out.shape), out.dtype)], out.device, lease)
+        store.put(0, (out.detach(),))
+        store.evict()
+        self._host = (store, lease)
 
     def kept(self) -> Optional["StashedCall"]:
         """Self when an output was kept (and not modified since), else None."""
+        if self._host is not None and self.out is None:
+            # A snapshot taken at the forward: back to the device, ordered on the current stream. The store
+            # and its lease stay until this call is dropped, when the copy is long done.
+            (self.out,) = self._host[0].fetch(0).use()
+            self.version = self.out._version
         if self.out is None:
             return None
         if self.out._version != self.version:
