@@ -94,7 +94,8 @@ class LongContextConfig(BaseModel):
                     "models, ds_longctx.memory.remat.checkpoint otherwise), keep each layer's attention output "
                     "and log-sum-exp instead of running the attention again in backward (DistFlashAttn's "
                     "rematerialization-aware checkpointing): one attention forward less per layer and step, "
-                    "for one more [S_local, hidden] activation per layer.")
+                    "for one more [S_local, hidden] activation per layer (in pinned host memory with "
+                    "fpdt.offload).")
     mlp_tile_tokens: Optional[int] = Field(
         default=None, strict=True, gt=0,
         description="Hugging Face models: run each decoder layer's MLP over tiles of this many local tokens, "
