@@ -298,7 +298,8 @@ class ChunkedAttention(torch.autograd.Function):
             outgoing = heads_to_seq_start(o_i, q_ranges, G, grp, p.H, into=out[:, p.rows(i)])
             if keep_state:
                 saved.put(i, (q_i, o_i, lse_acc))
-            lses.append(lse_acc)
+            if call is not None:
+                lses.append(lse_acc)
         if outgoing is not None:
             outgoing.wait()
         if call is not None and stash.keep_output and not replaying:
