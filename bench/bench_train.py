@@ -6,7 +6,8 @@ offload) against plain DeepSpeed ZeRO-3 (every rank the whole sequence, transfor
 
 With ``--checkpointing`` (transformers' gradient checkpointing) ds_longctx keeps the attention outputs
 (``--keep_attention_output 1``, the default; 0 recomputes the attention like plain checkpointing), and
-``--mlp_tile_tokens`` runs the MLPs over sequence tiles. Plain DeepSpeed runs transformers' SDPA attention
+``--mlp_tile_tokens`` runs the MLPs over sequence tiles and ``--checkpoint_offload`` keeps each layer's
+checkpointed input and kept attention output in pinned host memory until backward. Plain DeepSpeed runs transformers' SDPA attention
 with the backend of ``--ds_sdpa`` (cuDNN by default: the fastest SDPA backend on Hopper).
 
 Reports per step: loss, tokens/s, model TFLOP/s per GPU (6 x params x tokens, the input embedding left out,
@@ -52,7 +53,8 @@ def ds_config(args, world):
         cfg["long_context"] = {"ulysses_degree": U, "ring_degree": args.ring, "kernel": args.kernel,
                                "fpdt": {"chunk_size": args.chunk_size, "offload": args.offload},
                                "keep_attention_output": bool(args.keep_attention_output),
-                               "mlp_tile_tokens": args.mlp_tile_tokens, "loss_tile_tokens": args.loss_tile_tokens}
+                               "mlp_tile_tokens": args.mlp_tile_tokens, "loss_tile_tokens": args.loss_tile_tokens,
+                               "checkpoint_offload": args.checkpoint_offload}
     return cfg
 
 
@@ -74,6 +76,8 @@ def main():
     ap.add_argument("--checkpointing", action="store_true", help="transformers' gradient checkpointing")
     ap.add_argument("--keep_attention_output", type=int, default=1, choices=[0, 1])
     ap.add_argument("--mlp_tile_tokens", type=int, default=None)
+    ap.add_argument("--checkpoint_offload", action="store_true",
+                    help="ds_longctx: the checkpointed layers' inputs and kept outputs wait in pinned host memory")
     ap.add_argument("--vocab", type=int, default=256, help="vocabulary (the text is bytes: ids < 256)")
     ap.add_argument("--loss_tile_tokens", type=int, default=None,
                     help="ds_longctx: loss from the model's hidden states over tiles of this many tokens")
@@ -168,6 +172,9 @@ def main():
         row = {"step": step, "loss": loss.item(), "seconds": dt, "tokens_per_s": S * dp / dt,
                "tflops_per_gpu": flops_step / world / dt / 1e12,
                "peak_gib": peak()}
+        if lc is not None:  # pinned host memory held by the offload pool (FPDT chunks, checkpoints)
+            from ds_longctx.memory import default_pool
+            row["host_pool_gib"] = default_pool().held_bytes / 2 ** 30
         steps.append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)

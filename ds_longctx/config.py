@@ -96,6 +96,13 @@ class LongContextConfig(BaseModel):
                     "rematerialization-aware checkpointing): one attention forward less per layer and step, "
                     "for one more [S_local, hidden] activation per layer (in pinned host memory with "
                     "fpdt.offload).")
+    checkpoint_offload: bool = Field(
+        default=False, strict=True,
+        description="With activation checkpointing on, keep each checkpointed layer's input (one [S_local, "
+                    "hidden] activation per layer) and its kept attention output in pinned host memory from "
+                    "forward to backward, copied on side streams and prefetched one layer ahead: the GPU holds "
+                    "no per-layer activations across the step, whatever the depth. Costs host memory of about "
+                    "2 x layers x S_local x hidden x dtype bytes.")
     mlp_tile_tokens: Optional[int] = Field(
         default=None, strict=True, gt=0,
         description="Hugging Face models: run each decoder layer's MLP over tiles of this many local tokens, "

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 import torch
 
 VOCAB = 96
+HIDDEN, LAYERS = 64, 2
 # SGD with momentum for the exact comparisons: its update is linear in the gradient, so a wrong gradient
 # scale (e.g. summing instead of averaging over sequence ranks) shows as a wrong update, and fp32 rounding
 # stays at its own size. AdamW normalizes every element by its own history: it hides a global scale error
@@ -87,7 +88,7 @@ def build_model(kind: str, seq_len: int, seed: int = 0):
         return TinyTorchLM(max_len=max(seq_len, 256))
     import transformers
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=LAYERS,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(seq_len, 256),
                   tie_word_embeddings=False, attention_dropout=0.0)
     if kind == "llama":
@@ -132,7 +133,7 @@ def full_batch(step: int, dp_rank: int, batch_size: int, seq_len: int, seed: int
 def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kernel: str = "auto",
               optim: str = "sgd", fpdt: Optional[dict] = None, zero_stage: int = 3,
               keep_attention_output: bool = True, mlp_tile_tokens: Optional[int] = None,
-              loss_tile_tokens: Optional[int] = None) -> dict:
+              loss_tile_tokens: Optional[int] = None, checkpoint_offload: bool = False) -> dict:
     return {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": 1,
@@ -144,7 +145,7 @@ def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kerne
                               "reduce_bucket_size": 2000, "stage3_prefetch_bucket_size": 2000},
         "long_context": {"ulysses_degree": ulysses, "ring_degree": ring, "kernel": kernel, "fpdt": fpdt or {},
                          "keep_attention_output": keep_attention_output, "mlp_tile_tokens": mlp_tile_tokens,
-                         "loss_tile_tokens": loss_tile_tokens},
+                         "loss_tile_tokens": loss_tile_tokens, "checkpoint_offload": checkpoint_offload},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
@@ -154,9 +155,10 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
                          seed: int = 0, clip: float = 0.0, optim: str = "sgd", kernel: str = "auto",
                          fpdt: Optional[dict] = None, zero_stage: int = 3, checkpointing: Optional[str] = None,
                          mlp_tile_tokens: Optional[int] = None, loss_in_model: bool = False,
-                         loss_tile_tokens: Optional[int] = None) -> dict:
-    """Every rank: ZeRO training through ``ds_longctx.initialize``. Returns this rank's per-step losses and
-    local-kernel forward calls, coordinates, what DeepSpeed was told, and (rank 0) the final full parameters.
+                         loss_tile_tokens: Optional[int] = None, checkpoint_offload: bool = False) -> dict:
+    """Every rank: ZeRO training through ``ds_longctx.initialize``. Returns this rank's per-step losses,
+    local-kernel forward calls and host bytes leased at the end of the forward, coordinates, what DeepSpeed
+    was told, and (rank 0) the final full parameters.
 
     ``checkpointing``: None, ``"keep"`` (transformers' gradient checkpointing enabled before initialize,
     attention outputs kept) or ``"recompute"`` (enabled on the engine's module after initialize,
@@ -165,6 +167,7 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
     import deepspeed
 
     import ds_longctx
+    from ds_longctx.memory import default_pool
     from tests.dist_cases import counted_kernel_forwards
 
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -174,7 +177,7 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
         model.gradient_checkpointing_enable()
     config = ds_config(ulysses, ring, batch_size, clip, kernel, optim, fpdt, zero_stage,
                        keep_attention_output=checkpointing != "recompute", mlp_tile_tokens=mlp_tile_tokens,
-                       loss_tile_tokens=loss_tile_tokens)
+                       loss_tile_tokens=loss_tile_tokens, checkpoint_offload=checkpoint_offload)
     engine, _, _, _ = ds_longctx.initialize(model=model, model_parameters=model.parameters(), config=config)
     if checkpointing == "recompute":
         engine.module.gradient_checkpointing_enable()
@@ -184,6 +187,7 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
                                           if p.ds_numel >= topo.world_size)
     losses: List[float] = []
     forwards: List[int] = []
+    leased: List[int] = []
     for step in range(steps):
         batch = lc.shard_batch(full_batch(step, topo.dp_rank, batch_size, seq_len, seed))
         with counted_kernel_forwards() as counted:
@@ -196,6 +200,7 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
                 out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
                 loss = lc.loss(getattr(out, "logits", out), batch["shift_labels"])
                 logits_kept = None
+            leased.append(default_pool().leased_bytes)
             engine.backward(loss)
         engine.step()
         losses.append(loss.item())
@@ -209,7 +214,7 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
             "params_partitioned_over_world": partitioned, "logits_kept": logits_kept,
             "attn_impl": getattr(getattr(engine.module, "config", None), "_attn_implementation", None)}
     engine.destroy()
-    return {"losses": losses, "forwards": forwards, "params": params, "info": info}
+    return {"losses": losses, "forwards": forwards, "leased_after_forward": leased, "params": params, "info": info}
 
 
 def train_single_process(kind: str, dp: int, steps: int, seq_len: int, batch_size: int = 1, seed: int = 0,

@@ -211,6 +211,7 @@ def checkpointed_attention_vs_plain(ulysses, ring, B, S, H, Hkv, D, chunk_size=N
     reference), the kernel forward calls of forward + backward, and the host bytes still leased after
     the forward."""
     from ds_longctx.memory import default_pool
+    from ds_longctx.memory.checkpoint_offload import CheckpointOffload
     from ds_longctx.memory.remat import checkpoint
 
     topo = topology(ulysses, ring)
@@ -233,7 +234,11 @@ def checkpointed_attention_vs_plain(ulysses, ring, B, S, H, Hkv, D, chunk_size=N
     modes = {"plain": lambda *a: region(*a),
              "keep": lambda *a: checkpoint(region, *a),
              "keep_reentrant": lambda *a: checkpoint(region, *a, use_reentrant=True),
-             "recompute": lambda *a: checkpoint(region, *a, keep_attention_output=False)}
+             "recompute": lambda *a: checkpoint(region, *a, keep_attention_output=False),
+             # every saved input of the region (min_bytes=0) and the kept output in host memory
+             "keep_offloaded": lambda *a: checkpoint(region, *a, offload=CheckpointOffload(min_bytes=0)),
+             "keep_offloaded_reentrant": lambda *a: checkpoint(region, *a, use_reentrant=True,
+                                                               offload=CheckpointOffload(min_bytes=0))}
     runs = {}
     for name, run in modes.items():
         local = [shard(t.float(), topo, chunk_size=chunk_size).detach().requires_grad_() for t in (q, k, v)]
@@ -253,7 +258,8 @@ def checkpointed_attention_vs_plain(ulysses, ring, B, S, H, Hkv, D, chunk_size=N
     plain = runs["plain"]["got"]
     names = ("out", "dq", "dk", "dv", "dw")
     result = {"reference": {n: rel(a, b) for n, a, b in zip(names, plain, [ref_out.detach()] +
-                                                               [t.grad for t in ref_in])}}
+                                                               [t.grad for t in ref_in])},
+              "input_bytes": sum(t.numel() * 4 for t in (q, k, v)) // topo.sp + w.numel() * 4}
     for name, r in runs.items():
         result[name] = {"vs_plain": {n: rel(a, b) for n, a, b in zip(names, r["got"], plain)},
                         "forwards": r["forwards"], "leased_after_forward": r["leased_after_forward"],

@@ -91,27 +91,34 @@ def test_fpdt_chunked_attention_trains_like_one_process(pool, ulysses, ring, chu
     check_run(results, reference("llama", WORLD // (ulysses * ring)), "llama", ulysses, ring)
 
 
-# (ulysses, ring, fpdt chunk_size with offload or None, checkpointing, mlp_tile_tokens)
-CHECKPOINTED = [(2, 2, None, "keep", None), (1, 4, None, "recompute", 5), (4, 1, 12, "keep", 5),
-                (1, 2, 8, "recompute", None), (2, 2, 8, "keep", 7)]
+# (ulysses, ring, fpdt chunk_size with offload or None, checkpointing, mlp_tile_tokens, checkpoint_offload)
+CHECKPOINTED = [(2, 2, None, "keep", None, False), (1, 4, None, "recompute", 5, True), (4, 1, 12, "keep", 5, False),
+                (1, 2, 8, "recompute", None, False), (2, 2, 8, "keep", 7, True), (2, 1, None, "keep", None, True)]
 
 
-@pytest.mark.parametrize("ulysses,ring,chunk_size,checkpointing,tile", CHECKPOINTED,
-                         ids=[f"U{u}xR{r}-C{c}-{m}-tile{t}" for u, r, c, m, t in CHECKPOINTED])
+@pytest.mark.parametrize("ulysses,ring,chunk_size,checkpointing,tile,offload", CHECKPOINTED,
+                         ids=[f"U{u}xR{r}-C{c}-{m}-tile{t}" + ("-offloaded" if o else "")
+                              for u, r, c, m, t, o in CHECKPOINTED])
 def test_checkpointed_layers_train_like_one_process_without_rerunning_attention(pool, ulysses, ring, chunk_size,
-                                                                                checkpointing, tile):
+                                                                                checkpointing, tile, offload):
     """transformers' gradient checkpointing (enabled before or after initialize), with FPDT offload or not,
-    with tiled MLPs or not: the same training; with kept attention outputs the attention kernels run
-    forward once per step."""
+    with tiled MLPs or not, with the checkpoints in host memory or not: the same training; with kept attention
+    outputs the attention kernels run forward once per step."""
     fpdt = {"chunk_size": chunk_size, "offload": True} if chunk_size else None
     results = pool.run(cases.train_with_deepspeed, "llama", ulysses, ring, STEPS, SEQ, BATCH, fpdt=fpdt,
-                       checkpointing=checkpointing, mlp_tile_tokens=tile, timeout=300)
+                       checkpointing=checkpointing, mlp_tile_tokens=tile, checkpoint_offload=offload, timeout=300)
     check_run(results, reference("llama", WORLD // (ulysses * ring)), "llama", ulysses, ring)
     plain = pool.run(cases.train_with_deepspeed, "llama", ulysses, ring, 1, SEQ, BATCH, fpdt=fpdt, timeout=300)
     once = plain[0]["forwards"][0]
     assert once > 0
+    # after a checkpointed forward the host holds each layer's input and, kept, its attention output
+    # (fp32 [BATCH, SEQ / sp, hidden], the attention's output as wide as hidden); FPDT's chunks wait for the recompute
+    layer_bytes = BATCH * SEQ // (ulysses * ring) * cases.HIDDEN * 4 * cases.LAYERS
+    kept_on_host = checkpointing == "keep" and (offload or chunk_size is not None)
+    held = (layer_bytes if offload else 0) + (layer_bytes if kept_on_host else 0)
     for res in results:
         assert res["forwards"] == [once if checkpointing == "keep" else 2 * once] * STEPS
+        assert res["leased_after_forward"] == [held] * STEPS
 
 
 @pytest.mark.parametrize("ulysses,ring,tile", [(2, 2, None), (1, 4, 5), (2, 1, 7)])

@@ -18,25 +18,29 @@ FACTORIZATIONS_OF_4 = [(u, r) for u in (1, 2, 4) for r in (1, 2, 4) if 4 % (u * 
 PATHS = {"hybrid": (None, False), "fpdt": (2, False), "fpdt_offload": (2, True)}
 
 
-def check_checkpointed(results, offload=False, out_bytes=0):
+def check_checkpointed(results, out_bytes, offload=False):
     for rank, res in enumerate(results):
         for name, err in res["reference"].items():
             assert err < TOL, f"rank {rank}: plain {name} vs float64 reference {err:.3g}"
         plain = res["plain"]["forwards"]
         assert plain > 0
-        for mode in ("keep", "keep_reentrant", "recompute"):
+        kept = ("keep", "keep_reentrant", "keep_offloaded", "keep_offloaded_reentrant")
+        for mode in kept + ("recompute",):
             for name, err in res[mode]["vs_plain"].items():
                 assert err < TOL, f"rank {rank} {mode}: {name} vs the plain run {err:.3g}"
         # kept: no kernel runs forward again in backward; recomputed: every one does
-        assert res["keep"]["forwards"] == plain and res["keep_reentrant"]["forwards"] == plain
+        assert all(res[mode]["forwards"] == plain for mode in kept)
         assert res["recompute"]["forwards"] == 2 * plain
+        # checkpoint offload: the region's inputs and its kept output wait in host memory until backward
+        for mode in ("keep_offloaded", "keep_offloaded_reentrant"):
+            assert res[mode]["leased_after_forward"] == res["input_bytes"] + out_bytes, (rank, mode, res[mode])
         if offload:
             # the plain run holds its offloaded chunks until backward; a checkpointed forward holds none, and
             # a kept output waits in host memory: exactly one output's bytes stay leased
             assert res["plain"]["leased_after_forward"] > 0
             for mode, held in (("keep", out_bytes), ("keep_reentrant", out_bytes), ("recompute", 0)):
                 assert res[mode]["leased_after_forward"] == held, (rank, mode, res[mode])
-        for mode in ("plain", "keep", "keep_reentrant", "recompute"):
+        for mode in ("plain", "recompute") + kept:
             assert res[mode]["leased_after_backward"] == 0, (rank, mode, res[mode])  # every host buffer back
 
 
@@ -49,7 +53,7 @@ def test_checkpoint_keeps_the_attention_output_and_the_gradients(dist_pools, uly
     B, H, D = 2, 4, 8
     results = dist_pools(4).run(dist_cases.checkpointed_attention_vs_plain, ulysses, ring, B, S, H, 2, D,
                                 chunk_size=chunk_size, offload=offload, seed=ulysses * 10 + ring)
-    check_checkpointed(results, offload, out_bytes=B * S // (ulysses * ring) * H * D * 4)
+    check_checkpointed(results, B * S // (ulysses * ring) * H * D * 4, offload)
 
 
 @pytest.mark.parametrize("ulysses,ring", [(2, 1), (2, 2)])
@@ -57,7 +61,7 @@ def test_checkpoint_keeps_the_outputs_of_every_head_chunk_of_a_pipelined_ulysses
     """Head-chunk pipelining: the kept output is split back into its head chunks, each with its own lse."""
     S = 16 * ulysses * ring
     check_checkpointed(dist_pools(4).run(dist_cases.checkpointed_attention_vs_plain, ulysses, ring, 1, S, 8, 4, 8,
-                                         seed=5, pipeline_chunks=2))
+                                         seed=5, pipeline_chunks=2), S // (ulysses * ring) * 8 * 8 * 4)
 
 
 @pytest.fixture(scope="module")

@@ -304,7 +304,7 @@ class ChunkedAttention(torch.autograd.Function):
             outgoing.wait()
         if call is not None and stash.keep_output and not replaying:
             # with offload the kept output goes to host memory too: the GPU keeps no attention state
-            call.keep(out, lses, p.pool.lease() if offload else None)
+            call.keep(out, lses, stash.lease(p.pool))
         ctx.call = call
         ctx.state = None
         if keep_state:

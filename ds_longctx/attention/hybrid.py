@@ -58,7 +58,7 @@ class HybridAttention(torch.autograd.Function):
         if kept is not None:
             out = kept.out.detach()  # an alias of its own, so the stash's tensor gets no autograd history
         elif call is not None and stash.keep_output and not stash.replaying:
-            call.keep(out, lses)
+            call.keep(out, lses, stash.lease())
         ctx.save_for_backward(*saved)
         ctx.args = (topo, chunks, causal, scale, k.shape[2])
         return out

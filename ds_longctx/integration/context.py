@@ -11,6 +11,7 @@ import torch
 
 from ..config import LongContextConfig
 from ..layout import positions
+from ..memory.checkpoint_offload import CheckpointOffload
 from ..topology import Topology
 
 
@@ -20,6 +21,10 @@ class LongContext:
     def __init__(self, topology: Topology, config: LongContextConfig):
         self.topology = topology
         self.config = config
+        # One per model: it chains the checkpointed layers to prefetch their inputs a layer ahead in backward.
+        # Every size: transformers' layers get only the hidden states positionally (the rest is bound in the
+        # function they checkpoint), so those are all a layer's checkpoint saves.
+        self.checkpoint_offload = CheckpointOffload(min_bytes=0) if config.checkpoint_offload else None
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: Optional[bool] = None,
                   softmax_scale: Optional[float] = None) -> torch.Tensor:

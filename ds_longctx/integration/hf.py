@@ -17,7 +17,8 @@ With activation checkpointing on (``model.gradient_checkpointing_enable()``, bef
 :func:`apply`), the hook wraps each layer's checkpoint function in a
 :class:`~ds_longctx.memory.remat.StashingCheckpoint`: the recompute of a layer in backward takes the
 attention's output from the forward instead of running the attention again (``keep_attention_output``), and
-FPDT's offloaded chunks are built once, by the recompute, instead of living from forward to backward.
+FPDT's offloaded chunks are built once, by the recompute, instead of living from forward to backward; with
+``checkpoint_offload`` each layer's input and kept attention output wait in pinned host memory.
 With ``mlp_tile_tokens`` the decoder layers' MLPs run over sequence tiles (:mod:`ds_longctx.memory.tiling`).
 
 A call with ``shift_labels=`` (from :func:`~ds_longctx.integration.data.shard_batch`) returns the
@@ -33,6 +34,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..memory.checkpoint_offload import CheckpointOffload
 from ..memory.remat import StashingCheckpoint
 from ..memory.tiling import tile_module, untile_module
 from .context import LongContext, attach, long_context_of
@@ -103,20 +105,21 @@ def is_hf_model(model: Any) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def stash_checkpoints(model: torch.nn.Module, keep_attention_output: bool) -> int:
+def stash_checkpoints(model: torch.nn.Module, keep_attention_output: bool,
+                      offload: Optional[CheckpointOffload] = None) -> int:
     """Wrap the checkpoint function of every checkpointing layer of ``model`` (transformers'
     ``_gradient_checkpointing_func``) in a :class:`~ds_longctx.memory.remat.StashingCheckpoint`, or rewrap
-    it with a new ``keep_attention_output``. Returns the number of layers wrapped now."""
+    it with a new ``keep_attention_output`` / ``offload``. Returns the number of layers wrapped now."""
     wrapped = 0
     for module in model.modules():
         fn = module.__dict__.get("_gradient_checkpointing_func")
         if fn is None:
             continue
         if isinstance(fn, StashingCheckpoint):
-            if fn.keep_attention_output == keep_attention_output:
+            if fn.keep_attention_output == keep_attention_output and fn.offload is offload:
                 continue
             fn = fn.inner
-        module._gradient_checkpointing_func = StashingCheckpoint(fn, keep_attention_output)
+        module._gradient_checkpointing_func = StashingCheckpoint(fn, keep_attention_output, offload)
         wrapped += 1
     return wrapped
 
@@ -205,7 +208,7 @@ def _prepare_call(model: torch.nn.Module, args, kwargs):
     ``gradient_checkpointing_enable`` at any time) in stashes."""
     lc = long_context_of(model)
     _set_request(model, None)
-    stash_checkpoints(model, lc.config.keep_attention_output)
+    stash_checkpoints(model, lc.config.keep_attention_output, lc.checkpoint_offload)
     signature = inspect.signature(model.forward)
     try:
         bound = signature.bind_partial(*args, **kwargs)
@@ -256,7 +259,7 @@ def apply(model: torch.nn.Module, lc: LongContext) -> torch.nn.Module:
                            f"AttentionInterface, so its attention cannot be replaced; call "
                            f"engine.long_context.attention(q, k, v) from the model's attention instead")
     attach(model, lc)
-    stash_checkpoints(model, lc.config.keep_attention_output)
+    stash_checkpoints(model, lc.config.keep_attention_output, lc.checkpoint_offload)
     tile_mlps(model, lc.config.mlp_tile_tokens)
     for old in getattr(model, _HOOK_ATTR, None) or ():
         old.remove()

@@ -101,8 +101,9 @@ class ChunkStore:
     def has(self, j: int) -> bool:
         return self._written[j]
 
-    def put(self, j: int, tensors: Sequence[torch.Tensor]) -> None:
-        """Store chunk ``j`` (device tensors matching the specs). With offload the copy to the host is async."""
+    def put(self, j: int, tensors: Sequence[torch.Tensor], resident: bool = True) -> None:
+        """Store chunk ``j`` (device tensors matching the specs). With offload the copy to the host is async,
+        and the chunk stays on the device until the next ``put`` unless ``resident=False``."""
         tensors = tuple(tensors)
         self._written[j] = True
         self._inflight.pop(j, None)  # a stale prefetch of the old contents
@@ -124,7 +125,7 @@ class ChunkStore:
             self._lease.after(self._ready[j], s.d2h)
         # A chunk may be a view into a whole input (with one Ulysses rank the all-to-all is a slice): keeping
         # the view resident would keep that whole input alive, so keep a compact copy of the chunk instead.
-        self._resident = (j, tuple(t if _compact(t) else t.clone() for t in tensors))
+        self._resident = (j, tuple(t if _compact(t) else t.clone() for t in tensors)) if resident else None
 
     def evict(self) -> None:
         """Drop the device copy of the most recently stored chunk (with offload its host copy remains; the copy's

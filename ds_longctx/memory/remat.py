@@ -31,6 +31,9 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.utils.checkpoint
 
+from .checkpoint_offload import CheckpointOffload
+from .host_pool import HostPool, Lease, default_pool
+
 _local = threading.local()
 
 
@@ -62,9 +65,13 @@ class StashedCall:
         from .chunk_store import ChunkStore
 
         store = ChunkStore(1, [(tuple(out.shape), out.dtype)], out.device, lease)
-        store.put(0, (out.detach(),))
-        store.evict()
+        store.put(0, (out.detach(),), resident=False)
         self._host = (store, lease)
+
+    def prefetch(self) -> None:
+        """Start copying an output kept in host memory back to the device (the replay's :meth:`kept` waits)."""
+        if self._host is not None and self.out is None:
+            self._host[0].prefetch(0)
 
     def kept(self) -> Optional["StashedCall"]:
         """Self when an output was kept (and not modified since), else None."""
@@ -88,10 +95,12 @@ class StashedCall:
 class AttentionStash:
     """The attention calls of one checkpointed region, recorded on its first run and replayed, in call
     order, on each later one. ``keep_output=False`` keeps no outputs (the recompute runs the attention again)
-    but still hands FPDT's saved state from the recompute to the forward's node."""
+    but still hands FPDT's saved state from the recompute to the forward's node. With a host ``pool`` the
+    kept outputs wait in (pinned) host memory and are fetched back when the replay starts."""
 
-    def __init__(self, keep_output: bool = True):
+    def __init__(self, keep_output: bool = True, pool: Optional[HostPool] = None):
         self.keep_output = keep_output
+        self.pool = pool
         self._calls: List[StashedCall] = []
         self._runs = 0
         self._cursor = 0
@@ -105,6 +114,9 @@ class AttentionStash:
         """One run of the region: the first records, later ones replay from the first call."""
         self._runs += 1
         self._cursor = 0
+        if self.replaying:
+            for entry in self._calls:
+                entry.prefetch()  # in flight while the region recomputes up to its first attention
         stack = _stack()
         stack.append(self)
         try:
@@ -123,6 +135,12 @@ class AttentionStash:
                 return fn(*args, **kwargs)
 
         return run
+
+    def lease(self, fallback: Optional[HostPool] = None) -> Optional[Lease]:
+        """Host buffers for a kept output: from the stash's pool, else from ``fallback`` (the attention's own
+        when it offloads, FPDT), else none (the output stays on the device)."""
+        pool = self.pool if self.pool is not None else fallback
+        return pool.lease() if pool is not None else None
 
     def call(self, key: Tuple) -> StashedCall:
         """The entry of the next attention call: a new one on the first run, the recorded twin on a replay."""
@@ -153,32 +171,48 @@ def active_stash() -> Optional[AttentionStash]:
     return stack[-1] if stack else None
 
 
+def _stash(keep_attention_output: bool, offload: Optional[CheckpointOffload]) -> AttentionStash:
+    return AttentionStash(keep_attention_output, offload.pool or default_pool() if offload is not None else None)
+
+
 def checkpoint(fn: Callable, *args: Any, keep_attention_output: bool = True, use_reentrant: bool = False,
-               **kwargs: Any) -> Any:
+               offload: Optional[CheckpointOffload] = None, **kwargs: Any) -> Any:
     """:func:`torch.utils.checkpoint.checkpoint` of ``fn(*args, **kwargs)``, except that the distributed
     attention calls inside ``fn`` keep their output and log-sum-exp instead of running again in backward.
 
     Costs one ``[B, S_local, H, D]`` activation (in q's dtype) and ``[B, h, S]`` fp32 per attention call
     beyond plain checkpointing, and saves one attention forward per call per step. With
     ``keep_attention_output=False`` it is plain checkpointing, which FPDT chunked attention needs too: under
-    a plain ``torch.utils.checkpoint`` its chunks from the forward stay alive until backward.
+    a plain ``torch.utils.checkpoint`` its chunks from the forward stay alive until backward. With a
+    :class:`~ds_longctx.memory.checkpoint_offload.CheckpointOffload` (one per model) the region's saved
+    inputs and kept attention outputs wait in host memory until backward.
     """
-    return torch.utils.checkpoint.checkpoint(AttentionStash(keep_attention_output).wrap(fn), *args,
-                                             use_reentrant=use_reentrant, **kwargs)
+    run = _stash(keep_attention_output, offload).wrap(fn)
+    if offload is None:
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=use_reentrant, **kwargs)
+    with offload.hooks():
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=use_reentrant, **kwargs)
 
 
 class StashingCheckpoint:
     """A checkpoint function (``fn, *args -> outputs``, the kind transformers keeps in a layer's
-    ``_gradient_checkpointing_func``) around ``inner`` that gives each region its own :class:`AttentionStash`."""
+    ``_gradient_checkpointing_func``) around ``inner`` that gives each region its own :class:`AttentionStash`,
+    and with ``offload`` keeps the regions' inputs and kept outputs in host memory."""
 
-    def __init__(self, inner: Callable, keep_attention_output: bool = True):
-        self.inner, self.keep_attention_output = inner, keep_attention_output
+    def __init__(self, inner: Callable, keep_attention_output: bool = True,
+                 offload: Optional[CheckpointOffload] = None):
+        self.inner, self.keep_attention_output, self.offload = inner, keep_attention_output, offload
 
     def __call__(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
-        return self.inner(AttentionStash(self.keep_attention_output).wrap(fn), *args, **kwargs)
+        run = _stash(self.keep_attention_output, self.offload).wrap(fn)
+        if self.offload is None:
+            return self.inner(run, *args, **kwargs)
+        with self.offload.hooks():
+            return self.inner(run, *args, **kwargs)
 
     def __repr__(self) -> str:
-        return f"StashingCheckpoint({self.inner!r}, keep_attention_output={self.keep_attention_output})"
+        return (f"StashingCheckpoint({self.inner!r}, keep_attention_output={self.keep_attention_output}, "
+                f"offload={self.offload!r})")
 
 
 __all__ = ["AttentionStash", "AttentionStashError", "StashedCall", "StashingCheckpoint", "active_stash", "checkpoint"]
