@@ -140,11 +140,13 @@ def main():
     S = args.seq_len
     flops_step = dp * (6 * flops_params * S + 3.5 * 2 * S * S * args.heads * D * args.layers)
     steps = []
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    alloc = (lambda: torch.cuda.memory_allocated() / 2 ** 30) if cuda else (lambda: 0.0)
     for step in range(args.steps):
         batch = sample_batch(corpus, 1, S, gen)
         sync()
+        phases = {}
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()  # per-step peaks; the summary takes the largest
         t0 = time.perf_counter()
         try:
             with attn_ctx():
@@ -159,7 +161,10 @@ def main():
                         del logits
                 else:
                     loss = engine(input_ids=batch["input_ids"].to(dev), labels=batch["labels"].to(dev)).loss
+                # where the memory goes: what the forward leaves for backward, and each phase's peak
+                phases = {"forward_peak_gib": peak(), "after_forward_gib": alloc()}
                 engine.backward(loss)
+                phases["backward_peak_gib"] = peak()
             engine.step()
             sync()
         except torch.cuda.OutOfMemoryError as exc:
@@ -171,7 +176,7 @@ def main():
         dt = time.perf_counter() - t0
         row = {"step": step, "loss": loss.item(), "seconds": dt, "tokens_per_s": S * dp / dt,
                "tflops_per_gpu": flops_step / world / dt / 1e12,
-               "peak_gib": peak()}
+               "peak_gib": peak(), **phases}
         if lc is not None:  # pinned host memory held by the offload pool (FPDT chunks, checkpoints)
             from ds_longctx.memory import default_pool
             row["host_pool_gib"] = default_pool().held_bytes / 2 ** 30
