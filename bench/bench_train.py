@@ -48,6 +48,8 @@ def ds_config(args, world):
                               "stage3_param_persistence_threshold": 100000},
         "steps_per_print": 1000000,
     }
+    if args.offload_optimizer:  # fp32 master weights and Adam states in host memory, the step on the CPU
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if args.mode == "ds_longctx":
         U = args.ulysses or world // args.ring
         cfg["long_context"] = {"ulysses_degree": U, "ring_degree": args.ring, "kernel": args.kernel,
@@ -76,6 +78,7 @@ def main():
     ap.add_argument("--checkpointing", action="store_true", help="transformers' gradient checkpointing")
     ap.add_argument("--keep_attention_output", type=int, default=1, choices=[0, 1])
     ap.add_argument("--mlp_tile_tokens", type=int, default=None)
+    ap.add_argument("--offload_optimizer", action="store_true", help="ZeRO-3 optimizer states on the CPU")
     ap.add_argument("--checkpoint_offload", action="store_true",
                     help="ds_longctx: the checkpointed layers' inputs and kept outputs wait in pinned host memory")
     ap.add_argument("--vocab", type=int, default=256, help="vocabulary (the text is bytes: ids < 256)")
