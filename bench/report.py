@@ -114,9 +114,9 @@ def train_tables():
     rows = load("train_*.json")
     if not rows:
         return []
-    out = ["| file | mode | GPUs | seq_len | params | vocab | attention | grad. checkpointing | MLP tiles | loss tiles | "
-           "tokens/s | model TFLOP/s/GPU | peak GiB | loss per step |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| file | mode | GPUs | seq_len | layers | params | optimizer | vocab | attention | grad. checkpointing | "
+           "MLP tiles | loss tiles | tokens/s | model TFLOP/s/GPU | peak GiB | GiB left for backward | loss per step |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, d in rows:
         lc = d["ds_config"].get("long_context")
         if d["mode"] == "deepspeed":
@@ -130,14 +130,19 @@ def train_tables():
         ckpt = str(d["checkpointing"])
         if d["checkpointing"] and lc is not None:
             ckpt += ", attention kept" if lc.get("keep_attention_output", False) else ", attention recomputed"
+            if lc.get("checkpoint_offload"):
+                ckpt += ", checkpoints in host memory"
         tiles = (lc or {}).get("mlp_tile_tokens") or "-"
         loss_tiles = (lc or {}).get("loss_tile_tokens") or "-"
         s = d.get("summary") or {}
         losses = ", ".join(format(r["loss"], ".3f") for r in d["steps"])
         res = "OOM" if "oom" in d else f"{s.get('tokens_per_s', 0):,.0f}"
         peak = f"{d['oom']['peak_gib']:.1f} at OOM" if "oom" in d else f(s.get("peak_gib"), ".1f")
-        out.append(f"| `{name}` | {d['mode']} | {d['world_size']} | {d['seq_len']} | {d['params'] / 1e9:.2f}B | "
-                   f"{d.get('vocab', 256)} | {attn} | {ckpt} | {tiles} | {loss_tiles} | {res} | {f(s.get('tflops_per_gpu'), '.1f')} | {peak} | "
+        left = d["steps"][-1].get("after_forward_gib") if d["steps"] else None  # added to the bench later
+        optim = "CPU" if d.get("offload_optimizer") else "GPU"
+        out.append(f"| `{name}` | {d['mode']} | {d['world_size']} | {d['seq_len']} | {d['layers']} | "
+                   f"{d['params'] / 1e9:.2f}B | {optim} | {d.get('vocab', 256)} | {attn} | {ckpt} | {tiles} | "
+                   f"{loss_tiles} | {res} | {f(s.get('tflops_per_gpu'), '.1f')} | {peak} | {f(left, '.1f')} | "
                    f"{losses or '-'} |")
     out.append("")
     for name, d in rows:

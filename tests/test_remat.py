@@ -3,12 +3,15 @@ attention output instead of running the attention again in backward, with the gr
 FPDT chunks are built once, by the recompute, not kept from forward to backward."""
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from ds_longctx.attention import attention
-from ds_longctx.memory.remat import AttentionStashError, checkpoint
+from ds_longctx.memory.remat import AttentionStashError, StashedCall, checkpoint
 from ds_longctx.topology import Topology
 from tests import dist_cases
 
@@ -120,3 +123,26 @@ def test_a_kept_output_changed_in_place_is_an_error(one_rank):
         kept[0].add_(1)
     with pytest.raises(AttentionStashError, match="modified in place"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("chunk_size,offload", [(None, False), (8, False), (8, True)],
+                         ids=["hybrid", "fpdt", "fpdt_offload"])
+def test_kept_outputs_are_dropped_once_their_layer_is_done_while_the_graph_lives(one_rank, monkeypatch,
+                                                                                  chunk_size, offload):
+    """A kept output comes back for its layer's recompute; it must not stay on the device until the whole
+    graph is freed (the training loop holds the loss, and with it the graph, into the next step)."""
+    entries = []
+    init = StashedCall.__init__
+
+    def tracked(self, key):
+        init(self, key)
+        entries.append(weakref.ref(self))
+
+    monkeypatch.setattr(StashedCall, "__init__", tracked)
+    h = _inputs()[0]
+    for _ in range(3):
+        h = checkpoint(lambda x: attention(x, x, x, one_rank, chunk_size=chunk_size, offload=offload) * 2, h)
+    h.sum().backward()
+    gc.collect()
+    assert len(entries) == 3
+    assert [e() is None for e in entries] == [True] * 3

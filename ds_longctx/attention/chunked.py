@@ -324,10 +324,13 @@ class ChunkedAttention(torch.autograd.Function):
     def backward(ctx, dout):
         ctx.saved_tensors  # noqa: B018 - under a checkpoint this recomputes the region, which hands over the state
         state, ctx.state = ctx.state, None
-        if state is None and ctx.call is not None:
-            state = ctx.call.take_state()
-        elif ctx.call is not None:
-            ctx.call.state = None
+        # The node outlives its backward (the caller's loss keeps the graph into the next step); so would the
+        # stash entry, and with it the kept output fetched back to the device, if the node kept it.
+        call, ctx.call = ctx.call, None
+        if state is None and call is not None:
+            state = call.take_state()
+        elif call is not None:
+            call.state = None
         if state is None:
             raise RuntimeError("chunked attention: backward ran twice, or after a forward without grad; its "
                                "chunks are released after the first backward (retain_graph is not supported)")
