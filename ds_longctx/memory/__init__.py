@@ -1,5 +1,8 @@
-"""Host memory for the FPDT offload: the pinned buffer pool and the per-chunk device/host store."""
+"""Host memory for the FPDT offload (the pinned buffer pool and the per-chunk device/host store) and for
+checkpointed layers' inputs (:class:`CheckpointOffload`)."""
+from .checkpoint_offload import CheckpointOffload
 from .chunk_store import ChunkStore, Fetched, OffloadStreams
 from .host_pool import HostMemoryError, HostPool, Lease, default_pool
 
-__all__ = ["ChunkStore", "Fetched", "OffloadStreams", "HostMemoryError", "HostPool", "Lease", "default_pool"]
+__all__ = ["CheckpointOffload", "ChunkStore", "Fetched", "OffloadStreams", "HostMemoryError", "HostPool", "Lease",
+           "default_pool"]
