@@ -96,6 +96,7 @@ def main():
     import transformers
 
     import ds_longctx
+    from ds_longctx.memory import default_pool
     from examples.train import load_corpus, sample_batch
 
     cuda = torch.cuda.is_available()
@@ -181,7 +182,6 @@ def main():
                "tflops_per_gpu": flops_step / world / dt / 1e12,
                "peak_gib": peak(), **phases}
         if lc is not None:  # pinned host memory held by the offload pool (FPDT chunks, checkpoints)
-            from ds_longctx.memory import default_pool
             row["host_pool_gib"] = default_pool().held_bytes / 2 ** 30
         steps.append(row)
         if rank == 0:

@@ -79,7 +79,7 @@ def test_layer_inputs_are_not_held_between_forward_and_backward_when_offloaded(o
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_the_recompute_of_each_layer_finds_the_next_input_it_needs_already_in_flight():
+def test_the_recompute_of_each_layer_finds_the_next_input_it_needs_already_in_flight(monkeypatch):
     layers = _stack()
     in_flight = []
     get = _HostCopy.get
@@ -90,11 +90,8 @@ def test_the_recompute_of_each_layer_finds_the_next_input_it_needs_already_in_fl
 
     x = torch.randn(B, S, HID, requires_grad=True)
     out = _run(layers, x * 1.0, CheckpointOffload(HostPool(), min_bytes=0))
-    _HostCopy.get = spy
-    try:
-        out.sum().backward()
-    finally:
-        _HostCopy.get = get
+    monkeypatch.setattr(_HostCopy, "get", spy)
+    out.sum().backward()
     # the last layer's input is fetched on demand; each earlier one was started by the layer after it
     assert in_flight == [False] + [True] * (LAYERS - 1)
 

@@ -26,28 +26,19 @@ from typing import Iterator, Optional
 
 import torch
 
-from .chunk_store import ChunkStore
+from .chunk_store import HostCopy
 from .host_pool import HostPool, default_pool
 
 
-class _HostCopy:
-    """One saved input in host memory: its store, the lease of its buffer, and the input saved before it."""
+class _HostCopy(HostCopy):
+    """A saved input in host memory, and (weakly) the input saved before it: the next one backward needs."""
 
-    __slots__ = ("store", "lease", "previous", "__weakref__")
+    __slots__ = ("previous",)
 
     def __init__(self, t: torch.Tensor, pool: HostPool, previous: Optional["_HostCopy"]):
-        self.lease = pool.lease()
-        self.store = ChunkStore(1, [(tuple(t.shape), t.dtype)], t.device, self.lease)
-        self.store.put(0, (t.detach(),), resident=False)
+        super().__init__(t, pool.lease())
         # weak: a graph that was freed (its backward ran or it was dropped) must not be kept alive by the next
         self.previous = weakref.ref(previous) if previous is not None else None
-
-    def prefetch(self) -> None:
-        self.store.prefetch(0)
-
-    def get(self) -> torch.Tensor:
-        (t,) = self.store.fetch(0).use()
-        return t
 
 
 class CheckpointOffload:

@@ -173,4 +173,24 @@ class ChunkStore:
         self._resident = None
 
 
-__all__ = ["ChunkStore", "Fetched", "OffloadStreams", "side_stream"]
+class HostCopy:
+    """One device tensor kept in (pinned) host memory from ``lease``: copied out now on the offload stream,
+    brought back by :meth:`get` (after a :meth:`prefetch`, already in flight). The host buffer goes back with
+    the lease, when the copy is dropped."""
+
+    __slots__ = ("store", "__weakref__")
+
+    def __init__(self, t: torch.Tensor, lease: Lease):
+        self.store = ChunkStore(1, [(tuple(t.shape), t.dtype)], t.device, lease)
+        self.store.put(0, (t.detach(),), resident=False)
+
+    def prefetch(self) -> None:
+        self.store.prefetch(0)
+
+    def get(self) -> torch.Tensor:
+        """The tensor on its device, ordered after its copy on the current stream."""
+        (t,) = self.store.fetch(0).use()
+        return t
+
+
+__all__ = ["ChunkStore", "Fetched", "HostCopy", "OffloadStreams", "side_stream"]

@@ -32,6 +32,7 @@ import torch
 import torch.utils.checkpoint
 
 from .checkpoint_offload import CheckpointOffload
+from .chunk_store import HostCopy
 from .host_pool import HostPool, Lease, default_pool
 
 _local = threading.local()
@@ -53,7 +54,7 @@ class StashedCall:
         self.lses: List[torch.Tensor] = []
         self.version = 0
         self.state: Any = None
-        self._host = None  # (ChunkStore, Lease) of an output kept in host memory
+        self._host: Optional[HostCopy] = None  # an output kept in host memory
 
     def keep(self, out: torch.Tensor, lses: Sequence[torch.Tensor], lease=None) -> None:
         """Keep ``out`` and ``lses``; with a host ``lease`` (FPDT offload) ``out`` goes to pinned host memory
@@ -62,23 +63,19 @@ class StashedCall:
         if lease is None:
             self.out, self.version = out.detach(), out._version
             return
-        from .chunk_store import ChunkStore
-
-        store = ChunkStore(1, [(tuple(out.shape), out.dtype)], out.device, lease)
-        store.put(0, (out.detach(),), resident=False)
-        self._host = (store, lease)
+        self._host = HostCopy(out, lease)
 
     def prefetch(self) -> None:
         """Start copying an output kept in host memory back to the device (the replay's :meth:`kept` waits)."""
         if self._host is not None and self.out is None:
-            self._host[0].prefetch(0)
+            self._host.prefetch()
 
     def kept(self) -> Optional["StashedCall"]:
         """Self when an output was kept (and not modified since), else None."""
         if self._host is not None and self.out is None:
             # A snapshot taken at the forward: back to the device, ordered on the current stream. The store
             # and its lease stay until this call is dropped, when the copy is long done.
-            (self.out,) = self._host[0].fetch(0).use()
+            self.out = self._host.get()
             self.version = self.out._version
         if self.out is None:
             return None
