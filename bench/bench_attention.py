@@ -4,6 +4,7 @@ single-GPU kernel and DeepSpeed's Ulysses ``DistributedAttention``, all in one r
     torchrun --nproc_per_node N bench/bench_attention.py --kernel sdpa_cudnn --out $OUT/attention.json
 
 Llama-3-8B attention shapes (32 query heads, 8 kv heads, head_dim 128), causal, bf16, batch 1.
+Without CUDA it runs on CPU ranks (gloo) as a smoke test of the script: small --seqs, --dtype float32.
 """
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench.common import causal_flops_fwd_bwd, record_header, time_fwd_bwd, write_json  # noqa: E402
+from bench.common import (OOM, Memory, causal_flops_fwd_bwd, init_distributed, record_header,  # noqa: E402
+                          time_fwd_bwd, write_json)
 from ds_longctx.attention import attention  # noqa: E402
 from ds_longctx.kernels import KERNELS, get_kernel  # noqa: E402
 from ds_longctx.layout import shard, unshard  # noqa: E402
 from ds_longctx.topology import Topology  # noqa: E402
 
 H, HKV, D = 32, 8, 128
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def rel(a, b):
@@ -79,9 +82,9 @@ def kernel_check(device):
     return results
 
 
-def make_inputs(seq_local, device, seed):
+def make_inputs(seq_local, device, seed, dtype=torch.bfloat16):
     g = torch.Generator(device=device).manual_seed(seed)
-    mk = lambda h: torch.randn(1, seq_local, h, D, device=device, dtype=torch.bfloat16, generator=g)  # noqa
+    mk = lambda h: torch.randn(1, seq_local, h, D, device=device, dtype=dtype, generator=g)  # noqa
     return mk(H), mk(HKV), mk(HKV), mk(H)
 
 
@@ -93,7 +96,8 @@ def deepspeed_attention(sp_group):
     def local(q, k, v):
         rep = q.shape[2] // k.shape[2]
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        backend = SDPBackend.CUDNN_ATTENTION if q.is_cuda else SDPBackend.MATH
+        with sdpa_kernel(backend):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True)
         return o.transpose(1, 2)
@@ -101,9 +105,9 @@ def deepspeed_attention(sp_group):
     return DistributedAttention(local, sp_group, scatter_idx=2, gather_idx=1)
 
 
-def exactness(topos, kernel, device, seq):
-    """bf16: distributed result vs the single-GPU kernel on the full sequence (out, dq, dk, dv)."""
-    q, k, v, do = make_inputs(seq, device, seed=1)
+def exactness(topos, kernel, device, seq, dtype=torch.bfloat16):
+    """Distributed result vs the single-GPU kernel on the full sequence (out, dq, dk, dv), in ``dtype``."""
+    q, k, v, do = make_inputs(seq, device, seed=1, dtype=dtype)
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     single = topos["single"]
     ref_out = attention(*full, single, causal=True, kernel=kernel)
@@ -131,35 +135,36 @@ def main():
     ap.add_argument("--short-max", type=int, default=1 << 40, help="impls not in --impls-long-enough stop here")
     ap.add_argument("--impls-long-enough", default="single,ulysses,ring,hybrid,deepspeed")
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--exact-seq", type=int, default=16384, help="total tokens of the exactness check")
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     ap.add_argument("--out", required=True)
     ap.add_argument("--commit", default="", help="git commit of the code measured (recorded in the JSON)")
     args = ap.parse_args()
 
-    dist.init_process_group("nccl")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    device = torch.device("cuda")
+    rank, world, device = init_distributed()
+    dtype = DTYPES[args.dtype]
     topos = {"single": Topology(1, 1), "ulysses": Topology(world, 1), "ring": Topology(1, world)}
     if world >= 4:
         topos["hybrid"] = Topology(2, world // 2)
     payload = record_header(world, args.commit)
-    payload.update(heads=H, kv_heads=HKV, head_dim=D, dtype="bfloat16", causal=True, batch=1)
-    q0 = torch.empty(1, 8, H, D, device=device, dtype=torch.bfloat16)
+    payload.update(heads=H, kv_heads=HKV, head_dim=D, dtype=args.dtype, causal=True, batch=1)
+    q0 = torch.empty(1, 8, H, D, device=device, dtype=dtype)
     payload["kernel_requested"] = args.kernel
     payload["kernel_resolved"] = get_kernel(args.kernel, q0, q0[:, :, :HKV]).name
 
     if rank == 0:
         payload["kernel_check"] = kernel_check(device)
         print("kernel check:", payload["kernel_check"], flush=True)
-    payload["exactness_bf16"] = exactness(topos, args.kernel, device, 16384)
+    payload["exactness_bf16" if dtype == torch.bfloat16 else "exactness_" + args.dtype] = ex = exactness(
+        topos, args.kernel, device, args.exact_seq, dtype)
     if rank == 0:
-        print("exactness:", payload["exactness_bf16"], flush=True)
+        print("exactness:", ex, flush=True)
 
     ds_attn = None
     impls = args.impls.split(",")
     if "deepspeed" in impls:
         import deepspeed
-        deepspeed.init_distributed(dist_backend="nccl")
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
         ds_attn = deepspeed_attention(topos["ulysses"].sp_group)
 
     rows = []
@@ -180,7 +185,7 @@ def main():
             flops = causal_flops_fwd_bwd(1, H, seq, D) / world
             if base_impl == "single":  # the kernel alone on this GPU's share of tokens
                 flops = causal_flops_fwd_bwd(1, H, per_gpu, D)
-            q, k, v, do = make_inputs(n, device, seed=seq)
+            q, k, v, do = make_inputs(n, device, seed=seq, dtype=dtype)
             leaves = [t.requires_grad_() for t in (q, k, v)]
             if base_impl == "deepspeed":
                 fwd = lambda: ds_attn(*leaves, batch_dim_idx=0)  # noqa: E731
@@ -190,16 +195,16 @@ def main():
                 topo, opts = topos[base], ({"pipeline_chunks": int(p)} if p else {})
                 fwd = lambda topo=topo, opts=opts, kname=kname: attention(*leaves, topo, causal=True,  # noqa
                                                                           kernel=kname, **opts)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            Memory.empty_cache()
+            Memory.reset_peak()
             try:
                 t = time_fwd_bwd(fwd, do, iters=1 if long else (args.iters if seq < 524288 else 2), warmup=1)
-            except torch.cuda.OutOfMemoryError:
+            except OOM:
                 t = None
             row = {"impl": impl, "total_tokens": seq, "tokens_per_gpu": per_gpu,
-                   "kernel": "sdpa_cudnn (DeepSpeed local attention)" if base_impl == "deepspeed" else
-                   get_kernel(kname, q, k).name,
-                   "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+                   "kernel": f"sdpa_{'cudnn' if q.is_cuda else 'math'} (DeepSpeed local attention)"
+                   if base_impl == "deepspeed" else get_kernel(kname, q, k).name,
+                   "peak_mem_gib": Memory.peak() / 2**30 if Memory.cuda else None}
             if t is None:
                 row["oom"] = True
             else:
@@ -220,6 +225,8 @@ def main():
         single = by.get(("single" + (":" + kname if kname else ""), r["total_tokens"]))
         cudnn = by.get(("single:sdpa_cudnn", r["total_tokens"])) or (
             by.get(("single", r["total_tokens"])) if args.kernel == "sdpa_cudnn" else None)
+        if r["impl"] == "deepspeed":  # its local kernel is cuDNN SDPA, whatever --kernel says
+            single = cudnn
         ds = by.get(("deepspeed", r["total_tokens"]))
         if "tflops_per_gpu" in r and single:  # the same kernel alone on one GPU at the same tokens per GPU
             r["vs_single_gpu_kernel"] = r["tflops_per_gpu"] / single["tflops_per_gpu"]

@@ -15,6 +15,9 @@ say otherwise. Modes:
 Memory is what the CUDA caching allocator reports: ``peak_gib`` is the whole peak of the layer (inputs q, k,
 v, dout, and the out/dq/dk/dv the layer must return included), ``working_gib`` is the peak minus the
 inputs, ``state_gib`` additionally minus out/dq/dk/dv: the attention's own state, which FPDT bounds.
+
+Without CUDA it runs on CPU ranks (gloo) as a smoke test of the script (small sizes, --dtype float32,
+--trace-seq 0): memory reads 0 there and the "host" copies are plain copies.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench.common import causal_flops_fwd_bwd, record_header, time_fwd_bwd, write_json  # noqa: E402
+from bench.common import (OOM, Memory, causal_flops_fwd_bwd, init_distributed, record_header,  # noqa: E402
+                          time_fwd_bwd, write_json)
 from ds_longctx.attention import attention  # noqa: E402
 from ds_longctx.kernels import get_kernel  # noqa: E402
 from ds_longctx.layout import shard, unshard  # noqa: E402
@@ -38,6 +42,7 @@ from ds_longctx.memory import default_pool  # noqa: E402
 from ds_longctx.topology import Topology  # noqa: E402
 
 H, HKV, D = 32, 8, 128
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 GiB = 2 ** 30
 
 
@@ -55,9 +60,9 @@ def parse_mode(mode):
     raise SystemExit(f"unknown mode {mode!r}: use unchunked, deepspeed, chunk:C or offload:C")
 
 
-def make_inputs(n, device, seed):
+def make_inputs(n, device, seed, dtype=torch.bfloat16):
     g = torch.Generator(device=device).manual_seed(seed)
-    mk = lambda h: torch.randn(1, n, h, D, device=device, dtype=torch.bfloat16, generator=g)  # noqa: E731
+    mk = lambda h: torch.randn(1, n, h, D, device=device, dtype=dtype, generator=g)  # noqa: E731
     return mk(H), mk(HKV), mk(HKV), mk(H)
 
 
@@ -77,9 +82,9 @@ def one_step(fn, q, k, v, do):
     return out
 
 
-def exactness(topo, kernel, device, seq, chunks):
-    """bf16: chunked (with and without offload) against unchunked, both distributed, same inputs."""
-    q, k, v, do = make_inputs(seq, device, seed=7)
+def exactness(topo, kernel, device, seq, chunks, dtype=torch.bfloat16):
+    """Chunked (with and without offload) against unchunked, both distributed, same inputs, in ``dtype``."""
+    q, k, v, do = make_inputs(seq, device, seed=7, dtype=dtype)
     res = {}
     ref = None
     for mode in ["unchunked"] + [f"{m}:{c}" for c in chunks for m in ("chunk", "offload")]:
@@ -95,19 +100,19 @@ def exactness(topo, kernel, device, seq, chunks):
     return res
 
 
-def measure(mode, seq, topo, kernel, ds_attn, device, iters, steps=1):
+def measure(mode, seq, topo, kernel, ds_attn, device, iters, steps=1, dtype=torch.bfloat16):
     """Peak memory of ``steps`` fwd+bwd (the first is cold), the memory the layer's graph retains between
     forward and backward, then the median time of ``iters`` more."""
     world = dist.get_world_size()
     n = seq // world
     pool = default_pool()
     row = {"mode": mode, "total_tokens": seq, "tokens_per_gpu": n}
-    q, k, v, do = make_inputs(n, device, seed=seq)
+    q, k, v, do = make_inputs(n, device, seed=seq, dtype=dtype)
     leaves = [t.requires_grad_() for t in (q, k, v)]
     fn = runner(mode, topo, kernel, ds_attn)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
+    Memory.sync()
+    Memory.empty_cache()
+    base = Memory.allocated()
     # what the layer must hand back whatever it does inside: out, dq, dk, dv
     returned = sum(t.numel() * t.element_size() for t in (q, q, k, v))
     try:
@@ -115,14 +120,14 @@ def measure(mode, seq, topo, kernel, ds_attn, device, iters, steps=1):
         alloc_before = pool.allocations
         retained = []
         for step in range(steps):
-            torch.cuda.reset_peak_memory_stats()
+            Memory.reset_peak()
             out = fn(*leaves)
-            torch.cuda.synchronize()
-            retained.append(torch.cuda.memory_allocated() - base - out.numel() * out.element_size())
+            Memory.sync()
+            retained.append(Memory.allocated() - base - out.numel() * out.element_size())
             out.backward(do)
             del out
-            torch.cuda.synchronize()
-            peaks.append(torch.cuda.max_memory_allocated() - base)
+            Memory.sync()
+            peaks.append(Memory.peak() - base)
             for t in leaves:
                 t.grad = None
             if step == 0:
@@ -136,10 +141,10 @@ def measure(mode, seq, topo, kernel, ds_attn, device, iters, steps=1):
             t = time_fwd_bwd(lambda: fn(*leaves), do, iters=iters, warmup=0)
             row.update(t)
             row["tflops_per_gpu"] = causal_flops_fwd_bwd(1, H, seq, D) / world / (t["fwd_bwd_ms"] * 1e-3) / 1e12
-    except torch.cuda.OutOfMemoryError as exc:
+    except OOM as exc:
         row["oom"] = True
         row["error"] = str(exc).split("\n")[0][:300]
-        peaks = [torch.cuda.max_memory_allocated() - base]
+        peaks = [Memory.peak() - base]
     # The slowest rank's peak is what must fit.
     p = torch.tensor([max(peaks), float(row.get("oom", False))], device=device, dtype=torch.float64)
     dist.all_reduce(p, op=dist.ReduceOp.MAX)
@@ -148,10 +153,13 @@ def measure(mode, seq, topo, kernel, ds_attn, device, iters, steps=1):
     row["peak_gib"] = (base + p[0].item()) / GiB
     row["working_gib"] = p[0].item() / GiB
     row["state_gib"] = (p[0].item() - returned) / GiB
+    if not Memory.cuda:  # no allocator counters on CPU: no memory figures rather than zeros
+        for key in ("retained_after_forward_gib", "inputs_gib", "peak_gib", "working_gib", "state_gib"):
+            row[key] = None
     for t in leaves:
         t.grad = None
     del q, k, v, do, leaves
-    torch.cuda.empty_cache()
+    Memory.empty_cache()
     pool.release()  # shapes change with S: start the next size from an empty pool
     return row
 
@@ -198,92 +206,10 @@ def overlap_from_trace(path):
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--kernel", default="sdpa_cudnn")
-    ap.add_argument("--ulysses", type=int, default=0, help="default: all ranks")
-    ap.add_argument("--ring", type=int, default=1)
-    ap.add_argument("--mem-seqs", default="131072,262144,524288", help="total tokens of the memory sweep")
-    ap.add_argument("--mem-modes", default="unchunked,deepspeed,chunk:32768,offload:32768")
-    ap.add_argument("--fit-seqs", default="1048576", help="larger S tried for --fit-modes only")
-    ap.add_argument("--fit-modes", default="offload:65536,unchunked")
-    ap.add_argument("--thr-seq", type=int, default=262144, help="total tokens of the chunk-size sweep")
-    ap.add_argument("--chunks", default="16384,32768,65536,131072")
-    ap.add_argument("--iters", type=int, default=2)
-    ap.add_argument("--trace-seq", type=int, default=131072)
-    ap.add_argument("--trace-chunk", type=int, default=16384)
-    ap.add_argument("--exact-seq", type=int, default=16384)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--commit", default="")
-    args = ap.parse_args()
-
-    dist.init_process_group("nccl")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    device = torch.device("cuda")
-    U = args.ulysses or world // args.ring
-    topo = Topology(U, args.ring)
-    payload = record_header(world, args.commit)
-    q0 = torch.empty(1, 8, H, D, device=device, dtype=torch.bfloat16)
-    payload.update(heads=H, kv_heads=HKV, head_dim=D, dtype="bfloat16", causal=True, batch=1,
-                   ulysses=U, ring=args.ring, kernel_requested=args.kernel,
-                   kernel_resolved=get_kernel(args.kernel, q0, q0[:, :, :HKV]).name,
-                   gpu_memory_gib=torch.cuda.get_device_properties(device).total_memory / GiB)
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-
-    ex_chunks = [args.exact_seq // args.ring // 4, args.exact_seq // args.ring // 2]
-    payload["exactness_bf16_vs_unchunked"] = exactness(topo, args.kernel, device, args.exact_seq, ex_chunks)
-    log("exactness:", payload["exactness_bf16_vs_unchunked"])
-
-    ds_attn = None
-    if "deepspeed" in args.mem_modes:
-        import deepspeed
-        deepspeed.init_distributed(dist_backend="nccl")
-        from bench.bench_attention import deepspeed_attention
-        ds_attn = deepspeed_attention(topo.sp_group)
-
-    def show(r):
-        t = f"{r['fwd_bwd_ms']:9.1f} ms {r['tflops_per_gpu']:6.1f} TFLOP/s" if "fwd_bwd_ms" in r else ""
-        log(f"{r['mode']:>16} S={r['total_tokens']:>8} " + ("OOM" if r["oom"] else
-            f"peak {r['peak_gib']:7.2f} GiB working {r['working_gib']:7.2f} state {r['state_gib']:7.2f} {t}"))
-
-    t0 = time.time()
-    memory = []
-    for seq in [int(s) for s in args.mem_seqs.split(",") if s]:
-        for mode in args.mem_modes.split(","):
-            steps = 2 if mode.startswith("offload") else 1  # the second step must allocate no host memory
-            memory.append(measure(mode, seq, topo, args.kernel, ds_attn, device, iters=0, steps=steps))
-            show(memory[-1])
-    for seq in [int(s) for s in args.fit_seqs.split(",") if s]:
-        for mode in args.fit_modes.split(","):
-            if any(r["oom"] for r in memory if r["mode"] == mode):
-                continue  # already out of memory at a shorter S
-            memory.append(measure(mode, seq, topo, args.kernel, ds_attn, device, iters=0))
-            show(memory[-1])
-    payload["memory"] = memory
-    log(f"memory sweep {time.time() - t0:.0f}s")
-    if rank == 0:
-        write_json(args.out, payload)  # a run cut short keeps what it measured
-
-    t0 = time.time()
-    thr = []
-    chunks = [c for c in args.chunks.split(",") if c]
-    modes = ["unchunked"] + [f"{m}:{c}" for c in chunks for m in ("offload", "chunk")] if chunks else []
-    for mode in modes:
-        thr.append(measure(mode, args.thr_seq, topo, args.kernel, ds_attn, device, iters=args.iters))
-        show(thr[-1])
-    base = next((r for r in thr if r["mode"] == "unchunked" and "tflops_per_gpu" in r), None)
-    for r in thr:
-        if base and "tflops_per_gpu" in r:
-            r["vs_unchunked"] = r["tflops_per_gpu"] / base["tflops_per_gpu"]
-    payload["throughput"] = thr
-    log(f"throughput sweep {time.time() - t0:.0f}s")
-    if rank == 0:
-        write_json(args.out, payload)
-
-    # One traced fwd+bwd with offload: are the host copies hidden behind the kernels?
+def traced_overlap(args, topo, device, dtype, rank, world):
+    """One traced fwd+bwd with offload: are the host copies hidden behind the kernels?"""
     n = args.trace_seq // world
-    q, k, v, do = make_inputs(n, device, seed=3)
+    q, k, v, do = make_inputs(n, device, seed=3, dtype=dtype)
     leaves = [t.requires_grad_() for t in (q, k, v)]
     fn = runner(f"offload:{args.trace_chunk}", topo, args.kernel, None)
     one_step(fn, *leaves, do)  # warm: pool allocated, kernels loaded
@@ -299,15 +225,106 @@ def main():
     with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as g:
         g.write(f.read())
     os.remove(path)
-    payload["overlap_trace"] = ov
-    log("overlap:", ov)
+    return ov
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kernel", default="sdpa_cudnn")
+    ap.add_argument("--ulysses", type=int, default=0, help="default: all ranks")
+    ap.add_argument("--ring", type=int, default=1)
+    ap.add_argument("--mem-seqs", default="131072,262144,524288", help="total tokens of the memory sweep")
+    ap.add_argument("--mem-modes", default="unchunked,deepspeed,chunk:32768,offload:32768")
+    ap.add_argument("--fit-seqs", default="1048576", help="larger S tried for --fit-modes only")
+    ap.add_argument("--fit-modes", default="offload:65536,unchunked")
+    ap.add_argument("--thr-seq", type=int, default=262144, help="total tokens of the chunk-size sweep")
+    ap.add_argument("--chunks", default="16384,32768,65536,131072")
+    ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--trace-seq", type=int, default=131072, help="0: no trace (CUDA only)")
+    ap.add_argument("--trace-chunk", type=int, default=16384)
+    ap.add_argument("--exact-seq", type=int, default=16384)
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--commit", default="")
+    args = ap.parse_args()
+
+    rank, world, device = init_distributed()
+    dtype = DTYPES[args.dtype]
+    U = args.ulysses or world // args.ring
+    topo = Topology(U, args.ring)
+    payload = record_header(world, args.commit)
+    q0 = torch.empty(1, 8, H, D, device=device, dtype=dtype)
+    payload.update(heads=H, kv_heads=HKV, head_dim=D, dtype=args.dtype, causal=True, batch=1,
+                   ulysses=U, ring=args.ring, kernel_requested=args.kernel,
+                   kernel_resolved=get_kernel(args.kernel, q0, q0[:, :, :HKV]).name,
+                   gpu_memory_gib=Memory.total(device) / GiB)
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+
+    ex_chunks = [args.exact_seq // args.ring // 4, args.exact_seq // args.ring // 2]
+    key = "exactness_bf16_vs_unchunked" if dtype == torch.bfloat16 else f"exactness_{args.dtype}_vs_unchunked"
+    payload[key] = exactness(topo, args.kernel, device, args.exact_seq, ex_chunks, dtype)
+    default_pool().release()  # the first measured row starts from an empty pool
+    log("exactness:", payload[key])
+
+    ds_attn = None
+    if "deepspeed" in args.mem_modes:
+        import deepspeed
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        from bench.bench_attention import deepspeed_attention
+        ds_attn = deepspeed_attention(topo.sp_group)
+
+    def show(r):
+        t = f"{r['fwd_bwd_ms']:9.1f} ms {r['tflops_per_gpu']:6.1f} TFLOP/s" if "fwd_bwd_ms" in r else ""
+        log(f"{r['mode']:>16} S={r['total_tokens']:>8} " + ("OOM" if r["oom"] else
+            f"peak {r['peak_gib'] or 0:7.2f} GiB working {r['working_gib'] or 0:7.2f} "
+            f"state {r['state_gib'] or 0:7.2f} {t}"))
+
+    t0 = time.time()
+    memory = []
+    for seq in [int(s) for s in args.mem_seqs.split(",") if s]:
+        for mode in args.mem_modes.split(","):
+            steps = 2 if mode.startswith("offload") else 1  # the second step must allocate no host memory
+            memory.append(measure(mode, seq, topo, args.kernel, ds_attn, device, iters=0, steps=steps,
+                                  dtype=dtype))
+            show(memory[-1])
+    for seq in [int(s) for s in args.fit_seqs.split(",") if s]:
+        for mode in args.fit_modes.split(","):
+            if any(r["oom"] for r in memory if r["mode"] == mode):
+                continue  # already out of memory at a shorter S
+            memory.append(measure(mode, seq, topo, args.kernel, ds_attn, device, iters=0, dtype=dtype))
+            show(memory[-1])
+    payload["memory"] = memory
+    log(f"memory sweep {time.time() - t0:.0f}s")
+    if rank == 0:
+        write_json(args.out, payload)  # a run cut short keeps what it measured
+
+    t0 = time.time()
+    thr = []
+    chunks = [c for c in args.chunks.split(",") if c]
+    modes = ["unchunked"] + [f"{m}:{c}" for c in chunks for m in ("offload", "chunk")] if chunks else []
+    for mode in modes:
+        thr.append(measure(mode, args.thr_seq, topo, args.kernel, ds_attn, device, iters=args.iters,
+                           dtype=dtype))
+        show(thr[-1])
+    base = next((r for r in thr if r["mode"] == "unchunked" and "tflops_per_gpu" in r), None)
+    for r in thr:
+        if base and "tflops_per_gpu" in r:
+            r["vs_unchunked"] = r["tflops_per_gpu"] / base["tflops_per_gpu"]
+    payload["throughput"] = thr
+    log(f"throughput sweep {time.time() - t0:.0f}s")
+    if rank == 0:
+        write_json(args.out, payload)
+
+    if args.trace_seq and Memory.cuda:
+        payload["overlap_trace"] = traced_overlap(args, topo, device, dtype, rank, world)
+        log("overlap:", payload["overlap_trace"])
 
     if rank == 0:
         write_json(args.out, payload)
         log(f"{'mode':>16} {'tokens':>8} {'peak GiB':>9} {'state GiB':>9} {'TFLOP/s':>8} {'x unchunked':>11}")
         for r in memory + thr:
-            log(f"{r['mode']:>16} {r['total_tokens']:>8} {'OOM' if r['oom'] else format(r['peak_gib'], '9.2f'):>9} "
-                f"{r.get('state_gib', 0):9.2f} {r.get('tflops_per_gpu', 0):8.1f} {r.get('vs_unchunked', 0):11.3f}")
+            log(f"{r['mode']:>16} {r['total_tokens']:>8} {'OOM' if r['oom'] else format(r['peak_gib'] or 0, '9.2f'):>9} "
+                f"{r.get('state_gib') or 0:9.2f} {r.get('tflops_per_gpu', 0):8.1f} {r.get('vs_unchunked', 0):11.3f}")
     dist.barrier()
     dist.destroy_process_group()
 

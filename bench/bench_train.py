@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import sys
@@ -88,6 +89,7 @@ def main():
                     help="SDPA backend of the plain DeepSpeed run (default: PyTorch's own choice)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the rates")
+    ap.add_argument("--dist_timeout_s", type=int, default=300, help="collective timeout")
     ap.add_argument("--commit", default="")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -100,7 +102,10 @@ def main():
     from examples.train import load_corpus, sample_batch
 
     cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # gloo: a CPU smoke run
+    # A rank out of memory leaves the others waiting in a collective: the timeout ends the run rather than
+    # the device call's limit (its JSON, with the OOM, is already written by then).
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",  # gloo: a CPU smoke run
+                               timeout=datetime.timedelta(seconds=args.dist_timeout_s))
     import torch.distributed as dist
     rank, world = dist.get_rank(), dist.get_world_size()
     if cuda:
@@ -174,8 +179,7 @@ def main():
         except torch.cuda.OutOfMemoryError as exc:
             payload["oom"] = {"step": step, "error": str(exc).split("\n")[0][:400],
                               "peak_gib": peak()}
-            if rank == 0:
-                print("OOM:", payload["oom"], flush=True)
+            print(f"rank {rank} OOM:", payload["oom"], flush=True)
             break
         dt = time.perf_counter() - t0
         row = {"step": step, "loss": loss.item(), "seconds": dt, "tokens_per_s": S * dp / dt,
@@ -191,9 +195,13 @@ def main():
     if timed:
         payload["summary"] = {k: sum(r[k] for r in timed) / len(timed) for k in ("tokens_per_s", "tflops_per_gpu")}
         payload["summary"]["peak_gib"] = max(r["peak_gib"] for r in steps)
-    if rank == 0:
-        write_json(args.out, payload)
+    if rank == 0 or "oom" in payload:  # a rank that ran out of memory alone still leaves its record
+        write_json(args.out if rank == 0 else f"{args.out}.rank{rank}", payload)
         print("summary:", payload.get("summary"), "oom:", "oom" in payload, flush=True)
+    if "oom" not in payload:
+        # Leave together: a rank that exits while another still talks to it brings that one down (gloo aborts).
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

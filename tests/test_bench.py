@@ -1,0 +1,104 @@
+"""The GPU benchmarks run through on 2 CPU ranks (gloo) and write the JSON the report reads.
+
+GPU time is scarce: a multi-rank bench must not meet its first bug on the GPU machine. These runs use tiny
+sizes and float32; the numbers checked are the ones a CPU run can check (exactness, host-pool reuse, the
+within-run ratios being the ratios of the rows), never speed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_example import ROOT, free_port
+
+
+def torchrun(script: str, out: str, *args: str) -> dict:
+    launcher = shutil.which("torchrun")
+    cmd = [launcher] if launcher else [sys.executable, "-m", "torch.distributed.run"]
+    cmd += ["--nproc_per_node", "2", "--master_port", str(free_port()), script, "--out", out, *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    with open(out) as f:
+        return json.load(f)
+
+
+def test_attention_bench_runs_every_implementation_on_two_ranks_with_exact_results(tmp_path):
+    impls = ["single", "ulysses", "ring", "ring:reference", "deepspeed"]
+    d = torchrun("bench/bench_attention.py", str(tmp_path / "a.json"), "--kernel", "auto", "--dtype", "float32",
+                 "--impls", ",".join(impls), "--seqs", "512", "--exact-seq", "512", "--iters", "1")
+
+    assert d["world_size"] == 2 and d["dtype"] == "float32" and "bench_attention.py" in d["command"]
+    # distributed attention against the kernel on the whole sequence, out and gradients
+    assert set(d["exactness_float32"]) == {"ulysses", "ring"}
+    for name, errs in d["exactness_float32"].items():
+        assert set(errs) == {"out", "dq", "dk", "dv"}
+        assert max(errs.values()) < 1e-5, (name, errs)
+    rows = {r["impl"]: r for r in d["results"]}
+    assert list(rows) == impls
+    single, ds = rows["single"], rows["deepspeed"]
+    for impl, r in rows.items():
+        assert r["total_tokens"] == 512 and r["tokens_per_gpu"] == 256
+        assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0 and r["fwd_bwd_ms"] == pytest.approx(r["fwd_ms"] + r["bwd_ms"])
+        assert r["peak_mem_gib"] is None  # no allocator counters on CPU
+        assert r["vs_deepspeed_ulysses_cudnn"] == pytest.approx(r["tflops_per_gpu"] / ds["tflops_per_gpu"])
+    for impl in ("single", "ulysses", "ring"):  # the same kernel alone at the same tokens per GPU
+        assert rows[impl]["vs_single_gpu_kernel"] == pytest.approx(
+            rows[impl]["tflops_per_gpu"] / single["tflops_per_gpu"])
+    # "ring:reference" has no "single:reference" row to compare with, and DeepSpeed runs its own kernel
+    assert "vs_single_gpu_kernel" not in rows["ring:reference"] and "vs_single_gpu_kernel" not in ds
+    assert rows["ring:reference"]["kernel"] == "reference" and ds["kernel"].startswith("sdpa_math")
+
+
+def test_fpdt_bench_runs_its_sweeps_on_two_ranks_chunked_equal_to_unchunked(tmp_path):
+    d = torchrun("bench/bench_fpdt.py", str(tmp_path / "f.json"), "--kernel", "auto", "--dtype", "float32",
+                 "--mem-seqs", "1024", "--mem-modes", "unchunked,deepspeed,offload:256",
+                 "--fit-seqs", "2048", "--fit-modes", "offload:512,deepspeed",
+                 "--thr-seq", "1024", "--chunks", "256", "--iters", "1", "--trace-seq", "0", "--exact-seq", "512")
+
+    assert d["world_size"] == 2 and (d["ulysses"], d["ring"]) == (2, 1)
+    ex = d["exactness_float32_vs_unchunked"]
+    assert set(ex) == {"chunk:128", "offload:128", "chunk:256", "offload:256"}
+    for mode, errs in ex.items():
+        assert max(errs.values()) < 1e-5, (mode, errs)
+    mem = [(r["mode"], r["total_tokens"]) for r in d["memory"]]
+    assert mem == [("unchunked", 1024), ("deepspeed", 1024), ("offload:256", 1024),
+                   ("offload:512", 2048), ("deepspeed", 2048)]
+    for r in d["memory"]:
+        assert not r["oom"] and r["peak_gib"] is None  # no allocator counters on CPU
+        if r["mode"].startswith("offload"):
+            assert r["host_allocations_first_step"] > 0 and r["host_pool_held_gib"] > 0
+        else:  # the pool is empty at the start of each row: nothing left over from the one before
+            assert r["host_allocations_first_step"] == 0 and r["host_pool_held_gib"] == 0
+    # the second step of the layer takes its host buffers from the pool: no new pinned allocation
+    assert d["memory"][2]["host_allocations_later_steps"] == 0
+    thr = {r["mode"]: r for r in d["throughput"]}
+    assert list(thr) == ["unchunked", "offload:256", "chunk:256"]
+    for r in thr.values():
+        assert r["vs_unchunked"] == pytest.approx(r["tflops_per_gpu"] / thr["unchunked"]["tflops_per_gpu"])
+    assert "overlap_trace" not in d  # the trace is CUDA's
+
+
+@pytest.mark.parametrize("mode", ["ds_longctx", "deepspeed"])
+def test_training_bench_trains_on_two_ranks_and_reports_each_step(tmp_path, mode):
+    extra = (["--kernel", "auto", "--chunk_size", "128", "--offload", "--checkpoint_offload",
+              "--mlp_tile_tokens", "128"] if mode == "ds_longctx" else [])
+    d = torchrun("bench/bench_train.py", str(tmp_path / "t.json"), "--mode", mode, "--seq_len", "512",
+                 "--hidden", "64", "--intermediate", "128", "--layers", "2", "--heads", "4", "--kv_heads", "2",
+                 "--checkpointing", "--steps", "3", "--warmup", "1", *extra)
+
+    assert d["world_size"] == 2 and "oom" not in d and [r["step"] for r in d["steps"]] == [0, 1, 2]
+    # ds_longctx: both ranks hold one sequence (dp 1); plain ZeRO-3: each rank its own sequence (dp 2)
+    assert d["dp"] == (1 if mode == "ds_longctx" else 2)
+    for r in d["steps"]:
+        assert 4.0 < r["loss"] < 7.0  # a byte model near its random start (ln 256 = 5.5)
+        assert r["tokens_per_s"] == pytest.approx(512 * d["dp"] / r["seconds"])
+    assert d["summary"]["tokens_per_s"] == pytest.approx(sum(r["tokens_per_s"] for r in d["steps"][1:]) / 2)
+    if mode == "ds_longctx":
+        assert d["kernel_resolved"] and d["ds_config"]["long_context"]["ulysses_degree"] == 2
+        assert all(r["host_pool_gib"] > 0 for r in d["steps"])  # FPDT chunks and checkpoints went to the pool
