@@ -19,7 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench.common import (OOM, Memory, causal_flops_fwd_bwd, init_distributed, record_header,  # noqa: E402
-                          time_fwd_bwd, write_json)
+                          time_interleaved, write_json)
 from ds_longctx.attention import attention  # noqa: E402
 from ds_longctx.kernels import KERNELS, get_kernel  # noqa: E402
 from ds_longctx.layout import shard, unshard  # noqa: E402
@@ -125,11 +125,23 @@ def exactness(topos, kernel, device, seq, dtype=torch.bfloat16):
     return res
 
 
+def parse_impl(impl, default_kernel):
+    """``"ring:sdpa_cudnn#2"`` -> ("ring", "sdpa_cudnn"): the topology (``_pN`` for a pipelined all-to-all),
+    the kernel when it is not --kernel (a peer in the same run), and after ``#`` a tag that makes a second row
+    of the same implementation (timing the same thing twice shows what is noise)."""
+    spec = impl.partition("#")[0]
+    base, _, kname = spec.partition(":")
+    return base, kname or default_kernel
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernel", default="sdpa_cudnn")
     ap.add_argument("--seqs", default="131072,262144,524288,1048576", help="total tokens")
-    ap.add_argument("--impls", default="single,ulysses,ring,hybrid,deepspeed")
+    ap.add_argument("--impls", default="single,ulysses,ring,hybrid,deepspeed,single#2",
+                    help="timed in rounds, in this order: single, ulysses, ring, hybrid (4+ ranks), deepspeed; "
+                         "':KERNEL' for another kernel than --kernel, '_pN' for an all-to-all pipelined over N "
+                         "head chunks, '#TAG' for a second row of the same (single#2: the noise of the run)")
     ap.add_argument("--long-impls", default="ulysses", help="impls still run at --long-from tokens and more")
     ap.add_argument("--long-from", type=int, default=1048576)
     ap.add_argument("--short-max", type=int, default=1 << 40, help="impls not in --impls-long-enough stop here")
@@ -162,7 +174,7 @@ def main():
 
     ds_attn = None
     impls = args.impls.split(",")
-    if "deepspeed" in impls:
+    if any(parse_impl(i, args.kernel)[0] == "deepspeed" for i in impls):
         import deepspeed
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         ds_attn = deepspeed_attention(topos["ulysses"].sp_group)
@@ -171,61 +183,60 @@ def main():
     for seq in [int(s) for s in args.seqs.split(",")]:
         long = seq >= args.long_from
         per_gpu = seq // world
+        chosen = []
         for impl in impls:
-            # "ring:sdpa_cudnn": the ring with another kernel than --kernel, as a peer in the same run.
-            base_impl, _, kname = impl.partition(":")
-            kname = kname or args.kernel
+            base_impl, kname = parse_impl(impl, args.kernel)
             if base_impl.partition("_p")[0] not in topos and base_impl != "deepspeed":
                 continue
             if long and impl not in args.long_impls.split(","):
                 continue
             if seq > args.short_max and impl not in args.impls_long_enough.split(",") + args.long_impls.split(","):
                 continue
-            n = per_gpu
-            flops = causal_flops_fwd_bwd(1, H, seq, D) / world
-            if base_impl == "single":  # the kernel alone on this GPU's share of tokens
-                flops = causal_flops_fwd_bwd(1, H, per_gpu, D)
-            q, k, v, do = make_inputs(n, device, seed=seq, dtype=dtype)
-            leaves = [t.requires_grad_() for t in (q, k, v)]
+            chosen.append(impl)
+        # One set of inputs per length, shared by all implementations (the same local shapes for each).
+        q, k, v, do = make_inputs(per_gpu, device, seed=seq, dtype=dtype)
+        leaves = [t.requires_grad_() for t in (q, k, v)]
+        fns = {}
+        for impl in chosen:
+            base_impl, kname = parse_impl(impl, args.kernel)
             if base_impl == "deepspeed":
-                fwd = lambda: ds_attn(*leaves, batch_dim_idx=0)  # noqa: E731
+                fns[impl] = lambda: ds_attn(*leaves, batch_dim_idx=0)  # noqa: E731
             else:
                 # "ulysses_p4": the Ulysses topology with the all-to-all pipelined over 4 head chunks.
                 base, _, p = base_impl.partition("_p")
                 topo, opts = topos[base], ({"pipeline_chunks": int(p)} if p else {})
-                fwd = lambda topo=topo, opts=opts, kname=kname: attention(*leaves, topo, causal=True,  # noqa
-                                                                          kernel=kname, **opts)
-            Memory.empty_cache()
-            Memory.reset_peak()
-            try:
-                t = time_fwd_bwd(fwd, do, iters=1 if long else (args.iters if seq < 524288 else 2), warmup=1)
-            except OOM:
-                t = None
-            row = {"impl": impl, "total_tokens": seq, "tokens_per_gpu": per_gpu,
+                fns[impl] = lambda topo=topo, opts=opts, kname=kname: attention(  # noqa: E731
+                    *leaves, topo, causal=True, kernel=kname, **opts)
+        Memory.empty_cache()
+        iters = 1 if long else (args.iters if seq < 524288 else 2)
+        timed = time_interleaved(fns, do, leaves, iters=iters, warmup=1)
+        for impl in chosen:
+            base_impl, kname = parse_impl(impl, args.kernel)
+            flops = causal_flops_fwd_bwd(1, H, seq, D) / world
+            if base_impl == "single":  # the kernel alone on this GPU's share of tokens
+                flops = causal_flops_fwd_bwd(1, H, per_gpu, D)
+            t = timed[impl]
+            row = {"impl": impl, "total_tokens": seq, "tokens_per_gpu": per_gpu, "rounds": iters,
                    "kernel": f"sdpa_{'cudnn' if q.is_cuda else 'math'} (DeepSpeed local attention)"
                    if base_impl == "deepspeed" else get_kernel(kname, q, k).name,
-                   "peak_mem_gib": Memory.peak() / 2**30 if Memory.cuda else None}
-            if t is None:
-                row["oom"] = True
-            else:
-                row.update(t)
+                   "peak_mem_gib": t.pop("peak_bytes", 0) / 2**30 if Memory.cuda else None}
+            row.update(t)
+            if not t.get("oom"):
                 row["tflops_per_gpu"] = flops / (t["fwd_bwd_ms"] * 1e-3) / 1e12
             rows.append(row)
             if rank == 0:
                 print(f"{impl:>20} S={seq:>8} per_gpu={per_gpu:>7} "
-                      + (f"{row.get('fwd_bwd_ms', 0):9.1f} ms {row.get('tflops_per_gpu', 0):6.1f} TFLOP/s/GPU"
-                         if t else "OOM"), flush=True)
-            for leaf in leaves:
-                leaf.grad = None
-            del q, k, v, do, leaves
+                      + ("OOM" if t.get("oom") else f"{row['fwd_bwd_ms']:9.1f} ms "
+                         f"{row['tflops_per_gpu']:6.1f} TFLOP/s/GPU (spread {row['spread']:.3f})"), flush=True)
+        del q, k, v, do, leaves, fns
     # Ratios within the run: against the single-GPU kernel at the same tokens per GPU, and against DeepSpeed.
     by = {(r["impl"], r["total_tokens"]): r for r in rows if "tflops_per_gpu" in r}
     for r in rows:
-        kname = r["impl"].partition(":")[2]
+        kname = r["impl"].partition("#")[0].partition(":")[2]
         single = by.get(("single" + (":" + kname if kname else ""), r["total_tokens"]))
         cudnn = by.get(("single:sdpa_cudnn", r["total_tokens"])) or (
             by.get(("single", r["total_tokens"])) if args.kernel == "sdpa_cudnn" else None)
-        if r["impl"] == "deepspeed":  # its local kernel is cuDNN SDPA, whatever --kernel says
+        if parse_impl(r["impl"], args.kernel)[0] == "deepspeed":  # its local kernel is cuDNN SDPA, whatever --kernel says
             single = cudnn
         ds = by.get(("deepspeed", r["total_tokens"]))
         if "tflops_per_gpu" in r and single:  # the same kernel alone on one GPU at the same tokens per GPU

@@ -107,44 +107,86 @@ def record_header(world: int, commit: str = "") -> Dict:
     }
 
 
-def time_fwd_bwd(fwd: Callable[[], torch.Tensor], grad: torch.Tensor, iters: int, warmup: int,
-                 group=None) -> Dict[str, float]:
-    """Median forward and backward milliseconds (CUDA events; wall clock on CPU), all ranks started
-    together each iteration."""
-    fwd_ms: List[float] = []
-    bwd_ms: List[float] = []
+def time_interleaved(fns: Dict[str, Callable[[], torch.Tensor]], grad: torch.Tensor, leaves: List[torch.Tensor],
+                     iters: int, warmup: int, group=None) -> Dict[str, Dict]:
+    """Forward + backward of several implementations on the same inputs, timed in rounds: each round runs
+    every implementation once, in the given order, so a drift of clocks or temperature during the run falls
+    on all of them alike instead of on whichever was measured last. ``leaves`` get their gradients cleared
+    before each run (none accumulates into the next).
+
+    Returns, per name: the median forward and backward milliseconds over the timed rounds (CUDA events;
+    wall clock on CPU), as the slowest rank saw them, the per-round times, their spread ((max - min) /
+    median, this rank) and the peak of allocated device memory (bytes, 0 on CPU); or ``{"oom": True}``
+    for an implementation that ran out of device memory (it is left out of the later rounds). All ranks
+    start each run together."""
     cuda = torch.cuda.is_available()
+    times: Dict[str, List] = {name: [] for name in fns}
+    peak: Dict[str, int] = {name: 0 for name in fns}
+    oom = set()
     for i in range(warmup + iters):
-        if dist.is_initialized():
-            dist.barrier(group=group)
-        if cuda:
-            torch.cuda.synchronize()
-            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-            e0.record()
-            out = fwd()
-            e1.record()
-            out.backward(grad)
-            e2.record()
-            torch.cuda.synchronize()
-            f_ms, b_ms = e0.elapsed_time(e1), e1.elapsed_time(e2)
-        else:
-            t0 = time.perf_counter()
-            out = fwd()
-            t1 = time.perf_counter()
-            out.backward(grad)
-            t2 = time.perf_counter()
-            f_ms, b_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
-        if i >= warmup:
-            fwd_ms.append(f_ms)
-            bwd_ms.append(b_ms)
-        del out
-    f, b = statistics.median(fwd_ms), statistics.median(bwd_ms)
+        for name, fwd in fns.items():
+            if name in oom:
+                continue
+            for leaf in leaves:
+                leaf.grad = None
+            if dist.is_initialized():
+                dist.barrier(group=group)
+            Memory.sync()
+            Memory.reset_peak()
+            try:
+                if cuda:
+                    e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+                    e0.record()
+                    out = fwd()
+                    e1.record()
+                    out.backward(grad)
+                    e2.record()
+                    torch.cuda.synchronize()
+                    f_ms, b_ms = e0.elapsed_time(e1), e1.elapsed_time(e2)
+                else:
+                    t0 = time.perf_counter()
+                    out = fwd()
+                    t1 = time.perf_counter()
+                    out.backward(grad)
+                    t2 = time.perf_counter()
+                    f_ms, b_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+                del out
+            except OOM:
+                out = None  # noqa: F841 - the half-built graph goes before the next implementation runs
+                oom.add(name)
+                Memory.empty_cache()
+                continue
+            peak[name] = max(peak[name], Memory.peak())
+            if i >= warmup:
+                times[name].append((f_ms, b_ms))
+    for leaf in leaves:
+        leaf.grad = None
+    names = list(fns)
+    med = torch.tensor([[statistics.median(t[0] for t in times[n]), statistics.median(t[1] for t in times[n])]
+                        if n not in oom else [0.0, 0.0] for n in names],
+                       device="cuda" if cuda else "cpu", dtype=torch.float64)
     # Every rank reports the slowest rank's time: that is the step time of the group.
-    t = torch.tensor([f, b], device="cuda" if cuda else "cpu", dtype=torch.float64)
     if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return {"fwd_ms": t[0].item(), "bwd_ms": t[1].item(), "fwd_bwd_ms": t.sum().item(),
-            "fwd_ms_all": fwd_ms, "bwd_ms_all": bwd_ms}
+        dist.all_reduce(med, op=dist.ReduceOp.MAX, group=group)
+    out: Dict[str, Dict] = {}
+    for j, n in enumerate(names):
+        if n in oom:
+            out[n] = {"oom": True}
+            continue
+        total = [f + b for f, b in times[n]]
+        out[n] = {"fwd_ms": med[j, 0].item(), "bwd_ms": med[j, 1].item(), "fwd_bwd_ms": med[j].sum().item(),
+                  "fwd_ms_all": [f for f, _ in times[n]], "bwd_ms_all": [b for _, b in times[n]],
+                  "spread": (max(total) - min(total)) / statistics.median(total), "peak_bytes": peak[n]}
+    return out
+
+
+def time_fwd_bwd(fwd: Callable[[], torch.Tensor], grad: torch.Tensor, iters: int, warmup: int,
+                 leaves: List[torch.Tensor] = (), group=None) -> Dict[str, float]:
+    """``time_interleaved`` of one implementation; running out of device memory raises."""
+    t = time_interleaved({"fwd": fwd}, grad, list(leaves), iters, warmup, group)["fwd"]
+    if t.get("oom"):
+        raise OOM("out of device memory while timing")
+    return t
 
 
 def write_json(path: str, payload: Dict) -> None:

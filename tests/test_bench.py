@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.test_example import ROOT, free_port
 
@@ -29,9 +30,9 @@ def torchrun(script: str, out: str, *args: str) -> dict:
 
 
 def test_attention_bench_runs_every_implementation_on_two_ranks_with_exact_results(tmp_path):
-    impls = ["single", "ulysses", "ring", "ring:reference", "deepspeed"]
+    impls = ["single", "ulysses", "ring", "ring:reference", "deepspeed", "single#2"]
     d = torchrun("bench/bench_attention.py", str(tmp_path / "a.json"), "--kernel", "auto", "--dtype", "float32",
-                 "--impls", ",".join(impls), "--seqs", "512", "--exact-seq", "512", "--iters", "1")
+                 "--impls", ",".join(impls), "--seqs", "512", "--exact-seq", "512", "--iters", "2")
 
     assert d["world_size"] == 2 and d["dtype"] == "float32" and "bench_attention.py" in d["command"]
     # distributed attention against the kernel on the whole sequence, out and gradients
@@ -45,9 +46,11 @@ def test_attention_bench_runs_every_implementation_on_two_ranks_with_exact_resul
     for impl, r in rows.items():
         assert r["total_tokens"] == 512 and r["tokens_per_gpu"] == 256
         assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0 and r["fwd_bwd_ms"] == pytest.approx(r["fwd_ms"] + r["bwd_ms"])
+        # timed in rounds: one time per round for every implementation, and how far they spread
+        assert r["rounds"] == 2 and len(r["fwd_ms_all"]) == len(r["bwd_ms_all"]) == 2 and r["spread"] >= 0
         assert r["peak_mem_gib"] is None  # no allocator counters on CPU
         assert r["vs_deepspeed_ulysses_cudnn"] == pytest.approx(r["tflops_per_gpu"] / ds["tflops_per_gpu"])
-    for impl in ("single", "ulysses", "ring"):  # the same kernel alone at the same tokens per GPU
+    for impl in ("single", "ulysses", "ring", "single#2"):  # the same kernel alone at the same tokens per GPU
         assert rows[impl]["vs_single_gpu_kernel"] == pytest.approx(
             rows[impl]["tflops_per_gpu"] / single["tflops_per_gpu"])
     # "ring:reference" has no "single:reference" row to compare with, and DeepSpeed runs its own kernel
@@ -102,3 +105,29 @@ def test_training_bench_trains_on_two_ranks_and_reports_each_step(tmp_path, mode
     if mode == "ds_longctx":
         assert d["kernel_resolved"] and d["ds_config"]["long_context"]["ulysses_degree"] == 2
         assert all(r["host_pool_gib"] > 0 for r in d["steps"])  # FPDT chunks and checkpoints went to the pool
+
+
+def test_implementations_are_timed_in_rounds_and_one_out_of_memory_leaves_the_others_timed():
+    from bench.common import OOM, time_interleaved
+
+    x = torch.randn(8, 8, requires_grad=True)
+    calls = []
+
+    def fwd(name):
+        def run():
+            calls.append(name)
+            assert x.grad is None  # cleared before every run: nothing accumulates from the one before
+            if name == "big" and len(calls) > 3:
+                raise OOM("out of memory")  # in the first timed round
+            return x * 2.0
+        return run
+
+    t = time_interleaved({"a": fwd("a"), "big": fwd("big"), "b": fwd("b")}, torch.ones(8, 8), [x],
+                         iters=3, warmup=1)
+
+    # round-robin in the given order; after its failure "big" is left out of the rounds
+    assert calls == ["a", "big", "b", "a", "big", "b", "a", "b", "a", "b"]
+    assert t["big"] == {"oom": True}
+    for name in ("a", "b"):
+        assert len(t[name]["fwd_ms_all"]) == 3 and t[name]["fwd_bwd_ms"] > 0 and t[name]["peak_bytes"] == 0
+    assert x.grad is None
