@@ -35,16 +35,21 @@ def attention_tables():
         out.append(f"Kernel `{d['kernel_requested']}` resolved to `{d['kernel_resolved']}`; Llama-3-8B heads "
                    f"({d['heads']} q, {d['kv_heads']} kv, D={d['head_dim']}), causal, bf16, fwd+bwd.\n")
         out.append("| impl | kernel | total tokens | tokens/GPU | ms | TFLOP/s/GPU | x same kernel on 1 GPU | "
-                   "x cuDNN on 1 GPU | x DeepSpeed Ulysses (cuDNN) |")
-        out.append("|---|---|---|---|---|---|---|---|---|")
+                   "x cuDNN on 1 GPU | x DeepSpeed Ulysses (cuDNN) | spread |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in d["results"]:
             if r.get("oom"):
-                out.append(f"| {r['impl']} | {r['kernel']} | {r['total_tokens']} | {r['tokens_per_gpu']} | OOM |||||")
+                out.append(f"| {r['impl']} | {r['kernel']} | {r['total_tokens']} | {r['tokens_per_gpu']} | OOM ||||||")
                 continue
             out.append(f"| {r['impl']} | {r['kernel']} | {r['total_tokens']} | {r['tokens_per_gpu']} | "
                        f"{r['fwd_bwd_ms']:.1f} | {r['tflops_per_gpu']:.1f} | "
                        f"{'' if r['impl'] == 'deepspeed' else f(r.get('vs_single_gpu_kernel'))} | "
-                       f"{f(r.get('vs_single_gpu_cudnn'))} | {f(r.get('vs_deepspeed_ulysses_cudnn'))} |")
+                       f"{f(r.get('vs_single_gpu_cudnn'))} | {f(r.get('vs_deepspeed_ulysses_cudnn'))} | "
+                       f"{f(r.get('spread'))} |")
+        if any("spread" in r for r in d["results"]):
+            out.append(f"\nTimed in rounds ({d['results'][0].get('rounds')} per length, each implementation once "
+                       "per round in the order above, one set of inputs); *spread* = (max - min) / median of a "
+                       "row's round times; `single#2` is the kernel timed again at the end of each round.")
         chk = d.get("kernel_check", {})
         if chk:
             out.append("\nKernel check against the fp32 reference kernel (relative error, bf16 inputs, S=2048):\n")
