@@ -217,6 +217,72 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
     return {"losses": losses, "forwards": forwards, "leased_after_forward": leased, "params": params, "info": info}
 
 
+def save_and_resume(kind: str, ulysses: int, ring: int, ckpt_dir: str, steps_before: int, steps_after: int,
+                    resume_as=None, seq_len: int = 48, batch_size: int = 2, optim: str = "adamw") -> dict:
+    """Every rank: train ``steps_before`` steps through ``ds_longctx.initialize``, ``engine.save_checkpoint``,
+    train ``steps_after`` more (the uninterrupted run); then a fresh engine on a model of other initial
+    weights, with ``resume_as = (ulysses, ring)`` (default: the same), ``engine.load_checkpoint`` and the same
+    ``steps_after`` steps (the resumed run). Returns both runs' losses, the restored step counts, and (rank 0)
+    the parameters right after loading next to DeepSpeed's fp32 consolidation of the checkpoint."""
+    import deepspeed
+    import torch.distributed as dist
+
+    import ds_longctx
+
+    os.environ.setdefault("LOCAL_RANK", "0")
+    _quiet()
+
+    def engine_for(u, r, seed):
+        model = build_model(kind, seq_len, seed)
+        config = ds_config(u, r, batch_size, optim=optim)
+        # a scheduler whose state matters: the resumed run must continue its warmup, not restart it
+        config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-3,
+                                                              "warmup_num_steps": 10}}
+        engine, _, _, _ = ds_longctx.initialize(model=model, model_parameters=model.parameters(), config=config)
+        return engine
+
+    def run(engine, steps):
+        lc = engine.long_context
+        losses = []
+        for step in steps:
+            batch = lc.shard_batch(full_batch(step, lc.topology.dp_rank, batch_size, seq_len))
+            out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+            loss = lc.loss(getattr(out, "logits", out), batch["shift_labels"])
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        return losses
+
+    def gathered(engine):
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            return {n: p.detach().clone() for n, p in engine.module.named_parameters()} if dist.get_rank() == 0 else None
+
+    engine = engine_for(ulysses, ring, seed=0)
+    run(engine, range(steps_before))
+    engine.save_checkpoint(ckpt_dir, tag="step")
+    saved = gathered(engine)
+    uninterrupted = run(engine, range(steps_before, steps_before + steps_after))
+    engine.destroy()
+
+    u, r = resume_as or (ulysses, ring)
+    engine = engine_for(u, r, seed=1)
+    before_load = gathered(engine)
+    path, _ = engine.load_checkpoint(ckpt_dir, tag="step")
+    loaded = gathered(engine)
+    restored_steps = (engine.global_steps, engine.lr_scheduler.last_batch_iteration)
+    resumed = run(engine, range(steps_before, steps_before + steps_after))
+    engine.destroy()
+    consolidated = None
+    dist.barrier()
+    if dist.get_rank() == 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        consolidated = {n: t.detach().clone() for n, t in
+                        get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag="step").items()}
+    dist.barrier()
+    return {"uninterrupted": uninterrupted, "resumed": resumed, "loaded_from": path, "restored_steps": restored_steps,
+            "saved": saved, "before_load": before_load, "loaded": loaded, "consolidated": consolidated}
+
+
 def train_single_process(kind: str, dp: int, steps: int, seq_len: int, batch_size: int = 1, seed: int = 0,
                          clip: float = 0.0, optim: str = "sgd") -> dict:
     """The reference: one process, no DeepSpeed, no sequence parallelism, the model's own attention (sdpa).

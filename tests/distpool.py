@@ -12,6 +12,7 @@ import os
 import queue
 import tempfile
 import traceback
+from multiprocessing.reduction import ForkingPickler
 
 
 def _worker(rank, world, init_file, jobs, results):
@@ -27,7 +28,11 @@ def _worker(rank, world, init_file, jobs, results):
             break
         fn, args, kwargs = job
         try:
-            results.put((rank, True, fn(*args, **kwargs)))
+            value = fn(*args, **kwargs)
+            # The queue pickles in a background thread, where a failure is only printed and the test would
+            # wait for a result that never comes: pickle here, so that it fails as this job's error.
+            ForkingPickler.dumps(value)
+            results.put((rank, True, value))
         except BaseException:  # noqa: BLE001 - the traceback goes back to the test
             results.put((rank, False, traceback.format_exc()))
     dist.destroy_process_group()

@@ -160,6 +160,35 @@ def test_zero3_adamw_training_gives_the_single_process_losses(pool):
     check_run(results, reference("llama", 1, optim="adamw"), "llama", 2, 2, compare_params=False)
 
 
+RESUME_CASES = [((2, 2), None), ((1, 2), None), ((2, 2), (4, 1))]
+
+
+@pytest.mark.parametrize("topology,resume_as", RESUME_CASES,
+                         ids=[f"U{t[0]}xR{t[1]}" + (f"-as-U{a[0]}xR{a[1]}" if a else "") for t, a in RESUME_CASES])
+def test_a_saved_checkpoint_resumes_training_where_it_stopped(pool, tmp_path, topology, resume_as):
+    # engine.save_checkpoint / load_checkpoint as in any DeepSpeed script: ZeRO-3 partitions, AdamW states and
+    # the LR warmup come back, so the resumed run repeats the uninterrupted one. The partitions span all
+    # ranks whatever the factorization, so a checkpoint also resumes under another U x R of the same world.
+    results = pool.run(cases.save_and_resume, "llama", *topology, str(tmp_path), 3, 3, resume_as, timeout=300)
+
+    for res in results:
+        assert res["restored_steps"] == (3, 2)  # 3 optimizer steps done; the scheduler's last step index
+        assert res["loaded_from"] is not None
+        if resume_as is None:  # the same computation in the same order: the same bits
+            assert res["resumed"] == res["uninterrupted"]
+        else:  # attention summed in another order: fp32 rounding apart
+            assert res["resumed"] == pytest.approx(res["uninterrupted"], rel=RTOL)
+    assert results[0]["resumed"] != results[0]["uninterrupted"][::-1]  # the losses move from step to step
+    saved, before, loaded, full = (results[0][k] for k in ("saved", "before_load", "loaded", "consolidated"))
+    # the fresh model starts elsewhere (other random weights; norms at their initial ones): loading did the work
+    flat = lambda d: torch.cat([t.flatten() for t in d.values()])  # noqa: E731
+    assert rel(flat(before), flat(saved)) > 0.1
+    for name, want in saved.items():
+        assert not torch.equal(before[name], want), name
+        assert torch.equal(loaded[name], want), name
+        assert torch.equal(full[name], want), name  # zero_to_fp32 gives the model a plain state dict
+
+
 ERROR_CASES = {
     "blocks_differ": "ranks disagree",
     "unreadable_on_one_rank": "does not exist",
