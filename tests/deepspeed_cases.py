@@ -133,10 +133,11 @@ def full_batch(step: int, dp_rank: int, batch_size: int, seq_len: int, seed: int
 def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kernel: str = "auto",
               optim: str = "sgd", fpdt: Optional[dict] = None, zero_stage: int = 3,
               keep_attention_output: bool = True, mlp_tile_tokens: Optional[int] = None,
-              loss_tile_tokens: Optional[int] = None, checkpoint_offload: bool = False) -> dict:
+              loss_tile_tokens: Optional[int] = None, checkpoint_offload: bool = False,
+              grad_accum: int = 1) -> dict:
     return {
         "train_micro_batch_size_per_gpu": batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": clip,
         "optimizer": OPTIMIZERS[optim],
         "zero_allow_untested_optimizer": True,  # torch SGD: elementwise, partitions like any optimizer
@@ -155,7 +156,8 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
                          seed: int = 0, clip: float = 0.0, optim: str = "sgd", kernel: str = "auto",
                          fpdt: Optional[dict] = None, zero_stage: int = 3, checkpointing: Optional[str] = None,
                          mlp_tile_tokens: Optional[int] = None, loss_in_model: bool = False,
-                         loss_tile_tokens: Optional[int] = None, checkpoint_offload: bool = False) -> dict:
+                         loss_tile_tokens: Optional[int] = None, checkpoint_offload: bool = False,
+                         grad_accum: int = 1) -> dict:
     """Every rank: ZeRO training through ``ds_longctx.initialize``. Returns this rank's per-step losses,
     local-kernel forward calls and host bytes leased at the end of the forward, coordinates, what DeepSpeed
     was told, and (rank 0) the final full parameters.
@@ -163,7 +165,9 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
     ``checkpointing``: None, ``"keep"`` (transformers' gradient checkpointing enabled before initialize,
     attention outputs kept) or ``"recompute"`` (enabled on the engine's module after initialize,
     ``keep_attention_output: false``). ``loss_in_model``: the loss comes back as the model output's ``.loss``
-    (``shift_labels=`` in the call; tiled from the hidden states with ``loss_tile_tokens``)."""
+    (``shift_labels=`` in the call; tiled from the hidden states with ``loss_tile_tokens``). ``grad_accum``:
+    micro-batches per optimizer step; micro-batch ``m`` of replica ``d`` is the reference's replica
+    ``d * grad_accum + m`` (a step averages over replicas and micro-batches alike), one loss per micro-batch."""
     import deepspeed
 
     import ds_longctx
@@ -177,7 +181,8 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
         model.gradient_checkpointing_enable()
     config = ds_config(ulysses, ring, batch_size, clip, kernel, optim, fpdt, zero_stage,
                        keep_attention_output=checkpointing != "recompute", mlp_tile_tokens=mlp_tile_tokens,
-                       loss_tile_tokens=loss_tile_tokens, checkpoint_offload=checkpoint_offload)
+                       loss_tile_tokens=loss_tile_tokens, checkpoint_offload=checkpoint_offload,
+                       grad_accum=grad_accum)
     engine, _, _, _ = ds_longctx.initialize(model=model, model_parameters=model.parameters(), config=config)
     if checkpointing == "recompute":
         engine.module.gradient_checkpointing_enable()
@@ -188,8 +193,8 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
     losses: List[float] = []
     forwards: List[int] = []
     leased: List[int] = []
-    for step in range(steps):
-        batch = lc.shard_batch(full_batch(step, topo.dp_rank, batch_size, seq_len, seed))
+    for step, micro in ((s, m) for s in range(steps) for m in range(grad_accum)):
+        batch = lc.shard_batch(full_batch(step, topo.dp_rank * grad_accum + micro, batch_size, seq_len, seed))
         with counted_kernel_forwards() as counted:
             if loss_in_model:
                 out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],

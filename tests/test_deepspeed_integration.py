@@ -48,7 +48,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def check_run(results, ref, kind, ulysses, ring, compare_params=True, zero3=True):
+def check_run(results, ref, kind, ulysses, ring, compare_params=True, zero3=True, accum=1):
     dp = WORLD // (ulysses * ring)
     for res in results:
         info = res["info"]
@@ -59,7 +59,8 @@ def check_run(results, ref, kind, ulysses, ring, compare_params=True, zero3=True
         assert info["seq_dp_world"] == WORLD
         # DeepSpeed is told of no sequence parallelism, so every ZeRO path averages over all ranks
         assert info["sp_size_seen_by_ds"] == 1
-        expected = [step[info["dp_rank"]] for step in ref["losses"]]
+        # micro-batch m of replica d is the reference's replica d * accum + m
+        expected = [step[info["dp_rank"] * accum + m] for step in ref["losses"] for m in range(accum)]
         assert res["losses"] == pytest.approx(expected, rel=RTOL), f"rank {info['rank']}"
     if not compare_params:
         return
@@ -158,6 +159,16 @@ def test_zero3_adamw_training_gives_the_single_process_losses(pool):
     # parameter tolerance (the gradients themselves agree to ~4e-7), so this case compares losses only.
     results = pool.run(cases.train_with_deepspeed, "llama", 2, 2, STEPS, SEQ, BATCH, optim="adamw", timeout=300)
     check_run(results, reference("llama", 1, optim="adamw"), "llama", 2, 2, compare_params=False)
+
+
+@pytest.mark.parametrize("ulysses,ring", [(2, 2), (1, 2)])
+def test_gradient_accumulation_averages_micro_batches_like_one_process(pool, ulysses, ring):
+    # 2 micro-batches per step on each replica: one process averaging dp x 2 batches per step is the reference
+    dp, accum = WORLD // (ulysses * ring), 2
+    ref = reference("llama", dp * accum)
+    results = pool.run(cases.train_with_deepspeed, "llama", ulysses, ring, STEPS, SEQ, BATCH, grad_accum=accum,
+                       timeout=300)
+    check_run(results, ref, "llama", ulysses, ring, accum=accum)
 
 
 RESUME_CASES = [((2, 2), None), ((1, 2), None), ((2, 2), (4, 1))]
