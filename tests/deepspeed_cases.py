@@ -288,6 +288,42 @@ def save_and_resume(kind: str, ulysses: int, ring: int, ckpt_dir: str, steps_bef
             "saved": saved, "before_load": before_load, "loaded": loaded, "consolidated": consolidated}
 
 
+def dataloader_batches(ulysses: int, ring: int, samples: int = 16, seq_len: int = 48, batch_size: int = 2) -> dict:
+    """Every rank: ``ds_longctx.initialize(training_data=<map-style dataset>)``, then one epoch of the
+    dataloader DeepSpeed returns, each batch sharded (``ShardedLoader``) and trained on. Returns the sample
+    indices this rank was given, per batch, and the losses."""
+    import ds_longctx
+    from ds_longctx.integration.data import ShardedLoader
+
+    os.environ.setdefault("LOCAL_RANK", "0")
+    _quiet()
+
+    class Samples(torch.utils.data.Dataset):
+        def __len__(self):
+            return samples
+
+        def __getitem__(self, i):
+            b = full_batch(0, i, 1, seq_len)
+            return {"index": i, "input_ids": b["input_ids"][0], "labels": b["labels"][0]}
+
+    model = build_model("llama", seq_len)
+    engine, _, loader, _ = ds_longctx.initialize(model=model, model_parameters=model.parameters(),
+                                                 training_data=Samples(), config=ds_config(ulysses, ring, batch_size))
+    lc = engine.long_context
+    loader.num_local_io_workers = 0  # the test pool's ranks are daemon processes, which may not fork loaders
+    indices, losses = [], []
+    for batch in ShardedLoader(loader, lc.topology):
+        indices.append(batch["index"].tolist())
+        out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+        loss = lc.loss(out.logits, batch["shift_labels"])
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    info = {"rank": lc.topology.rank, "dp_rank": lc.topology.dp_rank, "sp_rank": lc.topology.sp_rank}
+    engine.destroy()
+    return {"indices": indices, "losses": losses, "info": info}
+
+
 def train_single_process(kind: str, dp: int, steps: int, seq_len: int, batch_size: int = 1, seed: int = 0,
                          clip: float = 0.0, optim: str = "sgd") -> dict:
     """The reference: one process, no DeepSpeed, no sequence parallelism, the model's own attention (sdpa).

@@ -171,6 +171,28 @@ def test_gradient_accumulation_averages_micro_batches_like_one_process(pool, uly
     check_run(results, ref, "llama", ulysses, ring, accum=accum)
 
 
+@pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 4)])
+def test_deepspeeds_dataloader_gives_a_sequence_group_the_same_samples_and_replicas_disjoint_ones(
+        pool, ulysses, ring):
+    # training_data= goes to DeepSpeed, whose sampler splits samples over the mpu's data-parallel replicas
+    # only: the ranks of one sequence-parallel group must hold the same sequences for sharding to mean anything
+    samples, batch = 16, 2
+    dp = WORLD // (ulysses * ring)
+    results = pool.run(cases.dataloader_batches, ulysses, ring, samples, SEQ, batch, timeout=300)
+
+    by_replica = {}
+    for res in results:
+        assert len(res["indices"]) == samples // (dp * batch) and all(len(b) == batch for b in res["indices"])
+        by_replica.setdefault(res["info"]["dp_rank"], []).append(res)
+    assert len(by_replica) == dp
+    seen = []
+    for replica in by_replica.values():
+        assert all(r["indices"] == replica[0]["indices"] for r in replica)  # the group's ranks alike
+        assert all(r["losses"] == replica[0]["losses"] for r in replica)  # one loss for the whole sequence
+        seen += [i for b in replica[0]["indices"] for i in b]
+    assert sorted(seen) == list(range(samples))  # replicas disjoint, the epoch covered once
+
+
 RESUME_CASES = [((2, 2), None), ((1, 2), None), ((2, 2), (4, 1))]
 
 
