@@ -19,9 +19,11 @@ def load(pattern):
 def header(name, d):
     v = d["versions"]
     gpus = d.get("gpus") or ["?"]
+    # settings of the run that live in the environment, not the command line (the allocator's, for one)
+    env = "".join(f"{k}={v} " for k, v in d.get("env", {}).items() if k == "PYTORCH_CUDA_ALLOC_CONF")
     return (f"**`bench/results/{name}`**: {len(gpus)} x {gpus[0]}, torch {v['torch']}, cuDNN {v.get('cudnn')}, "
             f"deepspeed {v.get('deepspeed')}, commit `{d.get('commit')}`, {d['date']}  \n"
-            f"`{d['command']}`\n")
+            f"`{env}{d['command']}`\n")
 
 
 def f(x, spec=".3f"):
