@@ -57,7 +57,8 @@ def ds_config(args, world):
                                "fpdt": {"chunk_size": args.chunk_size, "offload": args.offload},
                                "keep_attention_output": bool(args.keep_attention_output),
                                "mlp_tile_tokens": args.mlp_tile_tokens, "loss_tile_tokens": args.loss_tile_tokens,
-                               "checkpoint_offload": args.checkpoint_offload}
+                               "checkpoint_offload": args.checkpoint_offload,
+                               "lean_rms_norm": bool(args.lean_rms_norm)}
     return cfg
 
 
@@ -79,6 +80,8 @@ def main():
     ap.add_argument("--checkpointing", action="store_true", help="transformers' gradient checkpointing")
     ap.add_argument("--keep_attention_output", type=int, default=1, choices=[0, 1])
     ap.add_argument("--mlp_tile_tokens", type=int, default=None)
+    ap.add_argument("--lean_rms_norm", type=int, default=1, choices=[0, 1],
+                    help="ds_longctx: RMSNorms keep only their input for backward (0: the model's own norms)")
     ap.add_argument("--offload_optimizer", action="store_true", help="ZeRO-3 optimizer states on the CPU")
     ap.add_argument("--checkpoint_offload", action="store_true",
                     help="ds_longctx: the checkpointed layers' inputs and kept outputs wait in pinned host memory")

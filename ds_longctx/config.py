@@ -96,6 +96,12 @@ class LongContextConfig(BaseModel):
                     "rematerialization-aware checkpointing): one attention forward less per layer and step, "
                     "for one more [S_local, hidden] activation per layer (in pinned host memory with "
                     "fpdt.offload).")
+    lean_rms_norm: bool = Field(
+        default=True, strict=True,
+        description="Hugging Face models (Llama, Qwen2, Qwen3, Mistral): RMSNorm layers keep only their input and "
+                    "1/rms for backward, computing over row tiles, instead of an fp32 copy of the input and the "
+                    "normalized tensor (three [S_local, hidden] activations less per norm in bf16). The forward "
+                    "gives the same values; the gradient differs by rounding only. false: the models' own norms.")
     checkpoint_offload: bool = Field(
         default=False, strict=True,
         description="With activation checkpointing on, keep each checkpointed layer's input (one [S_local, "

@@ -19,7 +19,8 @@ With activation checkpointing on (``model.gradient_checkpointing_enable()``, bef
 attention's output from the forward instead of running the attention again (``keep_attention_output``), and
 FPDT's offloaded chunks are built once, by the recompute, instead of living from forward to backward; with
 ``checkpoint_offload`` each layer's input and kept attention output wait in pinned host memory.
-With ``mlp_tile_tokens`` the decoder layers' MLPs run over sequence tiles (:mod:`ds_longctx.memory.tiling`).
+With ``mlp_tile_tokens`` the decoder layers' MLPs run over sequence tiles (:mod:`ds_longctx.memory.tiling`),
+and with ``lean_rms_norm`` (default) the RMSNorms keep only their input for backward (:mod:`ds_longctx.memory.norms`).
 
 A call with ``shift_labels=`` (from :func:`~ds_longctx.integration.data.shard_batch`) returns the
 sequence-parallel group's loss in ``.loss`` (:func:`~ds_longctx.integration.loss.causal_lm_loss`); with
@@ -35,6 +36,7 @@ from typing import Any, Optional
 import torch
 
 from ..memory.checkpoint_offload import CheckpointOffload
+from ..memory.norms import lean_rms_norms
 from ..memory.remat import StashingCheckpoint
 from ..memory.tiling import tile_module, untile_module
 from .context import LongContext, attach, long_context_of
@@ -261,6 +263,7 @@ def apply(model: torch.nn.Module, lc: LongContext) -> torch.nn.Module:
     attach(model, lc)
     stash_checkpoints(model, lc.config.keep_attention_output, lc.checkpoint_offload)
     tile_mlps(model, lc.config.mlp_tile_tokens)
+    lean_rms_norms(model, lc.config.lean_rms_norm)
     for old in getattr(model, _HOOK_ATTR, None) or ():
         old.remove()
     hooks = [model.register_forward_pre_hook(_prepare_call, with_kwargs=True),
