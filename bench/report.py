@@ -133,7 +133,9 @@ def train_tables():
                     f"kernel {d['kernel']}" + (f" ({d['kernel_resolved']})" if "kernel_resolved" in d else
                                                " (flash-attn absent: sdpa_cudnn)" if d["kernel"] == "auto"
                                                and d["versions"].get("flash_attn") == "absent" else "")
-                    + f", chunk {d['chunk_size']}, offload {d['offload']}")
+                    + f", chunk {d['chunk_size']}, offload {d['offload']}"
+                    # runs before the option existed had the models' own norms
+                    + (", lean RMSNorm" if lc.get("lean_rms_norm") else ""))
         ckpt = str(d["checkpointing"])
         if d["checkpointing"] and lc is not None:
             ckpt += ", attention kept" if lc.get("keep_attention_output", False) else ", attention recomputed"
