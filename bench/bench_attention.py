@@ -18,20 +18,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench.common import (OOM, Memory, causal_flops_fwd_bwd, init_distributed, record_header,  # noqa: E402
+from bench.common import (DTYPES, HKV, D, H, Memory, causal_flops_fwd_bwd,  # noqa: E402
+                          init_distributed, make_inputs, record_header, rel,
                           time_interleaved, write_json)
 from ds_longctx.attention import attention  # noqa: E402
 from ds_longctx.kernels import KERNELS, get_kernel  # noqa: E402
 from ds_longctx.layout import shard, unshard  # noqa: E402
 from ds_longctx.topology import Topology  # noqa: E402
 
-H, HKV, D = 32, 8, 128
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
-
-def rel(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def kernel_check(device):
@@ -82,11 +77,6 @@ def kernel_check(device):
     return results
 
 
-def make_inputs(seq_local, device, seed, dtype=torch.bfloat16):
-    g = torch.Generator(device=device).manual_seed(seed)
-    mk = lambda h: torch.randn(1, seq_local, h, D, device=device, dtype=dtype, generator=g)  # noqa
-    return mk(H), mk(HKV), mk(HKV), mk(H)
-
 
 def deepspeed_attention(sp_group):
     """DeepSpeed Ulysses with the cuDNN SDPA local kernel (kv heads repeated locally, as SDPA needs)."""
@@ -125,13 +115,12 @@ def exactness(topos, kernel, device, seq, dtype=torch.bfloat16):
     return res
 
 
-def parse_impl(impl, default_kernel):
-    """``"ring:sdpa_cudnn#2"`` -> ("ring", "sdpa_cudnn"): the topology (``_pN`` for a pipelined all-to-all),
-    the kernel when it is not --kernel (a peer in the same run), and after ``#`` a tag that makes a second row
-    of the same implementation (timing the same thing twice shows what is noise)."""
-    spec = impl.partition("#")[0]
-    base, _, kname = spec.partition(":")
-    return base, kname or default_kernel
+def parse_impl(impl):
+    """``"ring:sdpa_cudnn#2"`` -> ("ring", "sdpa_cudnn"): the topology (``_pN`` for a pipelined all-to-all)
+    and the kernel when it is not --kernel (a peer in the same run; "" otherwise). After ``#`` comes a tag
+    that makes a second row of the same implementation (timing the same thing twice shows what is noise)."""
+    base, _, kname = impl.partition("#")[0].partition(":")
+    return base, kname
 
 
 def main():
@@ -174,7 +163,7 @@ def main():
 
     ds_attn = None
     impls = args.impls.split(",")
-    if any(parse_impl(i, args.kernel)[0] == "deepspeed" for i in impls):
+    if any(parse_impl(i)[0] == "deepspeed" for i in impls):
         import deepspeed
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         ds_attn = deepspeed_attention(topos["ulysses"].sp_group)
@@ -185,7 +174,7 @@ def main():
         per_gpu = seq // world
         chosen = []
         for impl in impls:
-            base_impl, kname = parse_impl(impl, args.kernel)
+            base_impl, _ = parse_impl(impl)
             if base_impl.partition("_p")[0] not in topos and base_impl != "deepspeed":
                 continue
             if long and impl not in args.long_impls.split(","):
@@ -198,7 +187,8 @@ def main():
         leaves = [t.requires_grad_() for t in (q, k, v)]
         fns = {}
         for impl in chosen:
-            base_impl, kname = parse_impl(impl, args.kernel)
+            base_impl, kname = parse_impl(impl)
+            kname = kname or args.kernel
             if base_impl == "deepspeed":
                 fns[impl] = lambda: ds_attn(*leaves, batch_dim_idx=0)  # noqa: E731
             else:
@@ -211,7 +201,8 @@ def main():
         iters = 1 if long else (args.iters if seq < 524288 else 2)
         timed = time_interleaved(fns, do, leaves, iters=iters, warmup=1)
         for impl in chosen:
-            base_impl, kname = parse_impl(impl, args.kernel)
+            base_impl, kname = parse_impl(impl)
+            kname = kname or args.kernel
             flops = causal_flops_fwd_bwd(1, H, seq, D) / world
             if base_impl == "single":  # the kernel alone on this GPU's share of tokens
                 flops = causal_flops_fwd_bwd(1, H, per_gpu, D)
@@ -232,11 +223,11 @@ def main():
     # Ratios within the run: against the single-GPU kernel at the same tokens per GPU, and against DeepSpeed.
     by = {(r["impl"], r["total_tokens"]): r for r in rows if "tflops_per_gpu" in r}
     for r in rows:
-        kname = r["impl"].partition("#")[0].partition(":")[2]
+        base_impl, kname = parse_impl(r["impl"])
         single = by.get(("single" + (":" + kname if kname else ""), r["total_tokens"]))
         cudnn = by.get(("single:sdpa_cudnn", r["total_tokens"])) or (
             by.get(("single", r["total_tokens"])) if args.kernel == "sdpa_cudnn" else None)
-        if parse_impl(r["impl"], args.kernel)[0] == "deepspeed":  # its local kernel is cuDNN SDPA, whatever --kernel says
+        if base_impl == "deepspeed":  # its local kernel is cuDNN SDPA, whatever --kernel says
             single = cudnn
         ds = by.get(("deepspeed", r["total_tokens"]))
         if "tflops_per_gpu" in r and single:  # the same kernel alone on one GPU at the same tokens per GPU

@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench.common import (OOM, Memory, causal_flops_fwd_bwd, init_distributed, record_header,  # noqa: E402
+from bench.common import (DTYPES, HKV, OOM, D, H, Memory, causal_flops_fwd_bwd,  # noqa: E402
+                          init_distributed, make_inputs, record_header, rel,
                           time_fwd_bwd, write_json)
 from ds_longctx.attention import attention  # noqa: E402
 from ds_longctx.kernels import get_kernel  # noqa: E402
@@ -41,14 +42,8 @@ from ds_longctx.layout import shard, unshard  # noqa: E402
 from ds_longctx.memory import default_pool  # noqa: E402
 from ds_longctx.topology import Topology  # noqa: E402
 
-H, HKV, D = 32, 8, 128
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 GiB = 2 ** 30
 
-
-def rel(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def parse_mode(mode):
@@ -59,11 +54,6 @@ def parse_mode(mode):
         return kind, int(c), kind == "offload"
     raise SystemExit(f"unknown mode {mode!r}: use unchunked, deepspeed, chunk:C or offload:C")
 
-
-def make_inputs(n, device, seed, dtype=torch.bfloat16):
-    g = torch.Generator(device=device).manual_seed(seed)
-    mk = lambda h: torch.randn(1, n, h, D, device=device, dtype=dtype, generator=g)  # noqa: E731
-    return mk(H), mk(HKV), mk(HKV), mk(H)
 
 
 def runner(mode, topo, kernel, ds_attn):

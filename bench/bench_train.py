@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench.common import record_header, write_json  # noqa: E402
+from bench.common import OOM, Memory, record_header, write_json  # noqa: E402
 
 
 def ds_config(args, world):
@@ -114,8 +114,7 @@ def main():
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     dev = torch.device("cuda") if cuda else torch.device("cpu")
-    peak = (lambda: torch.cuda.max_memory_allocated() / 2 ** 30) if cuda else (lambda: 0.0)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    peak = lambda: Memory.peak() / 2 ** 30  # noqa: E731
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
@@ -152,13 +151,12 @@ def main():
     S = args.seq_len
     flops_step = dp * (6 * flops_params * S + 3.5 * 2 * S * S * args.heads * D * args.layers)
     steps = []
-    alloc = (lambda: torch.cuda.memory_allocated() / 2 ** 30) if cuda else (lambda: 0.0)
+    alloc = lambda: Memory.allocated() / 2 ** 30  # noqa: E731
     for step in range(args.steps):
         batch = sample_batch(corpus, 1, S, gen)
-        sync()
+        Memory.sync()
         phases = {}
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()  # per-step peaks; the summary takes the largest
+        Memory.reset_peak()  # per-step peaks; the summary takes the largest
         t0 = time.perf_counter()
         try:
             with attn_ctx():
@@ -178,8 +176,8 @@ def main():
                 engine.backward(loss)
                 phases["backward_peak_gib"] = peak()
             engine.step()
-            sync()
-        except torch.cuda.OutOfMemoryError as exc:
+            Memory.sync()
+        except OOM as exc:
             payload["oom"] = {"step": step, "error": str(exc).split("\n")[0][:400],
                               "peak_gib": peak()}
             print(f"rank {rank} OOM:", payload["oom"], flush=True)

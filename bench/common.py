@@ -26,6 +26,24 @@ def causal_flops_fwd_bwd(batch: int, heads: int, seq: int, head_dim: int, causal
     return fwd * 3.5
 
 
+# Llama-3-8B attention: 32 query heads, 8 kv heads, head_dim 128.
+H, HKV, D = 32, 8, 128
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def make_inputs(seq_local: int, device, seed: int, dtype=torch.bfloat16):
+    """Random q ``[1, S, H, D]``, k and v ``[1, S, HKV, D]`` and the output gradient ``[1, S, H, D]``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    mk = lambda h: torch.randn(1, seq_local, h, D, device=device, dtype=dtype, generator=g)  # noqa: E731
+    return mk(H), mk(HKV), mk(HKV), mk(H)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error ``|a - b| / |b|`` in fp32."""
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
 def init_distributed():
     """Process group for the launcher's ranks: NCCL with one GPU per rank, gloo on CPU.
     Returns (rank, world, device)."""
@@ -38,32 +56,14 @@ def init_distributed():
 
 
 class Memory:
-    """The CUDA caching allocator's counters, or zeros on CPU."""
+    """The CUDA caching allocator's counters (bytes), or zeros and no-ops on CPU."""
 
     cuda = torch.cuda.is_available()
-
-    @classmethod
-    def sync(cls) -> None:
-        if cls.cuda:
-            torch.cuda.synchronize()
-
-    @classmethod
-    def allocated(cls) -> int:
-        return torch.cuda.memory_allocated() if cls.cuda else 0
-
-    @classmethod
-    def peak(cls) -> int:
-        return torch.cuda.max_memory_allocated() if cls.cuda else 0
-
-    @classmethod
-    def reset_peak(cls) -> None:
-        if cls.cuda:
-            torch.cuda.reset_peak_memory_stats()
-
-    @classmethod
-    def empty_cache(cls) -> None:
-        if cls.cuda:
-            torch.cuda.empty_cache()
+    sync = staticmethod(torch.cuda.synchronize if cuda else lambda: None)
+    allocated = staticmethod(torch.cuda.memory_allocated if cuda else lambda: 0)
+    peak = staticmethod(torch.cuda.max_memory_allocated if cuda else lambda: 0)
+    reset_peak = staticmethod(torch.cuda.reset_peak_memory_stats if cuda else lambda: None)
+    empty_cache = staticmethod(torch.cuda.empty_cache if cuda else lambda: None)
 
     @classmethod
     def total(cls, device) -> int:
@@ -108,6 +108,19 @@ def record_header(world: int, commit: str = "") -> Dict:
     }
 
 
+def _mark():
+    """A point in time: a recorded CUDA event (device time), or the wall clock on CPU."""
+    if not Memory.cuda:
+        return time.perf_counter()
+    e = torch.cuda.Event(enable_timing=True)
+    e.record()
+    return e
+
+
+def _elapsed_ms(a, b) -> float:
+    return a.elapsed_time(b) if Memory.cuda else (b - a) * 1e3
+
+
 def time_interleaved(fns: Dict[str, Callable[[], torch.Tensor]], grad: torch.Tensor, leaves: List[torch.Tensor],
                      iters: int, warmup: int, group=None) -> Dict[str, Dict]:
     """Forward + backward of several implementations on the same inputs, timed in rounds: each round runs
@@ -120,7 +133,6 @@ def time_interleaved(fns: Dict[str, Callable[[], torch.Tensor]], grad: torch.Ten
     median, this rank) and the peak of allocated device memory (bytes, 0 on CPU); or ``{"oom": True}``
     for an implementation that ran out of device memory (it is left out of the later rounds). All ranks
     start each run together."""
-    cuda = torch.cuda.is_available()
     times: Dict[str, List] = {name: [] for name in fns}
     peak: Dict[str, int] = {name: 0 for name in fns}
     oom = set()
@@ -135,22 +147,13 @@ def time_interleaved(fns: Dict[str, Callable[[], torch.Tensor]], grad: torch.Ten
             Memory.sync()
             Memory.reset_peak()
             try:
-                if cuda:
-                    e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-                    e0.record()
-                    out = fwd()
-                    e1.record()
-                    out.backward(grad)
-                    e2.record()
-                    torch.cuda.synchronize()
-                    f_ms, b_ms = e0.elapsed_time(e1), e1.elapsed_time(e2)
-                else:
-                    t0 = time.perf_counter()
-                    out = fwd()
-                    t1 = time.perf_counter()
-                    out.backward(grad)
-                    t2 = time.perf_counter()
-                    f_ms, b_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+                t0 = _mark()
+                out = fwd()
+                t1 = _mark()
+                out.backward(grad)
+                t2 = _mark()
+                Memory.sync()
+                f_ms, b_ms = _elapsed_ms(t0, t1), _elapsed_ms(t1, t2)
                 del out
             except OOM:
                 out = None  # noqa: F841 - the half-built graph goes before the next implementation runs
@@ -165,7 +168,7 @@ def time_interleaved(fns: Dict[str, Callable[[], torch.Tensor]], grad: torch.Ten
     names = list(fns)
     med = torch.tensor([[statistics.median(t[0] for t in times[n]), statistics.median(t[1] for t in times[n])]
                         if n not in oom else [0.0, 0.0] for n in names],
-                       device="cuda" if cuda else "cpu", dtype=torch.float64)
+                       device="cuda" if Memory.cuda else "cpu", dtype=torch.float64)
     # Every rank reports the slowest rank's time: that is the step time of the group.
     if dist.is_initialized():
         dist.all_reduce(med, op=dist.ReduceOp.MAX, group=group)

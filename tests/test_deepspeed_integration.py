@@ -211,7 +211,8 @@ def test_a_saved_checkpoint_resumes_training_where_it_stopped(pool, tmp_path, to
             assert res["resumed"] == res["uninterrupted"]
         else:  # attention summed in another order: fp32 rounding apart
             assert res["resumed"] == pytest.approx(res["uninterrupted"], rel=RTOL)
-    assert results[0]["resumed"] != results[0]["uninterrupted"][::-1]  # the losses move from step to step
+    # the losses move from step to step: equal runs are not equal by being constant
+    assert len(set(results[0]["uninterrupted"])) == 3
     saved, before, loaded, full = (results[0][k] for k in ("saved", "before_load", "loaded", "consolidated"))
     # the fresh model starts elsewhere (other random weights; norms at their initial ones): loading did the work
     flat = lambda d: torch.cat([t.flatten() for t in d.values()])  # noqa: E731

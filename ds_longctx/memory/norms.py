@@ -12,8 +12,6 @@ the gradient is the same function computed in another order (fp32, rounding apar
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 # Rows (tokens x heads for per-head norms) per tile: the fp32 temporaries of a tile at hidden 4096 take
@@ -97,8 +95,7 @@ def lean_rms_norms(model: torch.nn.Module, enabled: bool = True) -> int:
     for module in model.modules():
         if not is_rms_norm(module):
             continue
-        current: Optional[object] = module.__dict__.get("forward")
-        if isinstance(current, LeanRMSNormForward):
+        if isinstance(module.__dict__.get("forward"), LeanRMSNormForward):
             del module.forward
         if enabled:
             module.forward = LeanRMSNormForward(module)
