@@ -117,6 +117,29 @@ def fpdt_tables():
     return out
 
 
+def documents_tables():
+    out = []
+    for name, d in load("documents_*.json"):
+        out.append(header(name, d))
+        out.append(f"{d['world_size']} GPU(s), topology {d['topology']}, kernel `{d['kernel_requested']}` resolved to "
+                   f"`{d['kernel_resolved']}`, {d['seq']} tokens packed with documents of the given length, "
+                   f"Llama-3-8B heads, causal, bf16, fwd+bwd. TFLOP/s count the attention inside each document "
+                   f"(`unpacked`: across the whole sequence). Exactness of `packed` against attending document "
+                   f"by document with the same kernel: " + ", ".join(f"{k} {v:.1e}" for k, v in
+                                                                       d["exactness"].items()) + ".\n")
+        out.append("| impl | doc length | documents | ms | TFLOP/s/GPU | x FA4 varlen | time of unpacked / this | spread |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for r in d["results"]:
+            if r.get("oom"):
+                out.append(f"| {r['impl']} | {r['doc_len']} | {r['documents']} | OOM |||||")
+                continue
+            out.append(f"| {r['impl']} | {r['doc_len']} | {r['documents']} | {r['fwd_bwd_ms']:.1f} | "
+                       f"{r['tflops_per_gpu']:.1f} | {f(r.get('vs_fa4_varlen'))} | {f(r.get('time_vs_unpacked'))} | "
+                       f"{f(r.get('spread'))} |")
+        out.append("")
+    return out
+
+
 def train_tables():
     rows = load("train_*.json")
     if not rows:
@@ -167,6 +190,8 @@ def main():
     print("\n".join(attention_tables()))
     print("## FPDT chunking and host offload\n")
     print("\n".join(fpdt_tables()))
+    print("## Packed documents\n")
+    print("\n".join(documents_tables()))
     print("## Training (ZeRO-3, bf16)\n")
     print("\n".join(train_tables()))
 

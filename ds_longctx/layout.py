@@ -94,6 +94,15 @@ class ZigzagLayout:
         return torch.cat([self.local_positions(seq_len, r, u, device)
                           for r in range(self.ring) for u in range(self.ulysses)])
 
+    def group_runs(self, seq_len: int, ring_rank: int) -> tuple:
+        """Global positions of ring position ``ring_rank``'s group sequence (what the Ulysses all-to-all gathers,
+        chunking aside) as runs ``((first position, length), ...)`` in row order."""
+        R = self.ring
+        if R == 1:
+            return ((0, seq_len),)
+        c = seq_len // (2 * R)
+        return ((ring_rank * c, c), ((2 * R - 1 - ring_rank) * c, c))
+
     def ring_block(self, step: int, ring_rank: int, causal: bool, group_len: int) -> "RingBlock":
         """The block of ring ``step`` on ``ring_rank``, whose group sequence is ``[chunk r ; chunk 2R-1-r]``
         (``group_len`` tokens) and which holds the K/V of ring rank ``src = (r - step) mod R``.

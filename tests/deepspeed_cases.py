@@ -117,17 +117,31 @@ def build_model(kind: str, seq_len: int, seed: int = 0):
     return model
 
 
-def full_batch(step: int, dp_rank: int, batch_size: int, seq_len: int, seed: int = 0) -> Dict[str, torch.Tensor]:
+def full_batch(step: int, dp_rank: int, batch_size: int, seq_len: int, seed: int = 0,
+               packed: bool = False) -> Dict[str, torch.Tensor]:
     """The unsharded batch of data-parallel replica ``dp_rank`` at ``step``: random tokens, labels with
-    ``-100`` on a prompt prefix of random length and on random positions (uneven valid counts per rank)."""
+    ``-100`` on a prompt prefix of random length and on random positions (uneven valid counts per rank).
+    ``packed``: the rows hold 3-5 documents of random lengths, one packing for the batch, given as
+    ``position_ids`` ``[1, S]`` that restart at 0 per document (as transformers' flattening collator does)."""
     g = torch.Generator().manual_seed(seed * 100003 + step * 101 + dp_rank)
+    if packed:
+        n_docs = int(torch.randint(3, 6, (1,), generator=g))
+        cuts = sorted((torch.randperm(seq_len - 1, generator=g)[:n_docs - 1] + 1).tolist())
+        starts = torch.zeros(seq_len, dtype=torch.long)
+        starts[cuts] = 1
+        doc = starts.cumsum(0)
+        first = torch.tensor([0] + cuts)
+        position_ids = (torch.arange(seq_len) - first[doc]).unsqueeze(0)
     input_ids = torch.randint(0, VOCAB, (batch_size, seq_len), generator=g)
     labels = input_ids.clone()
     for b in range(batch_size):
         prompt = int(torch.randint(0, seq_len // 2, (1,), generator=g))
         labels[b, :prompt] = -100
     labels[torch.rand(batch_size, seq_len, generator=g) < 0.2] = -100
-    return {"input_ids": input_ids, "labels": labels}
+    batch = {"input_ids": input_ids, "labels": labels}
+    if packed:
+        batch["position_ids"] = position_ids
+    return batch
 
 
 def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kernel: str = "auto",
@@ -157,7 +171,7 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
                          fpdt: Optional[dict] = None, zero_stage: int = 3, checkpointing: Optional[str] = None,
                          mlp_tile_tokens: Optional[int] = None, loss_in_model: bool = False,
                          loss_tile_tokens: Optional[int] = None, checkpoint_offload: bool = False,
-                         grad_accum: int = 1) -> dict:
+                         grad_accum: int = 1, packed: bool = False) -> dict:
     """Every rank: ZeRO training through ``ds_longctx.initialize``. Returns this rank's per-step losses,
     local-kernel forward calls and host bytes leased at the end of the forward, coordinates, what DeepSpeed
     was told, and (rank 0) the final full parameters.
@@ -167,7 +181,8 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
     ``keep_attention_output: false``). ``loss_in_model``: the loss comes back as the model output's ``.loss``
     (``shift_labels=`` in the call; tiled from the hidden states with ``loss_tile_tokens``). ``grad_accum``:
     micro-batches per optimizer step; micro-batch ``m`` of replica ``d`` is the reference's replica
-    ``d * grad_accum + m`` (a step averages over replicas and micro-batches alike), one loss per micro-batch."""
+    ``d * grad_accum + m`` (a step averages over replicas and micro-batches alike), one loss per micro-batch.
+    ``packed``: batches of packed documents (:func:`full_batch`), their boundaries passed to the model."""
     import deepspeed
 
     import ds_longctx
@@ -194,15 +209,17 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
     forwards: List[int] = []
     leased: List[int] = []
     for step, micro in ((s, m) for s in range(steps) for m in range(grad_accum)):
-        batch = lc.shard_batch(full_batch(step, topo.dp_rank * grad_accum + micro, batch_size, seq_len, seed))
+        batch = lc.shard_batch(full_batch(step, topo.dp_rank * grad_accum + micro, batch_size, seq_len, seed,
+                                          packed=packed))
+        inputs = {key: batch[key] for key in ("input_ids", "position_ids", "cu_seq_lens_q") if key in batch}
+        assert packed == ("cu_seq_lens_q" in inputs)
         with counted_kernel_forwards() as counted:
             if loss_in_model:
-                out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                             shift_labels=batch["shift_labels"])
+                out = engine(**inputs, shift_labels=batch["shift_labels"])
                 loss = out.loss
                 logits_kept = out.logits.shape[1]
             else:
-                out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+                out = engine(**inputs)
                 loss = lc.loss(getattr(out, "logits", out), batch["shift_labels"])
                 logits_kept = None
             leased.append(default_pool().leased_bytes)
@@ -325,8 +342,9 @@ def dataloader_batches(ulysses: int, ring: int, samples: int = 16, seq_len: int 
 
 
 def train_single_process(kind: str, dp: int, steps: int, seq_len: int, batch_size: int = 1, seed: int = 0,
-                         clip: float = 0.0, optim: str = "sgd") -> dict:
+                         clip: float = 0.0, optim: str = "sgd", packed: bool = False) -> dict:
     """The reference: one process, no DeepSpeed, no sequence parallelism, the model's own attention (sdpa).
+    ``packed``: transformers itself keeps each token inside its document, from the restarting position ids.
 
     The ``dp`` replicas' batches are processed in turn and their losses averaged (DeepSpeed averages
     gradients over data-parallel ranks); each replica's loss is its mean over valid next-token targets.
@@ -341,9 +359,12 @@ def train_single_process(kind: str, dp: int, steps: int, seq_len: int, batch_siz
         opt.zero_grad()
         per_replica = []
         for d in range(dp):
-            batch = full_batch(step, d, batch_size, seq_len, seed)
+            batch = full_batch(step, d, batch_size, seq_len, seed, packed=packed)
             ids = batch["input_ids"]
-            out = model(input_ids=ids, position_ids=torch.arange(seq_len).expand_as(ids))
+            if packed:  # without a cache transformers reads the documents from the position ids
+                out = model(input_ids=ids, position_ids=batch["position_ids"].expand_as(ids), use_cache=False)
+            else:
+                out = model(input_ids=ids, position_ids=torch.arange(seq_len).expand_as(ids))
             logits = getattr(out, "logits", out)
             # the model's own shift-inside loss, to check ours against an independent implementation
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB).float(),
@@ -433,6 +454,14 @@ def batch_error(case: str, ulysses: int, ring: int) -> str:
             batch["attention_mask"] = mask
         elif case == "labels_shape":
             batch["labels"] = batch["labels"][:, :-1]
+        elif case == "rows_packed_differently":
+            batch = full_batch(0, topo.dp_rank, 2, seq_len)
+            batch["position_ids"] = torch.stack([torch.arange(seq_len), torch.arange(seq_len) % 16])
+        elif case == "boundaries_disagree":
+            batch["position_ids"] = (torch.arange(seq_len) % 16).unsqueeze(0)
+            batch["cu_seq_lens_q"] = torch.tensor([0, 8, seq_len], dtype=torch.int32)
+        elif case == "boundaries_range":
+            batch["cu_seq_lens_q"] = torch.tensor([0, 8, seq_len + 1], dtype=torch.int32)
         else:
             raise ValueError(case)
     try:

@@ -265,3 +265,44 @@ def checkpointed_attention_vs_plain(ulysses, ring, B, S, H, Hkv, D, chunk_size=N
                         "forwards": r["forwards"], "leased_after_forward": r["leased_after_forward"],
                         "leased_after_backward": r["leased_after_backward"]}
     return result
+
+
+def document_mask(S, cu_seqlens, causal):
+    """``[S, S]`` bool, True where query i may not see key j: another document (or a later token)."""
+    doc = torch.bucketize(torch.arange(S), torch.tensor(cu_seqlens[1:]), right=True)
+    hidden = doc[:, None] != doc[None, :]
+    if causal:
+        hidden |= torch.ones(S, S, dtype=torch.bool).triu(1)
+    return hidden
+
+
+def naive_packed_attention(q, k, v, cu_seqlens, causal, scale):
+    """:func:`naive_attention` with a document mask: each token sees only tokens of its own document."""
+    H, Hkv = q.shape[2], k.shape[2]
+    k = k.repeat_interleave(H // Hkv, dim=2)
+    v = v.repeat_interleave(H // Hkv, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    s = s.masked_fill(document_mask(q.shape[1], list(cu_seqlens), causal), float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), v)
+
+
+def packed_vs_reference(ulysses, ring, configs, seed=0, dtype=torch.float32):
+    """Packed documents: for each config ``(B, S, H, Hkv, D, causal, cu_seqlens, chunk_size, offload)`` the
+    relative errors of out, dq, dk, dv against the float64 document-masked reference."""
+    topo = topology(ulysses, ring)
+    results = []
+    for n, (B, S, H, Hkv, D, causal, cu_seqlens, chunk_size, offload) in enumerate(configs):
+        q, k, v, dout = (t.to(dtype).double() for t in
+                         _inputs(seed + 7 * n + 1000 * topo.dp_rank, B, S, H, Hkv, D))
+        scale = D ** -0.5
+        ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref_out = naive_packed_attention(*ref_in, cu_seqlens, causal, scale)
+        ref_out.backward(dout)
+        want = [ref_out.detach()] + [t.grad for t in ref_in]
+        local = [shard(t.to(dtype), topo, chunk_size=chunk_size).detach().requires_grad_() for t in (q, k, v)]
+        out = attention(*local, topo, causal=causal, chunk_size=chunk_size, offload=offload, cu_seqlens=cu_seqlens)
+        out.backward(shard(dout.to(dtype), topo, chunk_size=chunk_size))
+        got = [unshard(out.detach(), topo, chunk_size=chunk_size)] + \
+              [unshard(t.grad, topo, chunk_size=chunk_size) for t in local]
+        results.append({name: rel(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), got, want)})
+    return results

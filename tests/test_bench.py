@@ -131,3 +131,22 @@ def test_implementations_are_timed_in_rounds_and_one_out_of_memory_leaves_the_ot
     for name in ("a", "b"):
         assert len(t[name]["fwd_ms_all"]) == 3 and t[name]["fwd_bwd_ms"] > 0 and t[name]["peak_bytes"] == 0
     assert x.grad is None
+
+
+@pytest.mark.parametrize("topology", ["ulysses", "ring"])
+def test_documents_bench_runs_packed_and_unpacked_on_two_ranks_with_exact_results(tmp_path, topology):
+    d = torchrun("bench/bench_documents.py", str(tmp_path / "d.json"), "--dtype", "float32", "--seq", "512",
+                 "--doc-lens", "100,512", "--exact-seq", "256", "--exact-doc", "70", "--iters", "2",
+                 "--topology", topology)
+    assert d["world_size"] == 2 and d["topology"] == topology
+    assert max(d["exactness"].values()) < 1e-5, d["exactness"]
+    assert d["skipped"] == ["fa4_varlen"]  # FlashAttention-4 needs a Hopper GPU and one rank
+    rows = {(r["impl"], r["doc_len"]): r for r in d["results"]}
+    assert set(rows) == {(i, n) for i in ("packed", "unpacked") for n in (100, 512)}
+    assert rows[("packed", 100)]["documents"] == 6 and rows[("packed", 512)]["documents"] == 1
+    for (impl, n), r in rows.items():
+        assert r["tokens_per_gpu"] == 256 and r["fwd_ms"] > 0 and r["bwd_ms"] > 0
+        assert r["time_vs_unpacked" if impl == "packed" else "tflops_per_gpu"] > 0
+    # one document spanning the sequence is the unpacked work, counted alike
+    assert rows[("packed", 512)]["tflops_per_gpu"] * rows[("packed", 512)]["fwd_bwd_ms"] == pytest.approx(
+        rows[("unpacked", 512)]["tflops_per_gpu"] * rows[("unpacked", 512)]["fwd_bwd_ms"])

@@ -37,10 +37,11 @@ def pool():
 _references = {}
 
 
-def reference(kind: str, dp: int, clip: float = 0.0, optim: str = "sgd") -> dict:
-    key = (kind, dp, clip, optim)
+def reference(kind: str, dp: int, clip: float = 0.0, optim: str = "sgd", packed: bool = False) -> dict:
+    key = (kind, dp, clip, optim, packed)
     if key not in _references:
-        _references[key] = cases.train_single_process(kind, dp, STEPS, SEQ, BATCH, clip=clip, optim=optim)
+        _references[key] = cases.train_single_process(kind, dp, STEPS, SEQ, BATCH, clip=clip, optim=optim,
+                                                      packed=packed)
     return _references[key]
 
 
@@ -120,6 +121,24 @@ def test_checkpointed_layers_train_like_one_process_without_rerunning_attention(
     for res in results:
         assert res["forwards"] == [once if checkpointing == "keep" else 2 * once] * STEPS
         assert res["leased_after_forward"] == [held] * STEPS
+
+
+# (kind, ulysses, ring, FPDT chunk_size with offload or None, checkpointing)
+PACKED = [("llama", 2, 2, None, None), ("qwen3", 1, 4, None, None), ("mistral", 4, 1, None, None),
+          ("llama", 1, 2, None, "keep"), ("llama", 2, 2, 8, "keep"), ("qwen2", 1, 4, 6, None)]
+
+
+@pytest.mark.parametrize("kind,ulysses,ring,chunk_size,checkpointing", PACKED,
+                         ids=[f"{k}-U{u}xR{r}-C{c}-{m}" for k, u, r, c, m in PACKED])
+def test_packed_documents_train_like_one_process_that_masks_them(pool, kind, ulysses, ring, chunk_size,
+                                                                  checkpointing):
+    """Batches of packed documents (position ids restarting per document): shard_batch hands the model the
+    documents' boundaries and the distributed attention keeps tokens inside their documents, as transformers
+    does on one device; through the ring, Ulysses, FPDT offload and kept attention outputs alike."""
+    fpdt = {"chunk_size": chunk_size, "offload": True} if chunk_size else None
+    results = pool.run(cases.train_with_deepspeed, kind, ulysses, ring, STEPS, SEQ, BATCH, fpdt=fpdt,
+                       checkpointing=checkpointing, packed=True, timeout=300)
+    check_run(results, reference(kind, WORLD // (ulysses * ring), packed=True), kind, ulysses, ring)
 
 
 @pytest.mark.parametrize("ulysses,ring,tile", [(2, 2, None), (1, 4, 5), (2, 1, 7)])
@@ -246,7 +265,10 @@ def test_user_errors_at_initialize_raise_on_every_rank_without_hanging(pool, cas
 
 @pytest.mark.parametrize("case,expect", [("length", "sequence length 30 is not divisible by 4"),
                                          ("padding_mask", "attention_mask has padding zeros"),
-                                         ("labels_shape", "labels must be a [1, 32] tensor")])
+                                         ("labels_shape", "labels must be a [1, 32] tensor"),
+                                         ("rows_packed_differently", "packed with different document boundaries"),
+                                         ("boundaries_disagree", "disagrees with the documents"),
+                                         ("boundaries_range", "from 0 to the sequence length 32")])
 def test_a_bad_batch_on_one_replica_raises_on_every_rank(pool, case, expect):
     raised = pool.run(cases.batch_error, case, 1, 2, timeout=120)
     assert all(r.startswith("BatchError") and expect in r for r in raised), raised

@@ -34,6 +34,29 @@ def test_switched_model_gives_the_logits_of_its_own_attention(kind):
     assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
+def test_packed_documents_give_the_logits_of_transformers_own_packing():
+    """``cu_seq_lens_q`` (what shard_batch adds for restarting position ids) keeps each token in its document,
+    as transformers' sdpa does for such position ids; without it the attention runs across documents."""
+    from ds_longctx.integration.data import packed_boundaries
+
+    model, _ = setup()
+    reference = cases.build_model("llama", 32)
+    reference.set_attn_implementation("sdpa")
+    batch = cases.full_batch(0, 0, 1, 32, packed=True)
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    cu = torch.tensor(packed_boundaries(pos), dtype=torch.int32)
+    assert len(cu) > 2
+    with torch.no_grad():
+        want = reference(input_ids=ids, position_ids=pos, use_cache=False).logits
+        got = model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu).logits
+        across = model(input_ids=ids, position_ids=pos).logits
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(got, want) < 1e-5
+    assert rel(across, want) > 1e-3
+    with pytest.raises(HFModelError, match="cu_seq_lens_q and cu_seq_lens_k differ"):
+        model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 32]))
+
+
 def test_every_submodule_reaches_the_run_and_copies_share_it():
     import copy
 

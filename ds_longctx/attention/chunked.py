@@ -45,7 +45,9 @@ from ..comm.all_to_all import heads_to_seq_start, seq_to_heads_start
 from ..kernels.base import Kernel
 from ..memory.chunk_store import ChunkStore, side_stream
 from ..memory.host_pool import HostPool, default_pool
+from ..layout import ZigzagLayout
 from ..memory.remat import active_stash
+from .documents import Documents, block_backward, block_forward, slice_runs
 from .merge import merge_
 
 EVERY = slice(None)
@@ -123,7 +125,7 @@ class _Pipeline:
     """The static plan of one call: shapes, ranks, heads, schedule, and the transfers built from them."""
 
     def __init__(self, q, k, topo, kernel: Kernel, q_ranges, kv_ranges, causal, scale, chunk_size, offload,
-                 pool: Optional[HostPool]):
+                 pool: Optional[HostPool], docs: Optional[Documents]):
         self.topo, self.kernel, self.causal, self.scale = topo, kernel, causal, scale
         self.q_ranges, self.kv_ranges = q_ranges, kv_ranges
         self.group, self.urank = topo.ulysses_group, topo.ulysses_rank
@@ -141,6 +143,15 @@ class _Pipeline:
         self.steps = range(1, topo.ring)
         self.offload = offload
         self.pool = (pool or default_pool()) if offload else None
+        self.docs = docs
+        layout = ZigzagLayout(topo.ring, U)
+        self.runs = [layout.group_runs(self.n * chunk_size * topo.ring, r) for r in range(topo.ring)]
+
+    def chunk_runs(self, ring_rank: int, i: int, rows: slice = EVERY):
+        """Global positions of rows ``rows`` of chunk ``i`` of ``ring_rank``'s group sequence (packed documents)."""
+        if self.docs is None:
+            return None
+        return slice_runs(slice_runs(self.runs[ring_rank], slice(i * self.C, (i + 1) * self.C)), rows)
 
     def rows(self, i: int) -> slice:
         """Local rows of chunk ``i`` (this rank's ``C / U`` tokens of it)."""
@@ -232,13 +243,14 @@ class ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, topo, kernel, q_ranges, kv_ranges, causal, scale, chunk_size, offload, save,
-                pool=None):
-        p = _Pipeline(q, k, topo, kernel, q_ranges, kv_ranges, causal, scale, chunk_size, offload, pool)
+                pool=None, docs=None):
+        p = _Pipeline(q, k, topo, kernel, q_ranges, kv_ranges, causal, scale, chunk_size, offload, pool, docs)
         # In a checkpointed region (ds_longctx.memory.remat) the forward run keeps no chunks: the recompute
         # builds them and hands them over through the stash (with kept outputs it runs no kernel, only the
         # all-to-alls and K/V stores the backward reads).
         stash = active_stash()
-        call = stash.call(("chunked", tuple(q.shape), tuple(k.shape), q.dtype, causal, scale, chunk_size)) \
+        call = stash.call(("chunked", tuple(q.shape), tuple(k.shape), q.dtype, causal, scale, chunk_size,
+                           docs)) \
             if stash is not None else None
         replaying = call is not None and stash.replaying
         kept = call.kept() if replaying else None
@@ -279,18 +291,20 @@ class ChunkedAttention(torch.autograd.Function):
             pend = p.post_kv(i, 0, kv)
             for kk in range(n_groups):
                 nxt = p.post_kv(i, kk + 1, kv) if kk + 1 < n_groups else None
-                blocks = []
+                blocks, r = [], p.sched.r
                 if pend.own is not None:
                     km, vm = pend.mine.use()
-                    blocks.append((EVERY, kernel.forward(q_i, km, vm, pend.own, scale)))
+                    blocks.append((EVERY, block_forward(kernel, p.docs, q_i, km, vm, p.chunk_runs(r, i),
+                                                        p.chunk_runs(r, kk), pend.own, scale)))
                 pend.wait()
-                for _, qs, _, kb, vb in pend.got:
-                    blocks.append((qs, kernel.forward(q_i[:, qs], kb, vb, False, scale)))
+                for s, qs, ks, kb, vb in pend.got:
+                    blocks.append((qs, block_forward(kernel, p.docs, q_i[:, qs], kb, vb, p.chunk_runs(r, i, qs),
+                                                     p.chunk_runs(p.sched.src(s), kk, ks), False, scale)))
                 for qs, (b_out, b_lse) in blocks:
-                    if o_acc is None:  # own chunk 0 comes first and covers every row
+                    if o_acc is None:  # own chunk 0 comes first and covers every row (not every document)
                         o_acc, lse_acc = b_out.to(p.acc), b_lse.to(p.acc)
                     else:
-                        merge_(o_acc[:, qs], lse_acc[:, :, qs], b_out, b_lse)
+                        merge_(o_acc[:, qs], lse_acc[:, :, qs], b_out, b_lse, empty_rows=p.docs is not None)
                 pend = nxt
             o_i = o_acc.to(q.dtype)
             if outgoing is not None:
@@ -359,17 +373,19 @@ class ChunkedAttention(torch.autograd.Function):
                 for kk in range(n_groups):
                     nxt = p.post_kv(i, kk + 1, kv) if kk + 1 < n_groups else None
                     base = dkv.fetch(kk) if (pend.own is not None or pend.sent_to) and dkv.has(kk) else None
-                    contrib = []
+                    contrib, r = [], p.sched.r
                     if pend.own is not None:
                         km, vm = pend.mine.use()
-                        g_q, g_k, g_v = kernel.backward(do_i, q_i, km, vm, o_i, l_i, pend.own, scale)
+                        g_q, g_k, g_v = block_backward(kernel, p.docs, do_i, q_i, km, vm, o_i, l_i, p.chunk_runs(r, i),
+                                                       p.chunk_runs(r, kk), pend.own, scale)
                         dq_i += g_q
                         contrib.append((EVERY, g_k, g_v))
                     pend.wait()
                     back = []
-                    for s, qs, _, kb, vb in pend.got:
-                        g_q, g_k, g_v = kernel.backward(do_i[:, qs], q_i[:, qs], kb, vb, o_i[:, qs],
-                                                        l_i[:, :, qs], False, scale)
+                    for s, qs, ks, kb, vb in pend.got:
+                        g_q, g_k, g_v = block_backward(kernel, p.docs, do_i[:, qs], q_i[:, qs], kb, vb, o_i[:, qs],
+                                                       l_i[:, :, qs], p.chunk_runs(r, i, qs),
+                                                       p.chunk_runs(p.sched.src(s), kk, ks), False, scale)
                         dq_i[:, qs] += g_q
                         back.append((s, g_k.to(p.acc).contiguous(), g_v.to(p.acc).contiguous()))
                     returning = p.post_grads(back, pend.sent_to)
@@ -405,7 +421,7 @@ class ChunkedAttention(torch.autograd.Function):
             for lease in (state.lease, acc_lease):
                 if lease is not None:
                     lease.release()
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 class _State:
@@ -436,17 +452,18 @@ def _accumulate(p: _Pipeline, dkv: ChunkStore, k: int, returning: _Transfer, con
 
 
 def chunked_attention(q, k, v, topo, kernel: Kernel, q_ranges, kv_ranges, causal: bool, scale: float,
-                      chunk_size: int, offload: bool, pool: Optional[HostPool] = None) -> torch.Tensor:
+                      chunk_size: int, offload: bool, pool: Optional[HostPool] = None,
+                      docs: Optional[Documents] = None) -> torch.Tensor:
     """FPDT chunked attention on inputs in the chunked zigzag layout (validated by the caller).
 
     q ``[B, S_local, H, D]``, k/v ``[B, S_local, Hkv, D]`` -> ``[B, S_local, H, D]``. ``q_ranges``/``kv_ranges``
     are the Ulysses head ranges per rank and ``kernel`` the local kernel for this rank's heads (see
     :class:`~ds_longctx.attention.ulysses.UlyssesPlan`). ``pool``: host pool for ``offload`` (default:
-    :func:`ds_longctx.memory.default_pool`).
+    :func:`ds_longctx.memory.default_pool`). ``docs``: packed documents, attention stays inside each.
     """
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return ChunkedAttention.apply(q, k, v, topo, kernel, list(q_ranges), list(kv_ranges), causal, scale,
-                                  chunk_size, offload, save, pool)
+                                  chunk_size, offload, save, pool, docs)
 
 
 __all__ = ["ChunkSchedule", "ChunkedAttention", "chunked_attention"]

@@ -19,10 +19,11 @@ from .ulysses import HeadChunk
 
 
 class HybridAttention(torch.autograd.Function):
-    """q ``[B, s, H, D]``, k/v ``[B, s, Hkv, D]`` (this rank's zigzag piece) -> out ``[B, s, H, D]``."""
+    """q ``[B, s, H, D]``, k/v ``[B, s, Hkv, D]`` (this rank's zigzag piece) -> out ``[B, s, H, D]``;
+    ``docs``: packed documents (:class:`~ds_longctx.attention.documents.Documents`) or None."""
 
     @staticmethod
-    def forward(ctx, q, k, v, topo, chunks: List[HeadChunk], causal, scale):
+    def forward(ctx, q, k, v, topo, chunks: List[HeadChunk], causal, scale, docs=None):
         group, rank = topo.ulysses_group, topo.ulysses_rank
         ring, layout = RingComm(topo), ZigzagLayout.of(topo)
         H = q.shape[2]
@@ -30,7 +31,8 @@ class HybridAttention(torch.autograd.Function):
         # Inside a rematerialization-aware checkpoint the recompute takes out/lse from the forward's run and
         # only redoes the all-to-alls that rebuild the head-scattered tensors the backward reads.
         stash = active_stash()
-        call = stash.call(("hybrid", tuple(q.shape), tuple(k.shape), q.dtype, causal, scale, len(chunks))) \
+        call = stash.call(("hybrid", tuple(q.shape), tuple(k.shape), q.dtype, causal, scale, len(chunks),
+                           docs)) \
             if stash is not None else None
         kept = call.kept() if call is not None and stash.replaying else None
         incoming = [(seq_to_heads_start(q, c.q_ranges, group, rank), seq_to_heads_start(k, c.kv_ranges, group, rank),
@@ -44,7 +46,7 @@ class HybridAttention(torch.autograd.Function):
             if kept is not None:
                 oc, lse = kept.out if single else pend[3].wait(), kept.lses[i]
             else:
-                oc, lse = ring_forward(qc, kc, vc, ring, layout, c.kernel, causal, scale)
+                oc, lse = ring_forward(qc, kc, vc, ring, layout, c.kernel, causal, scale, docs)
             saved += [qc, kc, vc, oc, lse]
             lses.append(lse)
             if kept is not None:
@@ -60,12 +62,12 @@ class HybridAttention(torch.autograd.Function):
         elif call is not None and stash.keep_output and not stash.replaying:
             call.keep(out, lses, stash.lease())
         ctx.save_for_backward(*saved)
-        ctx.args = (topo, chunks, causal, scale, k.shape[2])
+        ctx.args = (topo, chunks, causal, scale, k.shape[2], docs)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        topo, chunks, causal, scale, Hkv = ctx.args
+        topo, chunks, causal, scale, Hkv, docs = ctx.args
         group, rank = topo.ulysses_group, topo.ulysses_rank
         ring, layout = RingComm(topo), ZigzagLayout.of(topo)
         dout = dout.contiguous()
@@ -80,13 +82,14 @@ class HybridAttention(torch.autograd.Function):
         outgoing = []
         for i, (c, pend) in enumerate(zip(chunks, incoming)):
             qc, kc, vc, oc, lse = saved[5 * i:5 * i + 5]
-            dqc, dkc, dvc = ring_backward(pend.wait(), qc, kc, vc, oc, lse, ring, layout, c.kernel, causal, scale)
+            dqc, dkc, dvc = ring_backward(pend.wait(), qc, kc, vc, oc, lse, ring, layout, c.kernel, causal, scale,
+                                          docs)
             if single:
-                return dqc, dkc, dvc, None, None, None, None
+                return dqc, dkc, dvc, None, None, None, None, None
             outgoing += [heads_to_seq_start(dqc, c.q_ranges, group, rank, H, into=dq),
                          # kv heads replicated to several ranks sum their gradients
                          heads_to_seq_start(dkc, c.kv_ranges, group, rank, Hkv, into=dk, accumulate=True),
                          heads_to_seq_start(dvc, c.kv_ranges, group, rank, Hkv, into=dv, accumulate=True)]
         for p in outgoing:
             p.wait()
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None

@@ -9,11 +9,14 @@ arrives back at the rank that owns them. ``R = 1`` is the plain local kernel.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..comm.ring import RingComm
 from ..kernels.base import Kernel
 from ..layout import ZigzagLayout
+from .documents import Documents, block_backward, block_forward, slice_runs
 from .merge import merge_
 
 
@@ -21,21 +24,27 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def ring_forward(q, k, v, ring: RingComm, layout: ZigzagLayout, kernel: Kernel, causal: bool, scale: float):
-    """q ``[B, S, h, D]``, k/v ``[B, S, hk, D]`` -> out ``[B, S, h, D]`` (q's dtype), lse ``[B, h, S]``."""
-    if ring.size == 1:  # nothing to merge: the kernel's own result, no fp32 staging
-        blk = layout.ring_block(0, 0, causal, q.shape[1])
-        return kernel.forward(q, k, v, blk.causal, scale)
-    acc = _acc(q.dtype)
+def ring_forward(q, k, v, ring: RingComm, layout: ZigzagLayout, kernel: Kernel, causal: bool, scale: float,
+                 docs: Optional[Documents] = None):
+    """q ``[B, S, h, D]``, k/v ``[B, S, hk, D]`` -> out ``[B, S, h, D]`` (q's dtype), lse ``[B, h, S]``.
+    ``docs``: packed documents (attention stays inside each)."""
     S = q.shape[1]
+    runs = [layout.group_runs(S * ring.size, r) for r in range(ring.size)]
+    if ring.size == 1:  # nothing to merge: the kernel's own result, no fp32 staging
+        blk = layout.ring_block(0, 0, causal, S)
+        return block_forward(kernel, docs, q, k, v, runs[0], runs[0], blk.causal, scale)
+    acc = _acc(q.dtype)
     out = lse = None
     kv = (k, v)
     for step in range(ring.size):
         if step + 1 < ring.size:
             incoming, pending = ring.exchange(kv)
         blk = layout.ring_block(step, ring.rank, causal, S)
-        b_out, b_lse = kernel.forward(q[:, blk.q], kv[0][:, blk.kv], kv[1][:, blk.kv], blk.causal, scale)
-        if out is None:  # step 0 covers every row
+        src = (ring.rank - step) % ring.size
+        b_out, b_lse = block_forward(kernel, docs, q[:, blk.q], kv[0][:, blk.kv], kv[1][:, blk.kv],
+                                     slice_runs(runs[ring.rank], blk.q), slice_runs(runs[src], blk.kv),
+                                     blk.causal, scale)
+        if out is None:  # step 0 covers every row (each row sees itself)
             out, lse = b_out.to(acc), b_lse.to(acc)
         else:
             merge_(out[:, blk.q], lse[:, :, blk.q], b_out, b_lse)
@@ -46,13 +55,14 @@ def ring_forward(q, k, v, ring: RingComm, layout: ZigzagLayout, kernel: Kernel, 
 
 
 def ring_backward(dout, q, k, v, out, lse, ring: RingComm, layout: ZigzagLayout, kernel: Kernel,
-                  causal: bool, scale: float):
+                  causal: bool, scale: float, docs: Optional[Documents] = None):
     """Gradients ``(dq, dk, dv)`` shaped like ``(q, k, v)``, for the final ``out``/``lse`` of :func:`ring_forward`."""
-    if ring.size == 1:
-        blk = layout.ring_block(0, 0, causal, q.shape[1])
-        return kernel.backward(dout, q, k, v, out, lse, blk.causal, scale)
-    acc = _acc(q.dtype)
     S = q.shape[1]
+    runs = [layout.group_runs(S * ring.size, r) for r in range(ring.size)]
+    if ring.size == 1:
+        blk = layout.ring_block(0, 0, causal, S)
+        return block_backward(kernel, docs, dout, q, k, v, out, lse, runs[0], runs[0], blk.causal, scale)
+    acc = _acc(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = (k, v)
     dkv = None
@@ -61,8 +71,11 @@ def ring_backward(dout, q, k, v, out, lse, ring: RingComm, layout: ZigzagLayout,
         if step + 1 < ring.size:
             incoming, pending = ring.exchange(kv)
         blk = layout.ring_block(step, ring.rank, causal, S)
-        b_dq, b_dk, b_dv = kernel.backward(dout[:, blk.q], q[:, blk.q], kv[0][:, blk.kv], kv[1][:, blk.kv],
-                                           out[:, blk.q], lse[:, :, blk.q], blk.causal, scale)
+        src = (ring.rank - step) % ring.size
+        b_dq, b_dk, b_dv = block_backward(kernel, docs, dout[:, blk.q], q[:, blk.q], kv[0][:, blk.kv],
+                                          kv[1][:, blk.kv], out[:, blk.q], lse[:, :, blk.q],
+                                          slice_runs(runs[ring.rank], blk.q), slice_runs(runs[src], blk.kv),
+                                          blk.causal, scale)
         dq[:, blk.q] += b_dq
         if step == 0:
             dkv = [torch.zeros(k.shape, dtype=acc, device=k.device),

@@ -27,16 +27,17 @@ class LongContext:
         self.checkpoint_offload = CheckpointOffload(min_bytes=0) if config.checkpoint_offload else None
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: Optional[bool] = None,
-                  softmax_scale: Optional[float] = None) -> torch.Tensor:
+                  softmax_scale: Optional[float] = None, cu_seqlens=None) -> torch.Tensor:
         """Exact attention over the group's full sequence with the block's kernel and FPDT settings.
 
         ``q``: ``[B, S_local, H, D]``, ``k``/``v``: ``[B, S_local, Hkv, D]`` in the zigzag layout;
-        returns ``[B, S_local, H, D]``. ``causal`` defaults to the block's ``causal``.
+        returns ``[B, S_local, H, D]``. ``causal`` defaults to the block's ``causal``; ``cu_seqlens``: packed
+        documents' boundaries in the full sequence (see :func:`ds_longctx.attention.attention`).
         """
         from ..attention import attention
 
         return attention(q, k, v, self.topology, causal=self.config.causal if causal is None else causal,
-                         softmax_scale=softmax_scale, **self.config.attention_kwargs())
+                         softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, **self.config.attention_kwargs())
 
     def shard_batch(self, batch: Mapping[str, Any]) -> Dict[str, Any]:
         """:func:`ds_longctx.integration.data.shard_batch` on this topology (``[B, S] -> [B, S_local]``)."""

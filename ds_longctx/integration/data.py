@@ -4,6 +4,11 @@ Labels are shifted *before* sharding: in the zigzag layout the token after a ran
 lives on another rank, so shifting a shard would pair tokens with the wrong targets. Position ids are the
 global positions of the rank's tokens, so RoPE sees the same positions as on a single device.
 
+Packed documents (several sequences in one row, as transformers' ``DataCollatorWithFlattening`` makes them:
+``position_ids`` restart at 0 for each document, optionally with ``cu_seq_lens_q``): the document boundaries
+of the full sequence go into the sharded batch as ``cu_seq_lens_q``, and the model's attention keeps every
+token inside its document, as transformers does on one device for such position ids.
+
 Every rank of a sequence-parallel group must receive the same full batch (e.g. the dataloader's sampler
 is split over the data-parallel ranks only; the mpu that :func:`ds_longctx.initialize` gives DeepSpeed
 does that for DeepSpeed's own dataloader).
@@ -11,7 +16,7 @@ does that for DeepSpeed's own dataloader).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Iterator, Mapping, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -31,6 +36,51 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torc
     out = torch.full_like(labels, ignore_index)
     out[:, :-1] = labels[:, 1:]
     return out
+
+
+def packed_boundaries(position_ids: torch.Tensor) -> Optional[List[int]]:
+    """Document boundaries ``[0, ..., S]`` of position ids ``[1 or B, S]`` that restart (transformers' rule: a
+    document starts wherever a position is not its predecessor + 1), None for one document per row.
+    Raises ValueError when rows are packed differently (the boundaries hold for every row)."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if bool((starts != starts[:1]).any()):
+        raise ValueError("the rows of position_ids are packed with different document boundaries; the distributed "
+                         "attention takes one packing for the whole batch: use one packed row per micro-batch "
+                         "(DataCollatorWithFlattening makes such rows) or the same boundaries in every row")
+    cuts = starts[0].nonzero().flatten().tolist()
+    if len(cuts) == 1:
+        return None
+    return cuts + [position_ids.shape[1]]
+
+
+def _boundaries(batch: Mapping[str, Any], S: int) -> Tuple[Optional[List[int]], Optional[str]]:
+    """The batch's document boundaries (from ``cu_seq_lens_q``/``_k`` or restarting ``position_ids``) and what
+    is wrong with them, if anything."""
+    given = []
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        cu = batch.get(key)
+        if cu is None:
+            continue
+        if not torch.is_tensor(cu) or cu.dim() != 1 or cu.is_floating_point():
+            return None, f"{key} must be a 1-D integer tensor of document boundaries"
+        cu = cu.tolist()
+        if len(cu) < 2 or cu[0] != 0 or cu[-1] != S or any(b <= a for a, b in zip(cu, cu[1:])):
+            return None, f"{key} must increase strictly from 0 to the sequence length {S}, got {cu[:6]}..."
+        given.append((key, cu))
+    try:
+        pos = batch.get("position_ids")
+        derived = packed_boundaries(pos) if torch.is_tensor(pos) else None
+    except ValueError as exc:
+        return None, str(exc)
+    for key, cu in given:
+        if derived is not None and cu != derived:
+            return None, (f"{key} {cu[:6]}... disagrees with the documents where position_ids restart "
+                          f"{derived[:6]}...; pass the boundaries of the position ids' documents")
+    if given and given[0][1] != given[-1][1]:
+        return None, "cu_seq_lens_q and cu_seq_lens_k differ: the attention is self-attention over one packing"
+    cu = given[0][1] if given else derived
+    return (cu if cu is not None and len(cu) > 2 else None), None
 
 
 def _problem(batch: Mapping[str, Any], topo: Topology, chunk_size: Optional[int]) -> Optional[str]:
@@ -70,6 +120,9 @@ def _problem(batch: Mapping[str, Any], topo: Topology, chunk_size: Optional[int]
                             or pos.shape[0] not in (1, B)):
         return f"position_ids must be [1 or {B}, {S}], got " \
                f"{tuple(pos.shape) if torch.is_tensor(pos) else type(pos).__name__}"
+    documents_problem = _boundaries(batch, S)[1]
+    if documents_problem is not None:
+        return documents_problem
     mask = batch.get("attention_mask")
     if mask is not None and not bool((mask != 0).all()):
         return ("attention_mask has padding zeros, which the distributed attention cannot apply; pad on the "
@@ -95,6 +148,9 @@ def shard_batch(batch: Mapping[str, Any], topo: Topology, ignore_index: int = IG
         (``[B, S_local]``, targets already aligned with this rank's tokens, ``ignore_index`` where none), and
         ``position_ids`` ``[1 or B, S_local]`` holding global positions. Feed ``input_ids`` and
         ``position_ids`` to the model and ``shift_labels`` to :func:`ds_longctx.integration.loss.causal_lm_loss`.
+        A packed batch (``position_ids`` that restart at 0 per document, or ``cu_seq_lens_q``) also gets
+        ``cu_seq_lens_q``: the documents' boundaries in the full sequence (int32 ``[n_docs + 1]``), which the
+        model passes to the attention when it is called with ``**batch`` (or ``cu_seq_lens_q=...``).
 
     ``chunk_size``: the block's ``fpdt.chunk_size``; FPDT chunking takes its own (chunked) layout.
     """
@@ -102,9 +158,10 @@ def shard_batch(batch: Mapping[str, Any], topo: Topology, ignore_index: int = IG
     ref = batch["input_ids"] if "input_ids" in batch else batch["inputs_embeds"]
     B, S = ref.shape[0], ref.shape[1]
     out: Dict[str, Any] = {}
+    cu = _boundaries(batch, S)[0]
     for key, value in batch.items():
-        if key == "attention_mask":
-            continue  # all ones (checked): the attention is causal over global positions anyway
+        if key in ("attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+            continue  # masks: all ones (checked); documents: replaced by the boundaries below
         if key == "labels":
             out["shift_labels"] = shard(shift_labels(value, ignore_index), topo, dim=1, chunk_size=chunk_size)
         elif torch.is_tensor(value) and value.dim() >= 2 and value.shape[1] == S and value.shape[0] in (1, B):
@@ -113,6 +170,8 @@ def shard_batch(batch: Mapping[str, Any], topo: Topology, ignore_index: int = IG
             out[key] = value
     if out.get("position_ids") is None:
         out["position_ids"] = positions(S, topo, device=ref.device, chunk_size=chunk_size).unsqueeze(0)
+    if cu is not None:
+        out["cu_seq_lens_q"] = torch.tensor(cu, dtype=torch.int32, device=ref.device)
     return out
 
 

@@ -12,6 +12,9 @@ RoPE comes from ``position_ids``: the model must see the global positions of its
 :func:`ds_longctx.integration.data.shard_batch` returns, and which a forward pre-hook fills in when the
 caller passes none (the model's own default, ``arange(S_local)``, would be wrong on every rank but the first).
 The hook also turns the KV cache off unless the caller asks for it, and refuses an ``attention_mask``.
+Packed documents arrive as ``cu_seq_lens_q`` (the boundaries of the full sequence, from ``shard_batch``):
+the attention keeps each token inside its document, as transformers does on one device for position ids
+that restart per document.
 
 With activation checkpointing on (``model.gradient_checkpointing_enable()``, before or after
 :func:`apply`), the hook wraps each layer's checkpoint function in a
@@ -35,6 +38,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..attention.documents import Documents
 from ..memory.checkpoint_offload import CheckpointOffload
 from ..memory.norms import lean_rms_norms
 from ..memory.remat import StashingCheckpoint
@@ -77,16 +81,28 @@ def hf_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
                            f"{seq_len}-token sequence; the distributed attention is full causal attention: set "
                            f"sliding_window=None (use_sliding_window=False) in the model config or use sequences "
                            f"of at most {window} tokens")
-    for unsupported in ("softcap", "s_aux", "cu_seq_lens_q", "cu_seq_lens_k"):
+    for unsupported in ("softcap", "s_aux"):
         if kwargs.get(unsupported) is not None:
             raise HFModelError(f"{type(module).__name__} passes {unsupported}, which the distributed attention "
                                f"does not implement")
+    docs = _documents(kwargs, seq_len)
     causal = kwargs.get("is_causal")
     if causal is None:
         causal = getattr(module, "is_causal", lc.config.causal)
     out = lc.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                       causal=bool(causal), softmax_scale=scaling)
+                       causal=bool(causal), softmax_scale=scaling, cu_seqlens=docs)
     return out, None
+
+
+def _documents(kwargs, seq_len: int) -> Optional[Documents]:
+    """Packed documents of the call: ``cu_seq_lens_q`` (``cu_seq_lens_k`` must agree), the boundaries of the
+    *full* sequence (as :func:`~ds_longctx.integration.data.shard_batch` gives them), or None."""
+    found = [Documents.of(kwargs[key], seq_len) for key in ("cu_seq_lens_q", "cu_seq_lens_k")
+             if kwargs.get(key) is not None]
+    if len(found) == 2 and found[0] != found[1]:
+        raise HFModelError("cu_seq_lens_q and cu_seq_lens_k differ; the distributed attention is self-attention "
+                           "over one packing of the sequence")
+    return found[0] if found else None
 
 
 def register() -> None:
@@ -229,12 +245,18 @@ def _prepare_call(model: torch.nn.Module, args, kwargs):
                            "is all ones and drops it")
     request = _loss_request(model, lc, signature, arguments)
     changed = request is not None
-    if "use_cache" in signature.parameters and arguments.get("use_cache") is None:
-        arguments["use_cache"] = False
-        changed = True
     ref = arguments.get("input_ids")
     if ref is None:
         ref = arguments.get("inputs_embeds")
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        cu = arguments.get(key)
+        if cu is not None and not isinstance(cu, Documents) and ref is not None:
+            # once per call instead of once per layer (a tensor on the GPU would sync in every layer)
+            arguments[key] = Documents.of(cu, ref.shape[1] * lc.topology.sp)
+            changed = True
+    if "use_cache" in signature.parameters and arguments.get("use_cache") is None:
+        arguments["use_cache"] = False
+        changed = True
     if arguments.get("position_ids") is None and ref is not None:
         seq_len = ref.shape[1] * lc.topology.sp
         lc.config.check_seq_len(seq_len, what=f"global sequence length (local {ref.shape[1]} x sp {lc.topology.sp})")
