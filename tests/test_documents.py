@@ -174,3 +174,42 @@ def test_packing_is_read_from_position_ids_by_transformers_rule():
         assert torch.equal(mine, ids - ids[0]), (pos, cu, theirs)
     with pytest.raises(ValueError, match="different document boundaries"):
         packed_boundaries(torch.stack([torch.arange(8), torch.arange(8) % 4]))
+
+
+@pytest.mark.parametrize("kernel_name", ["reference", "sdpa_cpu_flash"])
+def test_a_block_whose_sides_hold_different_documents_attends_only_to_shared_ones(kernel_name):
+    """Query rows at positions 4..11 and 20..27, keys at 0..25: the documents the sides share are not
+    adjacent rows on the key side (document [12, 20) lies between), and query rows of a document the keys
+    lack see nothing (out 0, lse -inf). Forward and backward against float64 autograd on the visible rows."""
+    from ds_longctx.kernels import KERNELS
+
+    kernel = KERNELS[kernel_name]
+    docs = Documents([0, 6, 12, 20, 26, 32])
+    q_runs, k_runs = ((4, 8), (20, 8)), ((0, 26),)
+    qpos = torch.tensor([p + i for p, n in q_runs for i in range(n)])
+    kpos = torch.arange(26)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 16, 4, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 26, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    dout = torch.randn(2, 16, 4, 8, generator=g, dtype=torch.float64)
+    doc = lambda p: torch.bucketize(p, torch.tensor(docs.bounds[1:]), right=True)  # noqa: E731
+    visible = doc(qpos)[:, None] == doc(kpos)[None, :]
+    seen = visible.any(1)
+    assert not seen.all() and seen.any()  # rows 26, 27 hold document 4, which the keys lack
+
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    kk, vv = (t.repeat_interleave(2, dim=2) for t in ref_in[1:])
+    s = torch.einsum("bqhd,bkhd->bhqk", ref_in[0], kk) * 0.3
+    s = s.masked_fill(~visible, float("-inf"))[:, :, seen]
+    want_lse = torch.logsumexp(s, -1)
+    want = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), vv)
+    (want * dout[:, seen]).sum().backward()
+
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    out, lse = docs.forward(kernel, *leaves, q_runs, k_runs, False, 0.3)
+    assert torch.equal(out[:, ~seen], torch.zeros_like(out[:, ~seen]))
+    assert bool((lse[:, :, ~seen] == float("-inf")).all())
+    assert dist_cases.rel(out[:, seen], want) < 1e-5 and dist_cases.rel(lse[:, :, seen], want_lse) < 1e-5
+    grads = docs.backward(kernel, dout.float(), *leaves, out, lse, q_runs, k_runs, False, 0.3)
+    for got, t in zip(grads, ref_in):
+        assert dist_cases.rel(got, t.grad) < 1e-5

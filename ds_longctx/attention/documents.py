@@ -9,8 +9,10 @@ both sides, on contiguous row ranges: the same diagonal causal call (the block's
 are identical) or fully visible call the block was, restricted to one document. Query rows that see no key
 of a block get ``out = 0`` and ``lse = -inf``, which the log-sum-exp merge leaves out.
 
-Cost: one kernel call per (block, document) pair. Documents of a few thousand tokens or more keep the
-kernel's rate; many short documents pay a kernel launch each.
+The shared documents' rows go to the kernel's varlen pair (:meth:`~ds_longctx.kernels.base.Kernel.forward_varlen`):
+FlashAttention-4 runs all of a block's documents in one launch; other kernels run one call per document,
+so there documents of a few thousand tokens or more keep the kernel's rate while many short documents pay a
+launch each.
 """
 from __future__ import annotations
 
@@ -118,10 +120,13 @@ class Documents:
         out = torch.zeros_like(q)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         lse = torch.full((B, H, Sq), float("-inf"), dtype=acc, device=q.device)
-        for qs, ks in parts:
-            o, l_ = kernel.forward(q[:, qs], k[:, ks], v[:, ks], causal, scale)
-            out[:, qs] = o
-            lse[:, :, qs] = l_
+        if not parts:
+            return out, lse
+        qs, ks = [p[0] for p in parts], [p[1] for p in parts]
+        cu_q, cu_k = _offsets(qs), _offsets(ks)
+        o, l_ = kernel.forward_varlen(_take(q, qs, 1), _take(k, ks, 1), _take(v, ks, 1), cu_q, cu_k, causal, scale)
+        _put(out, o, qs, cu_q, 1)
+        _put(lse, l_, qs, cu_q, 2)
         return out, lse
 
     def backward(self, kernel, dout, q, k, v, out, lse, q_runs: Runs, k_runs: Runs, causal: bool, scale: float):
@@ -130,10 +135,15 @@ class Documents:
         if parts is None:
             return kernel.backward(dout, q, k, v, out, lse, causal, scale)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for qs, ks in parts:
-            g_q, g_k, g_v = kernel.backward(dout[:, qs], q[:, qs], k[:, ks], v[:, ks], out[:, qs], lse[:, :, qs],
-                                            causal, scale)
-            dq[:, qs], dk[:, ks], dv[:, ks] = g_q, g_k, g_v
+        if not parts:
+            return dq, dk, dv
+        qs, ks = [p[0] for p in parts], [p[1] for p in parts]
+        cu_q, cu_k = _offsets(qs), _offsets(ks)
+        g_q, g_k, g_v = kernel.backward_varlen(_take(dout, qs, 1), _take(q, qs, 1), _take(k, ks, 1), _take(v, ks, 1),
+                                               _take(out, qs, 1), _take(lse, qs, 2), cu_q, cu_k, causal, scale)
+        _put(dq, g_q, qs, cu_q, 1)
+        _put(dk, g_k, ks, cu_k, 1)
+        _put(dv, g_v, ks, cu_k, 1)
         return dq, dk, dv
 
     def __eq__(self, other) -> bool:
@@ -144,6 +154,34 @@ class Documents:
 
     def __repr__(self) -> str:
         return f"Documents({self.count} documents, {self.bounds[-1]} tokens)"
+
+
+def _offsets(slices: Sequence[slice]) -> List[int]:
+    cu = [0]
+    for sl in slices:
+        cu.append(cu[-1] + sl.stop - sl.start)
+    return cu
+
+
+def _adjacent(slices: Sequence[slice]) -> bool:
+    return all(a.stop == b.start for a, b in zip(slices, slices[1:]))
+
+
+def _take(x: torch.Tensor, slices: Sequence[slice], dim: int) -> torch.Tensor:
+    """The rows ``slices`` of ``x`` along ``dim``, in order: a view when they are adjacent, else a copy (the
+    documents a block shares can skip rows of documents only one side holds)."""
+    if _adjacent(slices):
+        return x.narrow(dim, slices[0].start, slices[-1].stop - slices[0].start)
+    return torch.cat([x.narrow(dim, sl.start, sl.stop - sl.start) for sl in slices], dim=dim)
+
+
+def _put(dst: torch.Tensor, src: torch.Tensor, slices: Sequence[slice], cu: Sequence[int], dim: int) -> None:
+    """Inverse of :func:`_take`: segment ``i`` of ``src`` (``cu`` offsets) into rows ``slices[i]`` of ``dst``."""
+    if _adjacent(slices):
+        dst.narrow(dim, slices[0].start, cu[-1]).copy_(src)
+        return
+    for sl, a in zip(slices, cu):
+        dst.narrow(dim, sl.start, sl.stop - sl.start).copy_(src.narrow(dim, a, sl.stop - sl.start))
 
 
 def block_forward(kernel, docs: Optional[Documents], q, k, v, q_runs: Runs, k_runs: Runs, causal: bool,

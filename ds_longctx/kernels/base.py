@@ -9,10 +9,15 @@ Layout conventions shared by all kernels:
 schedules split every other block into fully visible or invisible pieces.
 Backward takes the *final* ``out`` and ``lse`` of the whole (merged) attention, so a kernel's block
 gradients sum to the exact gradient across blocks.
+
+Packed documents use the varlen pair: segment ``i`` of the query rows, ``[cu_q[i], cu_q[i + 1])``, attends
+to segment ``i`` of the key rows, ``[cu_k[i], cu_k[i + 1])`` (``causal``: equal lengths, the diagonal).
+The base class runs one ``forward``/``backward`` per segment; kernels with a varlen API (FlashAttention-4)
+run all segments in one launch.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -38,6 +43,32 @@ class Kernel:
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
+
+    def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, cu_q: Sequence[int], cu_k: Sequence[int],
+                       causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+        """Segments of ``q`` ``[B, Tq, H, D]`` against segments of ``k``/``v`` ``[B, Tk, Hkv, D]`` (``cu_q``,
+        ``cu_k``: segment offsets, host integers, ``cu[0] = 0``, ``cu[-1] = T``) -> ``(out, lse)`` as forward."""
+        out = torch.empty_like(q)
+        lse = None
+        for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):
+            o, l_ = self.forward(q[:, a:b], k[:, c:d], v[:, c:d], causal, scale)
+            if lse is None:
+                lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=l_.dtype, device=q.device)
+            out[:, a:b], lse[:, :, a:b] = o, l_
+        return out, lse
+
+    def backward_varlen(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                        cu_q: Sequence[int], cu_k: Sequence[int], causal: bool,
+                        scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+        """Gradients of :meth:`forward_varlen` for the final ``out``/``lse``; shaped like ``(q, k, v)``."""
+        grads = None
+        for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):
+            g = self.backward(dout[:, a:b], q[:, a:b], k[:, c:d], v[:, c:d], out[:, a:b], lse[:, :, a:b],
+                              causal, scale)
+            if grads is None:
+                grads = [torch.zeros(t.shape, dtype=x.dtype, device=x.device) for t, x in zip((q, k, v), g)]
+            grads[0][:, a:b], grads[1][:, c:d], grads[2][:, c:d] = g
+        return tuple(grads)
 
     def __repr__(self) -> str:
         return f"<kernel {self.name}>"
@@ -85,6 +116,19 @@ class MappedKVKernel(Kernel):
         idx = self._index(k)
         dq, dk, dv = self.inner.backward(dout, q, k.index_select(2, idx), v.index_select(2, idx), out, lse,
                                          causal, scale)
+        dk = torch.zeros(k.shape, dtype=dk.dtype, device=dk.device).index_add_(2, idx, dk)
+        dv = torch.zeros(v.shape, dtype=dv.dtype, device=dv.device).index_add_(2, idx, dv)
+        return dq, dk, dv
+
+    def forward_varlen(self, q, k, v, cu_q, cu_k, causal, scale):
+        idx = self._index(k)
+        return self.inner.forward_varlen(q, k.index_select(2, idx), v.index_select(2, idx), cu_q, cu_k, causal,
+                                         scale)
+
+    def backward_varlen(self, dout, q, k, v, out, lse, cu_q, cu_k, causal, scale):
+        idx = self._index(k)
+        dq, dk, dv = self.inner.backward_varlen(dout, q, k.index_select(2, idx), v.index_select(2, idx), out, lse,
+                                                cu_q, cu_k, causal, scale)
         dk = torch.zeros(k.shape, dtype=dk.dtype, device=dk.device).index_add_(2, idx, dk)
         dv = torch.zeros(v.shape, dtype=dv.dtype, device=dv.device).index_add_(2, idx, dv)
         return dq, dk, dv
