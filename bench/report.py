@@ -134,7 +134,8 @@ def documents_tables():
                 out.append(f"| {r['impl']} | {r['doc_len']} | {r['documents']} | OOM |||||")
                 continue
             out.append(f"| {r['impl']} | {r['doc_len']} | {r['documents']} | {r['fwd_bwd_ms']:.1f} | "
-                       f"{r['tflops_per_gpu']:.1f} | {f(r.get('vs_fa4_varlen'))} | {f(r.get('time_vs_unpacked'))} | "
+                       f"{r['tflops_per_gpu']:.1f} | {'' if r['impl'] == 'unpacked' else f(r.get('vs_fa4_varlen'))} | "
+                       f"{f(r.get('time_vs_unpacked'))} | "
                        f"{f(r.get('spread'))} |")
         out.append("")
     return out
