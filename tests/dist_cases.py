@@ -185,7 +185,9 @@ class counted_kernel_forwards:
         self._module, self._get = attention_module, attention_module.get_kernel
         counter = self
 
-        class Counting:
+        from ds_longctx.kernels.base import Kernel
+
+        class Counting(Kernel):  # the base class's varlen pair loops through forward/backward: counted too
             def __init__(self, inner):
                 self.inner, self.name = inner, inner.name
 

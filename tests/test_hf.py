@@ -57,6 +57,31 @@ def test_packed_documents_give_the_logits_of_transformers_own_packing():
         model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 32]))
 
 
+def test_a_batch_from_transformers_flattening_collator_trains_on_its_documents():
+    """DataCollatorWithFlattening's batch (restarting position ids, cu_seq_lens, max lengths, labels -100 at
+    each document's start) through shard_batch and ``model(**batch)``: the logits and loss of transformers'
+    own model on the same batch."""
+    from transformers import DataCollatorWithFlattening
+
+    model, lc = setup()
+    reference = cases.build_model("llama", 32)
+    reference.set_attn_implementation("sdpa")
+    g = torch.Generator().manual_seed(1)
+    features = [{"input_ids": torch.randint(0, cases.VOCAB, (n,), generator=g).tolist()} for n in (5, 11, 7, 9)]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(features)
+    assert batch["input_ids"].shape == (1, 32) and batch["cu_seq_lens_q"].tolist() == [0, 5, 16, 23, 32]
+    local = lc.shard_batch(batch)
+    assert local["cu_seq_lens_q"].tolist() == [0, 5, 16, 23, 32] and "max_length_q" not in local
+    inputs = {key: local[key] for key in ("input_ids", "position_ids", "cu_seq_lens_q")}
+    with torch.no_grad():
+        got = model(**inputs).logits
+        want = reference(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        loss = lc.loss(got, local["shift_labels"])
+        want_loss = torch.nn.functional.cross_entropy(want[0, :-1], batch["labels"][0, 1:], ignore_index=-100)
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
+
+
 def test_every_submodule_reaches_the_run_and_copies_share_it():
     import copy
 
