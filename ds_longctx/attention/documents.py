@@ -70,8 +70,7 @@ class Documents:
         if len(b) < 2 or b[0] != 0 or b[-1] != seq_len:
             raise AttentionInputError(
                 f"cu_seqlens must run from 0 to the global sequence length {seq_len} (the cumulative lengths of "
-                f"the packed documents, e.g. [0, {seq_len}] for one document), got "
-                f"{list(b[:4])}{'...' if len(b) > 4 else ''}{[] if len(b) <= 4 else [b[-1]]}")
+                f"the packed documents, e.g. [0, {seq_len}] for one document), got {_show(b)}")
         bad = next((i for i in range(1, len(b)) if b[i] <= b[i - 1]), None)
         if bad is not None:
             raise AttentionInputError(f"cu_seqlens must increase strictly (documents are not empty): entry {bad} is "
@@ -154,6 +153,11 @@ class Documents:
 
     def __repr__(self) -> str:
         return f"Documents({self.count} documents, {self.bounds[-1]} tokens)"
+
+
+def _show(bounds: Sequence[int]) -> str:
+    shown = ", ".join(map(str, bounds[:4])) + (f", ..., {bounds[-1]}" if len(bounds) > 4 else "")
+    return f"[{shown}]"
 
 
 def _offsets(slices: Sequence[slice]) -> List[int]:
