@@ -77,9 +77,17 @@ def test_packed_documents_through_fpdt_chunks_and_offload(dist_pools, ulysses, r
 @given(data=st.data())
 def test_random_packings_match_reference(dist_pools, data):
     ulysses, ring = data.draw(st.sampled_from(factorizations(4)), label="ulysses,ring")
-    S = ZigzagLayout(ring, ulysses).multiple * data.draw(st.integers(4, 8), label="S multiple")
-    cuts = data.draw(st.lists(st.integers(1, S - 1), max_size=6, unique=True), label="cuts")
-    cu = [0] + sorted(cuts) + [S]
+    m = ZigzagLayout(ring, ulysses).multiple
+    S = m * data.draw(st.integers(max(1, 32 // m), max(1, 32 // m) + 3), label="S multiple")
+    # Documents of 8+ tokens: with 1-2 keys a row's dq is a difference of nearly equal fp32 products whose
+    # rounding alone exceeds 1e-5 relative (the fixed packings above cover tiny documents, seeded).
+    lengths = data.draw(st.lists(st.integers(8, 24), min_size=0, max_size=6), label="document lengths")
+    cu = [0]
+    for n in lengths:
+        if cu[-1] + n > S - 8:
+            break
+        cu.append(cu[-1] + n)
+    cu.append(S)
     causal = data.draw(st.booleans(), label="causal")
     chunked = data.draw(st.booleans(), label="chunked") and S // ring % (2 * ulysses) == 0
     chunk = S // ring // 2 if chunked else None
