@@ -222,8 +222,9 @@ def _finish_call(model: torch.nn.Module, args, kwargs, output):
 def _prepare_call(model: torch.nn.Module, args, kwargs):
     """Forward pre-hook: pass the global positions as ``position_ids`` when the caller gives none, turn
     the KV cache off unless asked for (a cache of one rank's keys means nothing to the other ranks), take
-    ``shift_labels`` out of the call for the group loss, and put the layers' checkpoint functions (set by
-    ``gradient_checkpointing_enable`` at any time) in stashes."""
+    ``shift_labels`` out of the call for the group loss, turn ``cu_seq_lens_q/_k`` (packed documents) into
+    :class:`~ds_longctx.attention.documents.Documents` once for all layers, and put the layers' checkpoint
+    functions (set by ``gradient_checkpointing_enable`` at any time) in stashes."""
     lc = long_context_of(model)
     _set_request(model, None)
     stash_checkpoints(model, lc.config.keep_attention_output, lc.checkpoint_offload)
