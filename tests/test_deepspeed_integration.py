@@ -268,7 +268,7 @@ def test_user_errors_at_initialize_raise_on_every_rank_without_hanging(pool, cas
                                          ("labels_shape", "labels must be a [1, 32] tensor"),
                                          ("rows_packed_differently", "packed with different document boundaries"),
                                          ("boundaries_disagree", "disagrees with the documents"),
-                                         ("boundaries_range", "from 0 to the sequence length 32")])
+                                         ("boundaries_range", "cu_seq_lens_q: cu_seqlens must run from 0 to the global sequence length 32")])
 def test_a_bad_batch_on_one_replica_raises_on_every_rank(pool, case, expect):
     raised = pool.run(cases.batch_error, case, 1, 2, timeout=120)
     assert all(r.startswith("BatchError") and expect in r for r in raised), raised

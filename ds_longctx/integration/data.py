@@ -20,6 +20,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
+from ..attention.checks import AttentionInputError
+from ..attention.documents import Documents
 from ..layout import LayoutError, ZigzagLayout, positions, shard
 from ..topology import Topology
 from .agree import raise_together
@@ -62,12 +64,10 @@ def _boundaries(batch: Mapping[str, Any], S: int) -> Tuple[Optional[List[int]], 
         cu = batch.get(key)
         if cu is None:
             continue
-        if not torch.is_tensor(cu) or cu.dim() != 1 or cu.is_floating_point():
-            return None, f"{key} must be a 1-D integer tensor of document boundaries"
-        cu = cu.tolist()
-        if len(cu) < 2 or cu[0] != 0 or cu[-1] != S or any(b <= a for a, b in zip(cu, cu[1:])):
-            return None, f"{key} must increase strictly from 0 to the sequence length {S}, got {cu[:6]}..."
-        given.append((key, cu))
+        try:
+            given.append((key, list(Documents.of(cu, S).bounds)))
+        except AttentionInputError as exc:
+            return None, f"{key}: {exc}"
     try:
         pos = batch.get("position_ids")
         derived = packed_boundaries(pos) if torch.is_tensor(pos) else None
@@ -120,9 +120,6 @@ def _problem(batch: Mapping[str, Any], topo: Topology, chunk_size: Optional[int]
                             or pos.shape[0] not in (1, B)):
         return f"position_ids must be [1 or {B}, {S}], got " \
                f"{tuple(pos.shape) if torch.is_tensor(pos) else type(pos).__name__}"
-    documents_problem = _boundaries(batch, S)[1]
-    if documents_problem is not None:
-        return documents_problem
     mask = batch.get("attention_mask")
     if mask is not None and not bool((mask != 0).all()):
         return ("attention_mask has padding zeros, which the distributed attention cannot apply; pad on the "
@@ -154,11 +151,13 @@ def shard_batch(batch: Mapping[str, Any], topo: Topology, ignore_index: int = IG
 
     ``chunk_size``: the block's ``fpdt.chunk_size``; FPDT chunking takes its own (chunked) layout.
     """
-    raise_together(_problem(batch, topo, chunk_size), BatchError)
+    problem, cu = _problem(batch, topo, chunk_size), None
+    if problem is None:  # the shapes are right: read the packing
+        cu, problem = _boundaries(batch, batch["input_ids" if "input_ids" in batch else "inputs_embeds"].shape[1])
+    raise_together(problem, BatchError)
     ref = batch["input_ids"] if "input_ids" in batch else batch["inputs_embeds"]
     B, S = ref.shape[0], ref.shape[1]
     out: Dict[str, Any] = {}
-    cu = _boundaries(batch, S)[0]
     for key, value in batch.items():
         if key in ("attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
             continue  # masks: all ones (checked); documents: replaced by the boundaries below
