@@ -13,7 +13,7 @@ The groups live in this object, which is passed around explicitly; nothing is st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch.distributed as dist
 
@@ -54,10 +54,9 @@ class Topology:
     ring_ranks: List[int] = field(init=False)
     sp_ranks: List[int] = field(init=False)
     dp_ranks: List[int] = field(init=False)
-    ulysses_group: Optional[object] = field(init=False, repr=False)
-    ring_group: Optional[object] = field(init=False, repr=False)
-    sp_group: Optional[object] = field(init=False, repr=False)
-    dp_group: Optional[object] = field(init=False, repr=False)
+    # The groups sit behind properties so that a destroyed topology cannot pass ``None`` (the world) to a
+    # collective: that would run on every rank instead of failing.
+    _groups: Optional[Dict[str, Optional[object]]] = field(init=False, repr=False)
 
     def __post_init__(self):
         U = _check_degree("ulysses", self.ulysses)
@@ -98,10 +97,65 @@ class Topology:
         set_("ring_ranks", mine["ring"])
         set_("sp_ranks", mine["sp"])
         set_("dp_ranks", mine["dp"])
-        set_("ulysses_group", groups["ulysses"])
-        set_("ring_group", groups["ring"])
-        set_("sp_group", groups["sp"])
-        set_("dp_group", groups["dp"])
+        set_("_groups", groups)
+
+    def _group(self, name: str):
+        if self._groups is None:
+            raise TopologyError(f"this Topology was destroyed (Topology.destroy); its {name} group is gone: "
+                                f"build a new Topology(ulysses={self.ulysses}, ring={self.ring})")
+        return self._groups[name]
+
+    @property
+    def ulysses_group(self):
+        """This rank's Ulysses group (``None`` in a single process)."""
+        return self._group("ulysses")
+
+    @property
+    def ring_group(self):
+        """This rank's ring group (``None`` in a single process)."""
+        return self._group("ring")
+
+    @property
+    def sp_group(self):
+        """This rank's sequence-parallel group, ``U * R`` ranks (``None`` in a single process)."""
+        return self._group("sp")
+
+    @property
+    def dp_group(self):
+        """The ranks holding this rank's coordinates in the other replicas (``None`` in a single process)."""
+        return self._group("dp")
+
+    @property
+    def destroyed(self) -> bool:
+        """Whether :meth:`destroy` has released the groups."""
+        return self._groups is None
+
+    def destroy(self) -> None:
+        """Release this topology's process groups.
+
+        Every ``Topology`` owns ``new_group`` process groups, and a group lives (its connections and its
+        backend's threads) until it is destroyed; a process that builds topologies or engines over and over
+        (sweeps, tests) would otherwise slow every collective down with each one it leaves behind. Call on
+        every rank, after the last collective on these groups; using the topology afterwards raises
+        :class:`TopologyError`. A second call does nothing.
+        """
+        if self._groups is None:
+            return
+        groups, seen = self._groups, set()
+        object.__setattr__(self, "_groups", None)
+        if not dist.is_initialized():
+            return  # destroying the world already shut every group down
+        for group in groups.values():
+            if group is None or id(group) in seen or group is dist.GroupMember.WORLD:
+                continue
+            seen.add(id(group))
+            dist.destroy_process_group(group)
+
+    def __enter__(self) -> "Topology":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.destroy()
 
     @property
     def sp(self) -> int:

@@ -236,6 +236,8 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
             "params_partitioned_over_world": partitioned, "logits_kept": logits_kept,
             "attn_impl": getattr(getattr(engine.module, "config", None), "_attn_implementation", None)}
     engine.destroy()
+    # ds_longctx's groups (the Topology's, the mpu's) go with the engine: none is left to slow later runs down
+    info.update(groups_released=topo.destroyed, threads_after_destroy=len(os.listdir("/proc/self/task")))
     return {"losses": losses, "forwards": forwards, "leased_after_forward": leased, "params": params, "info": info}
 
 

@@ -60,6 +60,7 @@ def check_run(results, ref, kind, ulysses, ring, compare_params=True, zero3=True
         assert info["seq_dp_world"] == WORLD
         # DeepSpeed is told of no sequence parallelism, so every ZeRO path averages over all ranks
         assert info["sp_size_seen_by_ds"] == 1
+        assert info["groups_released"]  # engine.destroy() gave back the groups ds_longctx built
         # micro-batch m of replica d is the reference's replica d * accum + m
         expected = [step[info["dp_rank"] * accum + m] for step in ref["losses"] for m in range(accum)]
         assert res["losses"] == pytest.approx(expected, rel=RTOL), f"rank {info['rank']}"
@@ -78,6 +79,15 @@ def check_run(results, ref, kind, ulysses, ring, compare_params=True, zero3=True
 def test_zero3_sequence_parallel_training_matches_single_process(pool, kind, ulysses, ring):
     results = pool.run(cases.train_with_deepspeed, kind, ulysses, ring, STEPS, SEQ, BATCH, timeout=300)
     check_run(results, reference(kind, WORLD // (ulysses * ring)), kind, ulysses, ring)
+
+
+def test_engines_built_one_after_another_leave_no_threads_behind(pool):
+    # Every process group keeps backend threads and connections until destroyed; engine.destroy() must
+    # release the Topology's and the mpu's, or each engine a process builds slows all later collectives.
+    runs = [pool.run(cases.train_with_deepspeed, "llama", 2, 2, 1, SEQ, BATCH, timeout=300) for _ in range(3)]
+    for rank in range(WORLD):
+        counts = [run[rank]["info"]["threads_after_destroy"] for run in runs]
+        assert counts[1:] == [counts[0]] * 2, counts
 
 
 @pytest.mark.parametrize("ulysses,ring", [(2, 2), (1, 2)])

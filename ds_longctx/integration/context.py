@@ -18,9 +18,10 @@ from ..topology import Topology
 class LongContext:
     """The :class:`~ds_longctx.topology.Topology` and :class:`~ds_longctx.config.LongContextConfig` of a run."""
 
-    def __init__(self, topology: Topology, config: LongContextConfig):
+    def __init__(self, topology: Topology, config: LongContextConfig, mpu=None):
         self.topology = topology
         self.config = config
+        self.mpu = mpu  # the SequenceParallelMPU handed to DeepSpeed, whose group close() releases too
         # One per model: it chains the checkpointed layers to prefetch their inputs a layer ahead in backward.
         # Every size: transformers' layers get only the hidden states positionally (the rest is bound in the
         # function they checkpoint), so those are all a layer's checkpoint saves.
@@ -64,6 +65,16 @@ class LongContext:
         """Global positions of this rank's tokens of a ``seq_len`` sequence (in the FPDT-chunked layout when
         the block sets ``fpdt.chunk_size``). ``[S_local]``."""
         return positions(seq_len, self.topology, device=device, chunk_size=self.config.fpdt.chunk_size)
+
+    def close(self) -> None:
+        """Release the run's process groups (the mpu's, then the topology's); every rank, once training is done.
+
+        ``engine.destroy()`` of an engine from :func:`ds_longctx.initialize` calls it. Afterwards the
+        attention and the loss raise :class:`~ds_longctx.topology.TopologyError`; ``shard_batch`` still works.
+        """
+        if self.mpu is not None:
+            self.mpu.destroy()
+        self.topology.destroy()
 
     def __deepcopy__(self, memo):
         # Process groups cannot be copied; a copied model shares the run's groups.

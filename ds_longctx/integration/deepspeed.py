@@ -10,6 +10,7 @@ as ``engine.long_context``.
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any, Dict, Mapping, Optional
 
 from ..config import BLOCK_KEY, LongContextConfig, LongContextConfigError, load_ds_config, model_head_counts
@@ -124,17 +125,14 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
             f"(ulysses_degree x ring_degree = {cfg.sp_degree}); drop mesh_param")
 
     topo = Topology(ulysses=cfg.ulysses_degree, ring=cfg.ring_degree)
-    lc = LongContext(topo, cfg)
+    ours = None
     if cfg.sp_degree > 1:
         from .mpu import SequenceParallelMPU
-        mpu = SequenceParallelMPU(topo)
+        mpu = ours = SequenceParallelMPU(topo)
+    lc = LongContext(topo, cfg, mpu=ours)
 
     from .context import attach
     from .hf import apply, is_hf_model
-    if is_hf_model(model):
-        apply(model, lc)
-    else:
-        attach(model, lc)  # its attention reaches lc through long_context_of(self)
 
     ds_kwargs: Dict[str, Any] = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                                      training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
@@ -142,9 +140,38 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                                      mesh_param=mesh_param, config_params=config_params)
     if distributed_port is not None:
         ds_kwargs["distributed_port"] = distributed_port
-    engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(**ds_kwargs)
+    try:
+        if is_hf_model(model):
+            apply(model, lc)
+        else:
+            attach(model, lc)  # its attention reaches lc through long_context_of(self)
+        engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(**ds_kwargs)
+    except BaseException:
+        lc.close()  # no engine will own the groups: a caller that catches this must not inherit them
+        raise
     engine.long_context = lc
+    _release_groups_on_destroy(engine, lc)
     return engine, ds_optimizer, dataloader, scheduler
+
+
+def _release_groups_on_destroy(engine, lc: LongContext) -> None:
+    """``engine.destroy()`` also releases the groups ds_longctx built for the engine (``LongContext.close``).
+
+    The wrapper, stored in the engine's own ``__dict__``, holds the engine weakly so that it adds no reference
+    cycle through the engine. DeepSpeed's ``__del__`` calls ``destroy`` too, so the groups go with the engine."""
+    engine_ref = weakref.ref(engine)
+    deepspeed_destroy = type(engine).destroy
+
+    def destroy():
+        try:
+            alive = engine_ref()
+            if alive is not None:
+                deepspeed_destroy(alive)
+        finally:
+            lc.close()
+
+    destroy.__doc__ = deepspeed_destroy.__doc__
+    engine.destroy = destroy
 
 
 __all__ = ["initialize"]

@@ -80,6 +80,12 @@ class SequenceParallelMPU:
             self._self_group = mine
         return self._self_group
 
+    def destroy(self) -> None:
+        """Release the model-parallel group if DeepSpeed asked for one (every rank; see ``Topology.destroy``)."""
+        if self._self_group is not None:
+            group, self._self_group = self._self_group, None
+            dist.destroy_process_group(group)
+
     def __repr__(self) -> str:
         t = self.topo
         return f"SequenceParallelMPU(dp={t.dp}, sp={t.sp} (ring={t.ring} x ulysses={t.ulysses}), rank={t.rank})"
