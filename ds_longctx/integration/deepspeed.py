@@ -10,7 +10,7 @@ as ``engine.long_context``.
 from __future__ import annotations
 
 import os
-import weakref
+import types
 from typing import Any, Dict, Mapping, Optional
 
 from ..config import BLOCK_KEY, LongContextConfig, LongContextConfigError, load_ds_config, model_head_counts
@@ -157,21 +157,18 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
 def _release_groups_on_destroy(engine, lc: LongContext) -> None:
     """``engine.destroy()`` also releases the groups ds_longctx built for the engine (``LongContext.close``).
 
-    The wrapper, stored in the engine's own ``__dict__``, holds the engine weakly so that it adds no reference
-    cycle through the engine. DeepSpeed's ``__del__`` calls ``destroy`` too, so the groups go with the engine."""
-    engine_ref = weakref.ref(engine)
+    Bound to the engine itself, not through a weak reference: DeepSpeed's ``__del__`` calls ``destroy``,
+    and by then the garbage collector has already cleared weak references to the engine."""
     deepspeed_destroy = type(engine).destroy
 
-    def destroy():
+    def destroy(self):
         try:
-            alive = engine_ref()
-            if alive is not None:
-                deepspeed_destroy(alive)
+            deepspeed_destroy(self)
         finally:
             lc.close()
 
     destroy.__doc__ = deepspeed_destroy.__doc__
-    engine.destroy = destroy
+    engine.destroy = types.MethodType(destroy, engine)
 
 
 __all__ = ["initialize"]

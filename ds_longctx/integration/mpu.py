@@ -84,7 +84,8 @@ class SequenceParallelMPU:
         """Release the model-parallel group if DeepSpeed asked for one (every rank; see ``Topology.destroy``)."""
         if self._self_group is not None:
             group, self._self_group = self._self_group, None
-            dist.destroy_process_group(group)
+            if dist.is_initialized():  # else destroying the world already shut it down
+                dist.destroy_process_group(group)
 
     def __repr__(self) -> str:
         t = self.topo
