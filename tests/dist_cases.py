@@ -26,6 +26,16 @@ def topology(ulysses: int, ring: int) -> Topology:
     return _TOPOLOGIES[key]
 
 
+def release_topologies() -> int:
+    """Destroy this worker's cached topologies (between test modules): every live gloo group keeps a loop
+    thread that wakes on its own, and a session's worth of them takes CPU from the tests that follow."""
+    released = len(_TOPOLOGIES)
+    for topo in _TOPOLOGIES.values():
+        topo.destroy()
+    _TOPOLOGIES.clear()
+    return released
+
+
 def naive_attention(q, k, v, causal, scale):
     """Textbook softmax attention, float64 autograd: ``[B, S, H, D]`` inputs, GQA by repeating kv heads."""
     H, Hkv = q.shape[2], k.shape[2]
