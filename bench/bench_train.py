@@ -57,7 +57,8 @@ def ds_config(args, world):
                                "fpdt": {"chunk_size": args.chunk_size, "offload": args.offload},
                                "keep_attention_output": bool(args.keep_attention_output),
                                "mlp_tile_tokens": args.mlp_tile_tokens, "loss_tile_tokens": args.loss_tile_tokens,
-                               "checkpoint_offload": args.checkpoint_offload,
+                               "checkpoint_offload": (True if args.checkpoint_offload < 0
+                                                      else args.checkpoint_offload or False),
                                "lean_rms_norm": bool(args.lean_rms_norm)}
     return cfg
 
@@ -83,8 +84,10 @@ def main():
     ap.add_argument("--lean_rms_norm", type=int, default=1, choices=[0, 1],
                     help="ds_longctx: RMSNorms keep only their input for backward (0: the model's own norms)")
     ap.add_argument("--offload_optimizer", action="store_true", help="ZeRO-3 optimizer states on the CPU")
-    ap.add_argument("--checkpoint_offload", action="store_true",
-                    help="ds_longctx: the checkpointed layers' inputs and kept outputs wait in pinned host memory")
+    ap.add_argument("--checkpoint_offload", type=int, nargs="?", const=-1, default=0,
+                    help="ds_longctx: the checkpointed layers' inputs and kept outputs wait in pinned host memory "
+                         "(alone: every layer; N: the first N layers)")
+    ap.add_argument("--tie_embeddings", action="store_true", help="the LM head shares the input embedding")
     ap.add_argument("--vocab", type=int, default=256, help="vocabulary (the text is bytes: ids < 256)")
     ap.add_argument("--loss_tile_tokens", type=int, default=None,
                     help="ds_longctx: loss from the model's hidden states over tiles of this many tokens")
@@ -119,7 +122,7 @@ def main():
     config = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq_len,
-        rope_theta=500000.0, tie_word_embeddings=False, attn_implementation="sdpa")
+        rope_theta=500000.0, tie_word_embeddings=args.tie_embeddings, attn_implementation="sdpa")
     with dev:  # built on the device (fast random init), then partitioned by ZeRO-3 at initialize
         model = transformers.LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
@@ -188,6 +191,8 @@ def main():
                "peak_gib": peak(), **phases}
         if lc is not None:  # pinned host memory held by the offload pool (FPDT chunks, checkpoints)
             row["host_pool_gib"] = default_pool().held_bytes / 2 ** 30
+        if cuda:  # every pinned host allocation of the process (the pool's and DeepSpeed's optimizer offload)
+            row["pinned_host_gib"] = torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0) / 2 ** 30
         steps.append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)

@@ -24,9 +24,9 @@ import binascii
 import difflib
 import json
 import os
-from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple, Union
+from typing import Annotated, Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 BLOCK_KEY = "long_context"
 
@@ -36,6 +36,12 @@ KERNEL_NAMES = ("auto", "reference", "sdpa_cudnn", "sdpa_flash", "sdpa_cpu_flash
 KernelName = Literal[KERNEL_NAMES]
 
 ConfigSource = Union[str, "os.PathLike[str]", Mapping[str, Any]]
+
+#: A value the planner chooses (:mod:`ds_longctx.plan`) when :func:`ds_longctx.initialize` resolves the block.
+AUTO = "auto"
+Auto = Literal["auto"]
+PositiveInt = Annotated[StrictInt, Field(gt=0)]
+LayerCount = Annotated[StrictInt, Field(ge=0)]
 
 
 class LongContextConfigError(ValueError):
@@ -47,16 +53,16 @@ class FPDTConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    chunk_size: Optional[int] = Field(
-        default=None, strict=True, gt=0,
+    chunk_size: Union[Auto, PositiveInt, None] = Field(
+        default=None,
         description="Tokens per chunk of the sequence a rank attends over after the Ulysses all-to-all; "
                     "attention runs chunk by chunk so only one chunk's scores and K/V are live. "
-                    "null: no chunking (fastest when memory allows).")
-    offload: bool = Field(
-        default=False, strict=True,
+                    "null: no chunking (fastest when memory allows). auto: chosen by the planner.")
+    offload: Union[Auto, StrictBool] = Field(
+        default=False,
         description="Keep the K/V chunks and the q/out/lse saved for backward in pinned host memory, copied on "
                     "side streams behind the kernels (needs chunk_size). The attention's GPU state then stays "
-                    "a few chunks whatever the sequence length.")
+                    "a few chunks whatever the sequence length. auto: chosen by the planner.")
 
 
 class LongContextConfig(BaseModel):
@@ -88,43 +94,55 @@ class LongContextConfig(BaseModel):
         default=True, strict=True,
         description="Causal mask over global token positions (decoder LMs). Hugging Face attention modules "
                     "use their own is_causal; this applies to direct calls through the engine's long_context.")
-    keep_attention_output: bool = Field(
-        default=True, strict=True,
+    keep_attention_output: Union[Auto, StrictBool] = Field(
+        default=True,
         description="With activation checkpointing on (model.gradient_checkpointing_enable() for Hugging Face "
                     "models, ds_longctx.memory.remat.checkpoint otherwise), keep each layer's attention output "
                     "and log-sum-exp instead of running the attention again in backward (DistFlashAttn's "
                     "rematerialization-aware checkpointing): one attention forward less per layer and step, "
                     "for one more [S_local, hidden] activation per layer (in pinned host memory with "
-                    "fpdt.offload).")
+                    "fpdt.offload). auto: chosen by the planner.")
     lean_rms_norm: bool = Field(
         default=True, strict=True,
         description="Hugging Face models (Llama, Qwen2, Qwen3, Mistral): RMSNorm layers keep only their input and "
                     "1/rms for backward, computing over row tiles, instead of an fp32 copy of the input and the "
                     "normalized tensor (three [S_local, hidden] activations less per norm in bf16). The forward "
                     "gives the same values; the gradient differs by rounding only. false: the models' own norms.")
-    checkpoint_offload: bool = Field(
-        default=False, strict=True,
+    checkpoint_offload: Union[Auto, StrictBool, LayerCount] = Field(
+        default=False,
         description="With activation checkpointing on, keep each checkpointed layer's input (one [S_local, "
                     "hidden] activation per layer) and its kept attention output in pinned host memory from "
                     "forward to backward, copied on side streams and prefetched one layer ahead: the GPU holds "
                     "no per-layer activations across the step, whatever the depth. Costs host memory of about "
-                    "2 x layers x S_local x hidden x dtype bytes.")
-    mlp_tile_tokens: Optional[int] = Field(
-        default=None, strict=True, gt=0,
+                    "2 x layers x S_local x hidden x dtype bytes. A number N offloads the first N checkpointed "
+                    "layers only (host memory rarely holds every layer of a deep model at long sequences); "
+                    "auto: chosen by the planner.")
+    mlp_tile_tokens: Union[Auto, PositiveInt, None] = Field(
+        default=None,
         description="Hugging Face models: run each decoder layer's MLP over tiles of this many local tokens, "
                     "recomputing a tile's activations in backward, so its [S_local, intermediate] activations "
                     "never exist whole (one more MLP forward per step). null: off. Try 16384 for sequences "
-                    "of 256K+ tokens per rank.")
-    loss_tile_tokens: Optional[int] = Field(
-        default=None, strict=True, gt=0,
+                    "of 256K+ tokens per rank; auto: chosen by the planner.")
+    loss_tile_tokens: Union[Auto, PositiveInt, None] = Field(
+        default=None,
         description="Hugging Face models called with shift_labels=...: compute the loss from the final hidden "
                     "states over tiles of this many local tokens (one tile's logits at a time, recomputed in "
                     "backward) and return no logits. null: the loss comes from the model's full logits. Try "
-                    "4096 with a large vocabulary.")
+                    "4096 with a large vocabulary; auto: chosen by the planner.")
     load_balance: Literal["zigzag"] = Field(
         default="zigzag",
         description="Token layout across the ring. zigzag: ring position r holds chunks r and 2R-1-r of the "
                     "sequence so that causal work is equal on every rank.")
+    seq_len: Optional[PositiveInt] = Field(
+        default=None,
+        description="Global tokens per sequence of the run, for the planner: the \"auto\" values and the pre-flight "
+                    "memory check use it (without it, ds_longctx.initialize takes the training_data's first "
+                    "sample's length, or resolves auto values and checks memory when the first batch arrives).")
+    preflight: StrictBool = Field(
+        default=True,
+        description="Before the first step, predict the step's GPU peak and pinned host memory (ds_longctx.plan) "
+                    "and raise on every rank when they exceed the machine, naming the largest parts and a "
+                    "configuration that fits. false: no check.")
 
     # ---- derived -----------------------------------------------------------------------------------------
 
@@ -141,13 +159,46 @@ class LongContextConfig(BaseModel):
 
         from .layout import ZigzagLayout
         m = ZigzagLayout(self.ring_degree, self.ulysses_degree).multiple
-        if self.fpdt.chunk_size is not None:
+        if self.fpdt.chunk_size not in (None, AUTO):
             m = math.lcm(m, self.ring_degree * self.fpdt.chunk_size)
         return m
 
     def attention_kwargs(self) -> Dict[str, Any]:
         """Keyword arguments of :func:`ds_longctx.attention.attention` that this block sets."""
+        self.require_resolved()
         return {"kernel": self.kernel, "chunk_size": self.fpdt.chunk_size, "offload": self.fpdt.offload}
+
+    @property
+    def auto_fields(self) -> List[str]:
+        """Dotted names of the fields still ``"auto"``."""
+        fields = [f"fpdt.{k}" for k, v in self.fpdt.model_dump().items() if v == AUTO]
+        # kernel "auto" is not the planner's: the kernel is picked on the device at run time
+        return fields + [k for k, v in self.model_dump(exclude={"fpdt", "kernel"}).items() if v == AUTO]
+
+    def require_resolved(self) -> None:
+        """Raise when a value is still ``"auto"``: only :func:`ds_longctx.initialize` (or the planner) resolves it."""
+        if self.auto_fields:
+            raise LongContextConfigError(
+                f"{BLOCK_KEY}: {', '.join(self.auto_fields)} still \"auto\"; ds_longctx.initialize resolves auto "
+                f"values from the model, the world and the sequence length (set {BLOCK_KEY}.seq_len); with the "
+                f"functional API give them explicitly (ds-longctx plan suggests values)")
+
+    def resolve(self, values: Mapping[str, Any]) -> "LongContextConfig":
+        """This block with the ``"auto"`` fields set from ``values`` (dotted names, e.g. ``"fpdt.chunk_size"``);
+        the result is validated like a user's block."""
+        block = self.model_dump(mode="json")
+        for name in self.auto_fields:
+            if name not in values:
+                raise LongContextConfigError(f"{BLOCK_KEY}.{name}: no value to resolve \"auto\" with")
+            where, key = (block["fpdt"], name.split(".", 1)[1]) if name.startswith("fpdt.") else (block, name)
+            where[key] = values[name]
+        return LongContextConfig.from_block(block)
+
+    def checkpoint_offload_layers(self, layers: int) -> int:
+        """How many of ``layers`` checkpointed layers keep their inputs in host memory (the first ones)."""
+        self.require_resolved()
+        offload = self.checkpoint_offload
+        return layers if offload is True else min(layers, int(offload or 0))
 
     # ---- construction ------------------------------------------------------------------------------------
 
@@ -177,12 +228,12 @@ class LongContextConfig(BaseModel):
 
     def _check_self(self) -> None:
         C = self.fpdt.chunk_size
-        if C is not None and C % self.ulysses_degree != 0:
+        if isinstance(C, int) and C % self.ulysses_degree != 0:
             raise LongContextConfigError(
                 f"{BLOCK_KEY}.fpdt.chunk_size: {C} is not a multiple of ulysses_degree {self.ulysses_degree} "
                 f"(every chunk is split evenly over the Ulysses ranks); use e.g. "
                 f"{-(-C // self.ulysses_degree) * self.ulysses_degree}")
-        if self.fpdt.offload and self.fpdt.chunk_size is None:
+        if self.fpdt.offload is True and self.fpdt.chunk_size is None:
             raise LongContextConfigError(
                 f"{BLOCK_KEY}.fpdt.offload: offload=true needs {BLOCK_KEY}.fpdt.chunk_size (offload moves the "
                 f"K/V of chunks not in use to host memory); set a chunk_size such as 8192 or offload=false")
@@ -229,7 +280,7 @@ class LongContextConfig(BaseModel):
         if seq_len % m != 0:
             up = -(-seq_len // m) * m
             chunks = (f", fpdt.chunk_size={self.fpdt.chunk_size}: whole chunks per ring position"
-                      if self.fpdt.chunk_size is not None else "")
+                      if self.fpdt.chunk_size not in (None, AUTO) else "")
             raise LongContextConfigError(
                 f"{what} {seq_len} is not divisible by {m}, which {BLOCK_KEY} (ulysses_degree="
                 f"{self.ulysses_degree}, ring_degree={self.ring_degree}{chunks}) needs; pad or truncate "
@@ -329,8 +380,23 @@ def _field_names(model: type, loc: Tuple[Any, ...]) -> List[str]:
     return list(cls.model_fields)
 
 
+def _field_loc(loc: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    """The part of an error's ``loc`` that names fields (a union adds its member's tag after the field)."""
+    cls, kept = LongContextConfig, []
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(part, str) and cls is not None else None
+        if field is None:
+            break
+        kept.append(part)
+        ann = field.annotation
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return tuple(kept) if kept else loc
+
+
 def _format_validation_error(exc: ValidationError) -> str:
-    lines = []
+    lines: List[str] = []
+    union_lines: Dict[Tuple[Any, ...], List[str]] = {}
+    values: Dict[Tuple[Any, ...], Any] = {}
     for err in exc.errors():
         loc = tuple(err.get("loc", ()))
         path = ".".join([BLOCK_KEY] + [str(p) for p in loc])
@@ -340,8 +406,18 @@ def _format_validation_error(exc: ValidationError) -> str:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             lines.append(f"{path}: unknown key{hint} (allowed keys here: {', '.join(allowed)})")
             continue
+        field = _field_loc(loc)
+        if field != loc:  # one line per field of a union, with what each member wanted
+            union_lines.setdefault(field, []).append(str(err.get("msg")).replace("Input should be ", ""))
+            values[field] = err.get("input")
+            continue
         value = err.get("input")
         lines.append(f"{path}: {err.get('msg')} (got {json.dumps(value) if _jsonable(value) else repr(value)})")
+    for field, wanted in union_lines.items():
+        value = values[field]
+        path = ".".join([BLOCK_KEY] + [str(p) for p in field])
+        lines.append(f"{path}: should be {' or '.join(wanted)} (got "
+                     f"{json.dumps(value) if _jsonable(value) else repr(value)})")
     return "invalid " + BLOCK_KEY + " block:\n  " + "\n  ".join(lines)
 
 
@@ -373,6 +449,6 @@ def describe_fields(model: type = LongContextConfig, prefix: str = "") -> Iterab
             yield f"{prefix}{name}", field.get_default(call_default_factory=True), field.description or ""
 
 
-__all__ = ["BLOCK_KEY", "KERNEL_NAMES", "FPDTConfig", "LongContextConfig", "LongContextConfigError",
+__all__ = ["AUTO", "BLOCK_KEY", "KERNEL_NAMES", "FPDTConfig", "LongContextConfig", "LongContextConfigError",
            "describe_fields", "from_ds_config", "load_ds_config", "model_head_counts",
            "resolved_block"]

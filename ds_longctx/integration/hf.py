@@ -228,6 +228,8 @@ def _prepare_call(model: torch.nn.Module, args, kwargs):
     lc = long_context_of(model)
     _set_request(model, None)
     stash_checkpoints(model, lc.config.keep_attention_output, lc.checkpoint_offload)
+    if lc.checkpoint_offload is not None:
+        lc.checkpoint_offload.begin_forward()
     signature = inspect.signature(model.forward)
     try:
         bound = signature.bind_partial(*args, **kwargs)

@@ -51,12 +51,32 @@ class CheckpointOffload:
     Args:
         pool: host buffers (default: the process-wide pool FPDT uses).
         min_bytes: saved tensors smaller than this stay on their device.
+        max_regions: offload only the first this many regions of each forward (None: all). Host memory
+            rarely holds every layer of a deep model at long sequences; the first layers' inputs wait the
+            longest, so they are the ones to move.
     """
 
-    def __init__(self, pool: Optional[HostPool] = None, min_bytes: int = 1 << 20):
+    def __init__(self, pool: Optional[HostPool] = None, min_bytes: int = 1 << 20,
+                 max_regions: Optional[int] = None):
         self.pool = pool
         self.min_bytes = min_bytes
+        self.max_regions = max_regions
         self._last: Optional[weakref.ReferenceType] = None
+        self._regions = 0  # regions of the current forward seen so far
+        self._backward_seen = False
+
+    def begin_forward(self) -> None:
+        """A new forward starts: count its regions from the first (a model's forward pre-hook calls this)."""
+        self._regions = 0
+        self._backward_seen = False
+
+    def takes_next_region(self) -> bool:
+        """Whether the checkpointed region about to run offloads; counts it. A region after a backward
+        began belongs to a new forward (for callers without a pre-hook)."""
+        if self._backward_seen:
+            self.begin_forward()
+        self._regions += 1
+        return self.max_regions is None or self._regions <= self.max_regions
 
     def _offloads(self, t: torch.Tensor) -> bool:
         return (t.device.type in ("cuda", "cpu") and t.numel() * t.element_size() >= self.min_bytes
@@ -70,8 +90,8 @@ class CheckpointOffload:
         self._last = weakref.ref(copy)
         return copy
 
-    @staticmethod
-    def unpack(packed):
+    def unpack(self, packed):
+        self._backward_seen = True
         if not isinstance(packed, _HostCopy):
             return packed
         t = packed.get()
@@ -89,7 +109,7 @@ class CheckpointOffload:
             yield self
 
     def __repr__(self) -> str:
-        return f"CheckpointOffload(min_bytes={self.min_bytes})"
+        return f"CheckpointOffload(min_bytes={self.min_bytes}, max_regions={self.max_regions})"
 
 
 __all__ = ["CheckpointOffload"]

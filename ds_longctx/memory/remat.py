@@ -168,6 +168,12 @@ def active_stash() -> Optional[AttentionStash]:
     return stack[-1] if stack else None
 
 
+def _region_offload(offload: Optional[CheckpointOffload]) -> Optional[CheckpointOffload]:
+    """``offload`` if the region about to run is one it moves to host memory, else None (the region then
+    keeps its input and kept output on the device)."""
+    return offload if offload is not None and offload.takes_next_region() else None
+
+
 def _stash(keep_attention_output: bool, offload: Optional[CheckpointOffload]) -> AttentionStash:
     return AttentionStash(keep_attention_output, offload.pool or default_pool() if offload is not None else None)
 
@@ -182,8 +188,10 @@ def checkpoint(fn: Callable, *args: Any, keep_attention_output: bool = True, use
     ``keep_attention_output=False`` it is plain checkpointing, which FPDT chunked attention needs too: under
     a plain ``torch.utils.checkpoint`` its chunks from the forward stay alive until backward. With a
     :class:`~ds_longctx.memory.checkpoint_offload.CheckpointOffload` (one per model) the region's saved
-    inputs and kept attention outputs wait in host memory until backward.
+    inputs and kept attention outputs wait in host memory until backward (the first ``max_regions`` regions
+    of each forward, when it sets a number).
     """
+    offload = _region_offload(offload)
     run = _stash(keep_attention_output, offload).wrap(fn)
     if offload is None:
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=use_reentrant, **kwargs)
@@ -201,10 +209,11 @@ class StashingCheckpoint:
         self.inner, self.keep_attention_output, self.offload = inner, keep_attention_output, offload
 
     def __call__(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
-        run = _stash(self.keep_attention_output, self.offload).wrap(fn)
-        if self.offload is None:
+        offload = _region_offload(self.offload)
+        run = _stash(self.keep_attention_output, offload).wrap(fn)
+        if offload is None:
             return self.inner(run, *args, **kwargs)
-        with self.offload.hooks():
+        with offload.hooks():
             return self.inner(run, *args, **kwargs)
 
     def __repr__(self) -> str:

@@ -1,0 +1,166 @@
+"""The planner's predictions against measured training steps on this machine's GPU.
+
+Each configuration trains a Llama-shaped model (random init) with ``bench/bench_train.py`` (ZeRO-3, bf16,
+activation checkpointing, one process per GPU) for a few steps and records the steady-state GPU peak (the
+steps after the first optimizer step), the pinned host memory and the step time; the planner
+(:mod:`ds_longctx.plan`) predicts the same three from the configuration alone.
+
+    python bench/bench_plan.py --out $OUT/plan_h200x1.json [--only NAME,NAME] [--budget-s 560]
+    python bench/bench_plan.py --predict bench/results/plan_h200x1.json   # predictions of the current planner
+
+``--predict`` re-evaluates the predictions of a committed file's measured runs with the planner as it is
+now (the measurements do not change; the file records which commit predicted).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench.common import record_header, write_json  # noqa: E402
+
+LLAMA_8B_WIDTHS = ["--hidden", "4096", "--intermediate", "14336", "--heads", "32", "--kv_heads", "8"]
+LLAMA_3B = ["--hidden", "3072", "--intermediate", "8192", "--heads", "24", "--kv_heads", "8", "--layers", "28",
+            "--vocab", "128256", "--tie_embeddings"]
+TILES = ["--mlp_tile_tokens", "16384"]
+
+#: name -> bench_train arguments (every run: --checkpointing, bf16, cuDNN attention)
+CONFIGS = {
+    "4l_131k_plain": LLAMA_8B_WIDTHS + ["--layers", "4", "--seq_len", "131072"],
+    "4l_262k_recompute_tiles": LLAMA_8B_WIDTHS + ["--layers", "4", "--seq_len", "262144",
+                                                  "--keep_attention_output", "0"] + TILES,
+    "4l_vocab128k_131k_loss_tiles": LLAMA_8B_WIDTHS + ["--layers", "4", "--seq_len", "131072", "--vocab", "128256",
+                                                       "--loss_tile_tokens", "4096"] + TILES,
+    "4l_262k_fpdt_device": LLAMA_8B_WIDTHS + ["--layers", "4", "--seq_len", "262144", "--chunk_size", "65536"]
+    + TILES,
+    "4l_262k_ckptoffload_partial": LLAMA_8B_WIDTHS + ["--layers", "4", "--seq_len", "262144",
+                                                      "--checkpoint_offload", "2"] + TILES,
+    "8l_262k_all_offload_optimizer_offload": LLAMA_8B_WIDTHS + [
+        "--layers", "8", "--seq_len", "262144", "--chunk_size", "65536", "--offload", "--checkpoint_offload",
+        "--offload_optimizer"] + TILES,
+    "3b_full_131k": LLAMA_3B + ["--seq_len", "131072", "--loss_tile_tokens", "4096", "--checkpoint_offload",
+                                "--offload_optimizer"] + TILES,
+    "4l_524k_fpdt_offload_ckptoffload": LLAMA_8B_WIDTHS + [
+        "--layers", "4", "--seq_len", "524288", "--chunk_size", "65536", "--offload", "--checkpoint_offload"]
+    + TILES,
+    "3b_full_262k_partial": LLAMA_3B + ["--seq_len", "262144", "--loss_tile_tokens", "4096",
+                                        "--checkpoint_offload", "14", "--chunk_size", "65536", "--offload"] + TILES,
+    "1l_1m_all_offload": LLAMA_8B_WIDTHS + ["--layers", "1", "--seq_len", "1048576", "--chunk_size", "65536",
+                                            "--offload", "--checkpoint_offload", "--offload_optimizer"] + TILES,
+}
+
+
+def predict(record: dict, gpu_name: str) -> dict:
+    """The planner's GPU peak, pinned host and step time for a bench_train record's configuration."""
+    from ds_longctx.plan import ModelSpec, Run, Settings, ZeroSettings, estimate, rates_for
+
+    a = record
+    model = ModelSpec(layers=a["layers"], hidden=a["hidden"], intermediate=a["intermediate"], heads=a["heads"],
+                      kv_heads=a["kv_heads"], head_dim=a["hidden"] // a["heads"], vocab=a["vocab"],
+                      tied_embeddings=bool(a.get("tie_embeddings", False)))
+    offload = a.get("checkpoint_offload") or 0
+    settings = Settings(ulysses=a.get("ulysses") or record["world_size"] // a["ring"], ring=a["ring"],
+                        kernel=a["kernel"], chunk_size=a["chunk_size"], fpdt_offload=bool(a["offload"]),
+                        keep_attention_output=bool(a["keep_attention_output"]),
+                        checkpoint_offload_layers=a["layers"] if offload < 0 else offload,
+                        mlp_tile_tokens=a["mlp_tile_tokens"], loss_tile_tokens=a["loss_tile_tokens"],
+                        lean_rms_norm=bool(a["lean_rms_norm"]),
+                        zero=ZeroSettings(optimizer_offload=bool(a["offload_optimizer"])))
+    run = Run(model=model, world=record["world_size"], seq_len=a["seq_len"], checkpointing=bool(a["checkpointing"]))
+    est = estimate(run, settings, rates_for(gpu_name), gpu_name)
+    gib = 2 ** 30
+    return {"gpu_peak_gib": est.gpu_peak / gib, "host_pinned_gib": est.host_pinned / gib,
+            "step_seconds": est.step_seconds, "peak_moment": est.peak_moment,
+            "components_gib": {k: v / gib for k, v in est.gpu_components.items()},
+            "host_components_gib": {k: v / gib for k, v in est.host_components.items()},
+            "time_components_s": est.time_components}
+
+
+def measured(record: dict) -> dict:
+    """Steady state of a bench_train record: the steps after the first optimizer step."""
+    steady = [r for r in record.get("steps", []) if r["step"] >= 1]
+    if not steady:
+        return {"oom": record.get("oom")}
+    return {"gpu_peak_gib": max(r["peak_gib"] for r in steady),
+            "host_pinned_gib": max(r.get("pinned_host_gib", r.get("host_pool_gib", 0.0)) for r in steady),
+            "host_pool_gib": max(r.get("host_pool_gib", 0.0) for r in steady),
+            "step_seconds": sum(r["seconds"] for r in steady) / len(steady),
+            "losses": [r["loss"] for r in record["steps"]], "oom": record.get("oom")}
+
+
+def compare(row: dict) -> None:
+    """Ratios predicted / measured, and whether each is within its target (10% memory, 20% time)."""
+    p, m = row["predicted"], row["measured"]
+    for key, tol in (("gpu_peak_gib", 0.10), ("host_pinned_gib", 0.10), ("step_seconds", 0.20)):
+        if m.get(key) is None:
+            continue
+        if m[key] == 0:
+            row[f"{key}_within"] = p[key] < 0.05
+            continue
+        ratio = p[key] / m[key]
+        row[f"{key}_ratio"] = ratio
+        row[f"{key}_within"] = abs(ratio - 1) <= tol
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--only", default="", help="comma-separated config names (default: all)")
+    ap.add_argument("--steps", type=int, default=2, help="steps per run (step 0 has no optimizer states yet)")
+    ap.add_argument("--budget-s", type=float, default=560.0, help="start no run after this many seconds")
+    ap.add_argument("--predict", help="re-predict the runs of this JSON with the current planner (no GPU)")
+    ap.add_argument("--commit", default="")
+    args = ap.parse_args()
+
+    if args.predict:
+        with open(args.predict) as f:
+            payload = json.load(f)
+        for row in payload["runs"]:
+            if "record" in row:
+                row["predicted"] = predict(row["record"], (payload.get("gpus") or ["NVIDIA H200"])[0])
+                compare(row)
+        payload["predicted_at_commit"] = args.commit
+        write_json(args.out or args.predict, payload)
+        return
+    import torch
+
+    names = [n for n in args.only.split(",") if n] or list(CONFIGS)
+    payload = record_header(1, args.commit)
+    gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    payload.update(command=" ".join(sys.argv), runs=[])
+    start = time.time()
+    tmp = os.environ.get("TMPDIR", "/tmp")
+    for name in names:
+        if time.time() - start > args.budget_s:
+            payload["runs"].append({"name": name, "skipped": "device-call budget"})
+            continue
+        out = os.path.join(tmp, f"plan_{name}.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+               "bench/bench_train.py", "--mode", "ds_longctx", "--checkpointing", "--kernel", "sdpa_cudnn",
+               "--steps", str(args.steps), "--warmup", "1", "--out", out, "--commit", args.commit] + CONFIGS[name]
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        row = {"name": name, "args": CONFIGS[name], "wall_s": time.time() - t0, "returncode": proc.returncode}
+        if os.path.exists(out):
+            with open(out) as f:
+                record = json.load(f)
+            row["record"] = record
+            row["measured"] = measured(record)
+            row["predicted"] = predict(record, gpu_name)
+            compare(row)
+        else:
+            row["stderr_tail"] = proc.stderr[-3000:]
+        payload["runs"].append(row)
+        print(name, json.dumps({k: row.get(k) for k in ("measured", "predicted") if k in row}, default=str)[:600],
+              flush=True)
+        write_json(args.out, payload)
+    write_json(args.out, payload)
+
+
+if __name__ == "__main__":
+    main()

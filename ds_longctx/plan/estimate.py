@@ -1,0 +1,326 @@
+"""One training step of a transformers causal LM under ds_longctx and DeepSpeed ZeRO-3 (bf16), per rank.
+
+The GPU peak is the largest of three moments of a step, each a sum of named components (bytes):
+
+* forward: what the forward leaves for backward (checkpointed inputs, kept attention outputs, the final
+  hidden states, the loss's saved log-probabilities) plus the largest transient of a layer's forward or of
+  the loss;
+* loss backward: all of that plus the logits' gradients (one tile's with ``loss_tile_tokens``);
+* the first layer backward (the last layer, recomputed under checkpointing): every checkpoint still held,
+  plus the layer's working set: what its recompute saves (projections' inputs, the attention's q/k/v and
+  output, the MLP's four ``intermediate``-wide activations, or one tile's with ``mlp_tile_tokens``) and the
+  gradients in flight, plus the attention's working set (unchunked, or FPDT's chunk buffers).
+
+Every moment also holds the static part: ZeRO-3's partitions of the bf16 parameters (and, with the
+optimizer on the GPU, of the bf16 gradients, fp32 master weights and Adam's two moments), its gradient
+bucket, and the gathered parameters of the layer at work and the one prefetched.
+Coefficients are per token and count each tensor once, in the units of the model's widths; they follow
+how the code allocates (transformers' Llama layer, :mod:`ds_longctx.memory` and :mod:`ds_longctx.attention`)
+and are checked against the allocator on CPU (tests/test_plan.py) and on an H200 (bench/bench_plan.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict
+
+from .machine import GIB
+from .model_spec import ModelSpec
+from .rates import Rates, resolve_kernel
+from .settings import Run, Settings
+
+BF16 = 2
+FP32 = 4
+#: Host memory of a training process besides pinned buffers: CUDA context, torch, DeepSpeed, the data.
+PROCESS_HOST_BYTES = 6 * GIB
+
+
+@dataclass
+class Estimate:
+    """Predicted bytes and seconds of one steady-state step (after the first optimizer step), per rank."""
+
+    gpu_peak: int
+    gpu_components: Dict[str, int]  # the peak moment, by component
+    peak_moment: str
+    moments: Dict[str, int]  # forward / loss_backward / layer_backward totals
+    host_pinned: int
+    host_components: Dict[str, int]
+    host_other: int
+    step_seconds: float
+    time_components: Dict[str, float] = field(default_factory=dict)
+
+    def gib(self, nbytes: int) -> float:
+        return nbytes / GIB
+
+
+def _chunk_efficiency(chunk_size: int) -> float:
+    """FPDT's attention rate against the unchunked kernel's: 1 from 64K-token chunks, lower below
+    (more, shorter kernel launches and merges; measured 1.03x at 64K, bench/results/fpdt_*)."""
+    return min(1.0, (chunk_size / 65536) ** 0.1)
+
+
+class _Widths:
+    """Per-token sizes of one rank's tensors (elements), from the model and the settings."""
+
+    def __init__(self, model: ModelSpec, settings: Settings):
+        self.h, self.i, self.v = model.hidden, model.intermediate, model.vocab
+        self.q, self.kv, self.heads = model.q_width, model.kv_width, model.heads
+        self.d = model.head_dim
+        self.kv_heads_per_rank = max(1, math.ceil(model.kv_heads / settings.ulysses))
+        self.heads_per_rank = max(1, model.heads // settings.ulysses)
+
+
+def _static(run: Run, settings: Settings) -> Dict[str, int]:
+    m, world = run.model, run.world
+    zero = settings.zero
+    persistent = (2 * m.layers + 1) * m.hidden  # norms: under the persistence threshold, on every rank
+    parts = {"parameters": BF16 * (m.params // world + persistent)}
+    if zero.optimizer_offload:
+        parts["gradients"] = 0
+        parts["optimizer_states"] = 0
+    else:
+        parts["gradients"] = BF16 * m.params // world
+        parts["optimizer_states"] = 3 * FP32 * m.params // world  # fp32 master, Adam's m and v
+    parts["gradient_buckets"] = BF16 * min(zero.reduce_bucket, m.params)
+    return parts
+
+
+def _gathers(run: Run, settings: Settings, phase: str) -> int:
+    """ZeRO-3's gathered bf16 parameters at work: the module computing and what is prefetched after it."""
+    m = run.model
+    layer = m.layer_params
+    prefetch = min(settings.zero.prefetch_bucket, layer)
+    if phase == "loss":
+        return BF16 * (m.vocab * m.hidden + prefetch)
+    return BF16 * (layer + prefetch)
+
+
+def _layer_offloaded(layer: int, settings: Settings) -> bool:
+    return layer < settings.checkpoint_offload_layers
+
+
+def _kept_bytes(tokens: int, w: _Widths) -> int:
+    """One layer's kept attention output and its fp32 log-sum-exp."""
+    return tokens * (BF16 * w.q + FP32 * w.heads)
+
+
+def _stored(run: Run, settings: Settings, w: _Widths, tokens: int) -> Dict[str, int]:
+    """What the forward leaves on the GPU for backward (all layers), by component."""
+    m = run.model
+    parts: Dict[str, int] = {}
+    if run.checkpointing:
+        on_gpu = [layer for layer in range(m.layers) if not _layer_offloaded(layer, settings)]
+        parts["checkpoints"] = len(on_gpu) * tokens * BF16 * w.h
+        kept_on_gpu = settings.keep_attention_output and not settings.fpdt_offload
+        parts["kept_attention"] = len(on_gpu) * _kept_bytes(tokens, w) if kept_on_gpu else 0
+    else:
+        per_layer = _layer_saved(settings, w, tokens, recompute=False) + tokens * BF16 * w.h
+        parts["activations"] = m.layers * per_layer
+    norm = BF16 * w.h if settings.lean_rms_norm else FP32 * w.h
+    # the last layer's output (saved by the final norm) and the normed states the LM head saves
+    parts["final_hidden"] = tokens * (norm + BF16 * w.h + FP32)
+    parts["rotary"] = tokens * 2 * BF16 * w.d
+    parts["loss_logits"] = 0 if settings.loss_tile_tokens else tokens * FP32 * w.v  # saved log-probabilities
+    return parts
+
+
+def _attention_state(settings: Settings, w: _Widths, tokens: int) -> int:
+    """q, k, v (after RoPE) that the attention keeps for its backward on the GPU (the host holds them with
+    FPDT offload)."""
+    if settings.fpdt_offload:
+        return 0
+    return tokens * BF16 * (w.q + 2 * w.kv)
+
+
+def _fpdt_buffers(settings: Settings, w: _Widths) -> int:
+    """FPDT's GPU chunk buffers in backward: two K/V chunks per ring peer in flight and two fetched own ones,
+    one query chunk's q/out/dout and fp32 dq and lse, two fp32 dK/dV accumulators (attention/chunked.py)."""
+    c, d = settings.chunk_size, w.d
+    kv_chunk = 2 * c * w.kv_heads_per_rank * d * BF16
+    in_flight = 2 * (settings.ring - 1) * kv_chunk + 2 * kv_chunk
+    query = c * w.heads_per_rank * (d * (3 * BF16 + FP32) + 2 * FP32)
+    accumulators = 2 * 2 * c * w.kv_heads_per_rank * d * FP32
+    return in_flight + query + accumulators
+
+
+def _ring_buffers(settings: Settings, w: _Widths, tokens: int) -> int:
+    """Unchunked ring: a peer's K/V block in flight beside the one computing, and in backward the fp32
+    dK/dV that travel with it (attention/ring.py)."""
+    if settings.ring == 1:
+        return 0
+    group_tokens = tokens * settings.ulysses
+    kv = 2 * group_tokens * w.kv_heads_per_rank * w.d
+    return 2 * kv * BF16 + 2 * kv * FP32
+
+
+def _layer_saved(settings: Settings, w: _Widths, tokens: int, recompute: bool) -> int:
+    """What one layer's graph saves besides its input (under checkpointing: its recompute's graph)."""
+    norm_extra = FP32 if settings.lean_rms_norm else FP32 * w.h + FP32  # 1/rms, or the fp32 copy too
+    per_token = (
+        norm_extra + BF16 * w.h  # input norm; the q/k/v projections' input
+        + norm_extra + BF16 * w.h  # the residual sum saved by the post-attention norm
+        + BF16 * w.h  # the MLP's input
+    )
+    saved = tokens * per_token + _attention_state(settings, w, tokens)
+    if not (recompute and settings.keep_attention_output):
+        saved += _kept_bytes(tokens, w)  # the attention output the o-projection saves
+    if settings.mlp_tile_tokens is None:
+        saved += tokens * 4 * BF16 * w.i  # gate, up, act(gate), act(gate) * up
+    return saved
+
+
+def _layer_backward(run: Run, settings: Settings, w: _Widths, tokens: int) -> Dict[str, int]:
+    """The working set of one layer's backward (recompute included): saved graph + gradients in flight."""
+    saved = _layer_saved(settings, w, tokens, recompute=run.checkpointing)
+    mlp_tokens = min(tokens, settings.mlp_tile_tokens or tokens)
+    tile = 0
+    if settings.mlp_tile_tokens is not None:
+        tile = mlp_tokens * 4 * BF16 * w.i  # one tile's recomputed activations
+    # MLP phase: the output's gradient, the MLP's three intermediate-wide gradients, its input's gradient
+    mlp_phase = tile + mlp_tokens * 3 * BF16 * w.i + tokens * 2 * BF16 * w.h
+    # attention phase: d(out), dq/dk/dv, the kernel's fp32 dq accumulator, the residual gradient
+    attention_phase = tokens * (BF16 * (2 * w.q + 2 * w.kv) + FP32 * w.q + 2 * BF16 * w.h)
+    if settings.chunk_size is not None:
+        attention_phase = tokens * (BF16 * (2 * w.q + 2 * w.kv) + 2 * BF16 * w.h) + _fpdt_buffers(settings, w)
+    attention_phase += _ring_buffers(settings, w, tokens) if settings.chunk_size is None else 0
+    mlp_saved = tokens * BF16 * w.h + (0 if settings.mlp_tile_tokens else tokens * 4 * BF16 * w.i)
+    return {
+        "layer_saved": saved,
+        "mlp_working_set": mlp_phase,
+        "attention_working_set": max(0, attention_phase - mlp_phase - mlp_saved) if attention_phase > mlp_phase
+        + mlp_saved else 0,
+    }
+
+
+def _loss_transient(run: Run, settings: Settings, w: _Widths, tokens: int, phase: str) -> int:
+    """The logits' working set: bf16 logits, their fp32 copy and the log-probabilities in forward; in backward
+    the fp32 gradients and their bf16 copy (one tile at a time with loss_tile_tokens)."""
+    tile = min(tokens, settings.loss_tile_tokens or tokens)
+    if phase == "forward":
+        return tile * w.v * (BF16 + 2 * FP32) - (0 if settings.loss_tile_tokens else tokens * FP32 * w.v)
+    recompute = tile * w.v * FP32 if settings.loss_tile_tokens else 0  # the tile's saved log-probabilities
+    return recompute + tile * w.v * (2 * FP32 + BF16) + tokens * BF16 * w.h
+
+
+def estimate_memory(run: Run, settings: Settings) -> Dict[str, Dict[str, int]]:
+    """The components of each moment of the step (bytes per rank)."""
+    w = _Widths(run.model, settings)
+    tokens = run.micro_batch * run.seq_len // settings.sp
+    static = _static(run, settings)
+    stored = _stored(run, settings, w, tokens)
+
+    forward = dict(static, **stored)
+    forward["zero3_gathers"] = _gathers(run, settings, "layer")
+    layer_forward = tokens * (2 * BF16 * w.h + BF16 * (w.q + 2 * w.kv)) + min(
+        tokens, settings.mlp_tile_tokens or tokens) * 3 * BF16 * w.i
+    forward["forward_working_set"] = max(layer_forward, _loss_transient(run, settings, w, tokens, "forward"))
+
+    loss = dict(static, **stored)
+    loss["zero3_gathers"] = _gathers(run, settings, "loss")
+    loss["loss_working_set"] = _loss_transient(run, settings, w, tokens, "backward")
+
+    layer = dict(static, **stored)
+    layer["final_hidden"] = 0
+    layer["loss_logits"] = 0
+    layer["zero3_gathers"] = _gathers(run, settings, "layer")
+    if run.checkpointing:
+        last = run.model.layers - 1
+        if _layer_offloaded(last, settings) or (settings.keep_attention_output and settings.fpdt_offload):
+            # brought back for the recompute: its input (and the one prefetched next), its kept output
+            back = 0
+            if _layer_offloaded(last, settings):
+                back += 2 * tokens * BF16 * w.h
+            if settings.keep_attention_output:
+                back += _kept_bytes(tokens, w)
+            layer["offload_prefetch"] = back
+        layer.update(_layer_backward(run, settings, w, tokens))
+    else:
+        layer["layer_working_set"] = _layer_backward(run, settings, w, tokens)["mlp_working_set"]
+    return {"forward": forward, "loss_backward": loss, "layer_backward": layer}
+
+
+def estimate_host(run: Run, settings: Settings) -> Dict[str, int]:
+    """Pinned host memory per rank: FPDT's pool, checkpoint offload, the offloaded optimizer."""
+    m = run.model
+    w = _Widths(m, settings)
+    tokens = run.micro_batch * run.seq_len // settings.sp
+    parts: Dict[str, int] = {}
+    if settings.fpdt_offload:
+        # one layer's chunks (built by its recompute under checkpointing, every layer's without):
+        # q, k, v, out, lse and the fp32 dK/dV accumulators
+        layer_chunks = tokens * (BF16 * (2 * w.q + 2 * w.kv) + FP32 * w.heads + FP32 * 2 * w.kv)
+        parts["fpdt_chunks"] = layer_chunks if run.checkpointing else m.layers * layer_chunks
+    if run.checkpointing:
+        offloaded = settings.checkpoint_offload_layers
+        parts["checkpoint_offload"] = offloaded * tokens * BF16 * w.h
+        kept_layers = 0
+        if settings.keep_attention_output:
+            kept_layers = m.layers if settings.fpdt_offload else offloaded
+        parts["kept_attention"] = kept_layers * _kept_bytes(tokens, w)
+    if settings.zero.optimizer_offload:
+        parts["optimizer_offload"] = 4 * FP32 * m.params // run.world  # master, m, v, fp32 gradients
+    return parts
+
+
+def estimate_time(run: Run, settings: Settings, rates: Rates, gpu_name: str) -> Dict[str, float]:
+    """Seconds of one step per rank: matmuls and attention at the measured rates, the transfers not hidden."""
+    m = run.model
+    w = _Widths(m, settings)
+    tokens = run.micro_batch * run.seq_len // settings.sp
+    recompute_attention = run.checkpointing and not settings.keep_attention_output
+    flops = m.flops_per_step(run.seq_len, recompute_layers=run.checkpointing,
+                             recompute_attention=recompute_attention)
+    matmul = flops["matmul"] * run.micro_batch / settings.sp
+    if settings.mlp_tile_tokens is not None:
+        matmul += 2 * 3 * w.h * w.i * tokens * m.layers  # each tile's forward once more in backward
+    if settings.loss_tile_tokens is not None:
+        matmul += 2 * w.v * w.h * tokens
+    kernel = resolve_kernel(settings.kernel, gpu_name)
+    attention_rate = rates.attention_flops.get(kernel, rates.attention_flops["sdpa_cudnn"])
+    if settings.chunk_size is not None:
+        attention_rate *= _chunk_efficiency(settings.chunk_size)
+    attention = flops["attention"] * run.micro_batch / settings.sp
+    parts = {"matmul": matmul / rates.matmul_flops, "attention": attention / attention_rate}
+    # elementwise work (norms, RoPE, activations, residuals, casts): ~40 passes over [tokens, hidden] a layer
+    parts["elementwise"] = m.layers * tokens * 40 * BF16 * w.h / rates.device_copy_bytes
+    if settings.ulysses > 1:  # q, k, v, out there and back, forward, recompute and backward
+        a2a = (2 * w.q + 2 * w.kv) * tokens * BF16 * (settings.ulysses - 1) / settings.ulysses
+        passes = 3 if recompute_attention or not run.checkpointing else 2.5
+        hidden = 0.5 if settings.chunk_size is not None else 0.0  # FPDT overlaps per-chunk all-to-alls
+        parts["all_to_all"] = (1 - hidden) * passes * m.layers * a2a / rates.nvlink_all_to_all_bytes
+    if run.world > 1:  # ZeRO-3 gathers (forward, recompute, backward) and gradient reduce-scatter, mostly hidden
+        zero_bytes = 4 * BF16 * m.params * (run.world - 1) / run.world
+        parts["zero3_comm"] = 0.3 * zero_bytes / rates.nvlink_all_to_all_bytes
+    pcie = 0.0
+    host = estimate_host(run, settings)
+    layer_seconds = (parts["matmul"] + parts["attention"]) / max(1, m.layers)
+    per_layer_bytes = 0.0
+    if settings.checkpoint_offload_layers:
+        per_layer_bytes += 2 * tokens * BF16 * w.h
+    if settings.fpdt_offload:
+        per_layer_bytes += 3 * host.get("fpdt_chunks", 0) / (1 if run.checkpointing else m.layers)
+    if per_layer_bytes:
+        pcie = m.layers * max(0.0, per_layer_bytes / rates.pcie_bytes - 0.9 * layer_seconds)
+    parts["offload_not_hidden"] = pcie
+    if settings.zero.optimizer_offload:
+        shard = m.params / run.world
+        parts["optimizer_step"] = shard / rates.host_adam_params + 2 * BF16 * shard / rates.pcie_bytes
+    else:
+        parts["optimizer_step"] = 16 * 3 * (m.params / run.world) / rates.device_copy_bytes
+    return parts
+
+
+def estimate(run: Run, settings: Settings, rates: Rates, gpu_name: str = "NVIDIA H200") -> Estimate:
+    """Memory and time of one steady-state step of ``run`` with ``settings`` (per rank)."""
+    moments = estimate_memory(run, settings)
+    totals = {name: sum(parts.values()) for name, parts in moments.items()}
+    peak_moment = max(totals, key=totals.get)
+    host = estimate_host(run, settings)
+    times = estimate_time(run, settings, rates, gpu_name)
+    return Estimate(gpu_peak=totals[peak_moment], gpu_components={k: v for k, v in moments[peak_moment].items() if v},
+                    peak_moment=peak_moment, moments=totals, host_pinned=sum(host.values()),
+                    host_components={k: v for k, v in host.items() if v}, host_other=PROCESS_HOST_BYTES,
+                    step_seconds=sum(times.values()), time_components=times)
+
+
+__all__ = ["Estimate", "estimate", "estimate_host", "estimate_memory", "estimate_time"]

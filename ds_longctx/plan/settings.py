@@ -1,0 +1,123 @@
+"""What a plan chooses (:class:`Settings`) and what it is chosen for (:class:`Run`), and their translation to
+and from a DeepSpeed config with its ``long_context`` block."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from typing import Any, Dict, Mapping, Optional
+
+from .model_spec import ModelSpec
+
+#: DeepSpeed's ZeRO-3 defaults (deepspeed.runtime.zero.config), in elements.
+ZERO_REDUCE_BUCKET = 500_000_000
+ZERO_PREFETCH_BUCKET = 50_000_000
+ZERO_PERSISTENCE_THRESHOLD = 100_000
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """The ZeRO-3 knobs that move memory: optimizer offload and the communication buckets."""
+
+    optimizer_offload: bool = False
+    reduce_bucket: int = ZERO_REDUCE_BUCKET
+    prefetch_bucket: int = ZERO_PREFETCH_BUCKET
+    persistence_threshold: int = ZERO_PERSISTENCE_THRESHOLD
+
+    @classmethod
+    def from_ds_config(cls, ds: Mapping[str, Any]) -> "ZeroSettings":
+        zero = ds.get("zero_optimization") or {}
+        offload = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
+
+        def number(key, default):
+            value = zero.get(key, default)
+            return default if value == "auto" or value is None else int(value)
+
+        return cls(optimizer_offload=offload, reduce_bucket=number("reduce_bucket_size", ZERO_REDUCE_BUCKET),
+                   prefetch_bucket=number("stage3_prefetch_bucket_size", ZERO_PREFETCH_BUCKET),
+                   persistence_threshold=number("stage3_param_persistence_threshold", ZERO_PERSISTENCE_THRESHOLD))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One configuration of the long-context features (``long_context`` block) and of the optimizer's place.
+
+    ``checkpoint_offload_layers``: how many checkpointed layers (the first ones) keep their input and kept
+    attention output in pinned host memory."""
+
+    ulysses: int = 1
+    ring: int = 1
+    kernel: str = "auto"
+    chunk_size: Optional[int] = None
+    fpdt_offload: bool = False
+    keep_attention_output: bool = True
+    checkpoint_offload_layers: int = 0
+    mlp_tile_tokens: Optional[int] = None
+    loss_tile_tokens: Optional[int] = None
+    lean_rms_norm: bool = True
+    zero: ZeroSettings = ZeroSettings()
+
+    @property
+    def sp(self) -> int:
+        return self.ulysses * self.ring
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+    def block(self, layers: int, seq_len: Optional[int] = None) -> Dict[str, Any]:
+        """The ``long_context`` block of these settings (``checkpoint_offload`` true for every layer)."""
+        offload = self.checkpoint_offload_layers
+        block: Dict[str, Any] = {
+            "ulysses_degree": self.ulysses, "ring_degree": self.ring, "kernel": self.kernel,
+            "fpdt": {"chunk_size": self.chunk_size, "offload": self.fpdt_offload},
+            "keep_attention_output": self.keep_attention_output,
+            "checkpoint_offload": True if offload >= layers else (offload if offload else False),
+            "mlp_tile_tokens": self.mlp_tile_tokens, "loss_tile_tokens": self.loss_tile_tokens,
+            "lean_rms_norm": self.lean_rms_norm,
+        }
+        if seq_len is not None:
+            block["seq_len"] = seq_len
+        return block
+
+    def ds_config(self, base: Mapping[str, Any], layers: int, seq_len: Optional[int] = None) -> Dict[str, Any]:
+        """``base`` (a DeepSpeed config) with this block and optimizer placement written in."""
+        ds = copy.deepcopy(dict(base))
+        ds["long_context"] = self.block(layers, seq_len)
+        zero = ds.setdefault("zero_optimization", {})
+        zero.setdefault("stage", 3)
+        if self.zero.optimizer_offload:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        else:
+            zero.pop("offload_optimizer", None)
+        return ds
+
+    @classmethod
+    def from_block(cls, block: Mapping[str, Any], layers: int, zero: ZeroSettings) -> "Settings":
+        """From a resolved block (no ``"auto"`` left); ``layers`` turns ``checkpoint_offload: true`` into a count."""
+        fpdt = block.get("fpdt") or {}
+        offload = block.get("checkpoint_offload", False)
+        layers_offloaded = layers if offload is True else int(offload or 0)
+        return cls(ulysses=block.get("ulysses_degree", 1), ring=block.get("ring_degree", 1),
+                   kernel=block.get("kernel", "auto"), chunk_size=fpdt.get("chunk_size"),
+                   fpdt_offload=bool(fpdt.get("offload", False)),
+                   keep_attention_output=block.get("keep_attention_output", True),
+                   checkpoint_offload_layers=min(layers, layers_offloaded),
+                   mlp_tile_tokens=block.get("mlp_tile_tokens"), loss_tile_tokens=block.get("loss_tile_tokens"),
+                   lean_rms_norm=block.get("lean_rms_norm", True), zero=zero)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the settings are for: a model on ``world`` GPUs, sequences of ``seq_len`` tokens, ``micro_batch``
+    sequences per rank and step, activation checkpointing on or off, bf16."""
+
+    model: ModelSpec
+    world: int
+    seq_len: int
+    micro_batch: int = 1
+    checkpointing: bool = True
+
+    def with_seq_len(self, seq_len: int) -> "Run":
+        return replace(self, seq_len=seq_len)
+
+
+__all__ = ["Run", "Settings", "ZeroSettings"]
