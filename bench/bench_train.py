@@ -192,7 +192,10 @@ def main():
         if lc is not None:  # pinned host memory held by the offload pool (FPDT chunks, checkpoints)
             row["host_pool_gib"] = default_pool().held_bytes / 2 ** 30
         if cuda:  # every pinned host allocation of the process (the pool's and DeepSpeed's optimizer offload)
-            row["pinned_host_gib"] = torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0) / 2 ** 30
+            stats = torch.cuda.host_memory_stats()
+            pinned = [v for k, v in stats.items() if "allocated_bytes" in k and k.endswith("current")]
+            row["pinned_host_gib"] = max(pinned, default=0) / 2 ** 30
+            row["host_memory_stats"] = {k: v for k, v in stats.items() if "bytes" in k}
         steps.append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)

@@ -176,8 +176,10 @@ def _layer_backward(run: Run, settings: Settings, w: _Widths, tokens: int) -> Di
     tile = 0
     if settings.mlp_tile_tokens is not None:
         tile = mlp_tokens * 4 * BF16 * w.i  # one tile's recomputed activations
-    # MLP phase: the output's gradient, the MLP's three intermediate-wide gradients, its input's gradient
-    mlp_phase = tile + mlp_tokens * 3 * BF16 * w.i + tokens * 2 * BF16 * w.h
+    # MLP phase, at the product's backward: d(down's input), d(act), d(up) live while the down projection's
+    # saved input is already freed (net two intermediate-wide tensors over the saved ones), plus the
+    # output's and the input's gradients
+    mlp_phase = tile + mlp_tokens * 2 * BF16 * w.i + tokens * 2 * BF16 * w.h
     # attention phase: d(out), dq/dk/dv, the kernel's fp32 dq accumulator, the residual gradient
     attention_phase = tokens * (BF16 * (2 * w.q + 2 * w.kv) + FP32 * w.q + 2 * BF16 * w.h)
     if settings.chunk_size is not None:
