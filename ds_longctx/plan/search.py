@@ -1,0 +1,181 @@
+"""The fastest configuration that fits a machine, and the longest sequence that fits at all.
+
+Candidates vary every setting the block and ZeRO offer: the ``ulysses x ring`` factorizations of the
+sequence-parallel group (Ulysses inside a node and at most the query heads), FPDT chunks with and
+without host offload, kept attention, checkpoint offload of every layer or of the first ones (as many as
+host memory holds), MLP and loss tiles, and the optimizer in host memory. A candidate fits when its GPU
+peak stays under the GPU's memory less a margin and every node's pinned and other host memory under the
+host's less a margin; the fastest fitting one (predicted step time, then the lowest GPU peak) wins.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Optional
+
+from .estimate import Estimate, estimate
+from .machine import GIB, Machine
+from .rates import rates_for
+from .settings import Run, Settings
+
+CHUNK_SIZES = (16384, 32768, 65536, 131072)
+MLP_TILES = (None, 16384, 4096)
+LOSS_TILES = (None, 4096)
+
+
+@dataclass(frozen=True)
+class Margins:
+    """Memory kept free: allocator fragmentation, NCCL buffers, the prediction's error (about 10%)."""
+
+    gpu: int
+    host: int
+
+    @classmethod
+    def default(cls, machine: Machine, gpu_gib: Optional[float] = None, host_gib: Optional[float] = None):
+        gpu = int(gpu_gib * GIB) if gpu_gib is not None else int(0.10 * machine.gpu_memory)
+        host = int(host_gib * GIB) if host_gib is not None else int(0.10 * machine.host_memory)
+        return cls(gpu=gpu, host=host)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One configuration, judged: its estimate and whether (and why not) it fits."""
+
+    run: Run
+    settings: Settings
+    estimate: Estimate
+    gpu_limit: int
+    host_limit: int
+    ranks_per_node: int
+
+    @property
+    def node_host(self) -> int:
+        return self.ranks_per_node * (self.estimate.host_pinned + self.estimate.host_other)
+
+    @property
+    def fits_gpu(self) -> bool:
+        return self.estimate.gpu_peak <= self.gpu_limit
+
+    @property
+    def fits_host(self) -> bool:
+        return self.node_host <= self.host_limit
+
+    @property
+    def fits(self) -> bool:
+        return self.fits_gpu and self.fits_host
+
+    def why_not(self) -> str:
+        """What does not fit, with the largest parts, in words a user can act on."""
+        e, reasons = self.estimate, []
+        if not self.fits_gpu:
+            top = sorted(e.gpu_components.items(), key=lambda kv: -kv[1])[:3]
+            reasons.append(f"GPU peak {e.gpu_peak / GIB:.1f} GiB > {self.gpu_limit / GIB:.1f} GiB usable "
+                           f"(largest: {', '.join(f'{k} {v / GIB:.1f}' for k, v in top)})")
+        if not self.fits_host:
+            top = sorted(e.host_components.items(), key=lambda kv: -kv[1])[:3]
+            reasons.append(f"host memory {self.node_host / GIB:.1f} GiB per node > {self.host_limit / GIB:.1f} GiB "
+                           f"usable (pinned per rank: {', '.join(f'{k} {v / GIB:.1f}' for k, v in top)})")
+        return "; ".join(reasons)
+
+
+def judge(run: Run, settings: Settings, machine: Machine, margins: Margins) -> Verdict:
+    est = estimate(run, settings, rates_for(machine.gpu_name), machine.gpu_name)
+    return Verdict(run=run, settings=settings, estimate=est, gpu_limit=machine.gpu_memory - margins.gpu,
+                   host_limit=machine.host_memory - margins.host, ranks_per_node=min(run.world, machine.per_node))
+
+
+def valid_for(run: Run, settings: Settings) -> bool:
+    """Whether the layout can split ``run.seq_len`` (zigzag halves per ring position, whole FPDT chunks)."""
+    if run.world % settings.sp:
+        return False
+    group = run.seq_len // settings.ring
+    if run.seq_len % (2 * settings.ring * settings.ulysses):
+        return False
+    if settings.chunk_size is not None and (group % settings.chunk_size or settings.chunk_size % settings.ulysses
+                                            or settings.chunk_size >= group):
+        return False
+    return settings.ulysses <= run.model.heads
+
+
+def factorizations(run: Run, machine: Machine) -> Iterator[tuple]:
+    """``(ulysses, ring)`` of every sequence-parallel degree dividing the world; Ulysses inside a node."""
+    for sp in (d for d in range(1, run.world + 1) if run.world % d == 0):
+        for ulysses in (u for u in range(1, sp + 1) if sp % u == 0):
+            if ulysses <= min(machine.per_node, run.model.heads):
+                yield ulysses, sp // ulysses
+
+
+def _offload_counts(run: Run, base: Settings, machine: Machine, margins: Margins) -> List[int]:
+    """Checkpoint offload of no layer, every layer, and as many layers as the host can take."""
+    layers = run.model.layers
+    counts = {0, layers}
+    without = judge(run, base.with_(checkpoint_offload_layers=0), machine, margins)
+    room = without.host_limit - without.node_host
+    one = judge(run, base.with_(checkpoint_offload_layers=1), machine, margins).node_host - without.node_host
+    if one > 0 and room > 0:
+        counts.add(max(0, min(layers, room // one)))
+    return sorted(counts)
+
+
+def candidates(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dict] = None,
+               base: Settings = Settings()) -> Iterable[Settings]:
+    """Every setting combination valid for ``run``; ``fixed`` (Settings field -> value) pins fields."""
+    fixed = fixed or {}
+    pairs = ([(fixed["ulysses"], fixed["ring"])] if "ulysses" in fixed and "ring" in fixed
+             else list(factorizations(run, machine)))
+    option = lambda name, values: [fixed[name]] if name in fixed else list(values)  # noqa: E731
+    for (ulysses, ring), chunk, keep, mlp, loss, opt in itertools.product(
+            pairs, option("chunk_size", (None,) + CHUNK_SIZES), option("keep_attention_output", (True, False)),
+            option("mlp_tile_tokens", MLP_TILES), option("loss_tile_tokens", LOSS_TILES),
+            option("optimizer_offload", (False, True))):
+        for fpdt_offload in option("fpdt_offload", (False, True) if chunk is not None else (False,)):
+            if fpdt_offload and chunk is None:
+                continue
+            settings = base.with_(ulysses=ulysses, ring=ring, chunk_size=chunk, fpdt_offload=fpdt_offload,
+                                  keep_attention_output=keep, mlp_tile_tokens=mlp, loss_tile_tokens=loss,
+                                  zero=base.zero.__class__(**{**base.zero.__dict__, "optimizer_offload": opt}))
+            if not valid_for(run, settings):
+                continue
+            counts = ([fixed["checkpoint_offload_layers"]] if "checkpoint_offload_layers" in fixed
+                      else _offload_counts(run, settings, machine, margins) if run.checkpointing else [0])
+            for count in counts:
+                yield settings.with_(checkpoint_offload_layers=count)
+
+
+def best(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dict] = None,
+         base: Settings = Settings()) -> tuple:
+    """``(the fastest fitting Verdict or None, the Verdict of the smallest GPU peak seen)``."""
+    winner: Optional[Verdict] = None
+    smallest: Optional[Verdict] = None
+    for settings in candidates(run, machine, margins, fixed, base):
+        verdict = judge(run, settings, machine, margins)
+        if smallest is None or verdict.estimate.gpu_peak < smallest.estimate.gpu_peak:
+            smallest = verdict
+        if verdict.fits and (winner is None or (verdict.estimate.step_seconds, verdict.estimate.gpu_peak)
+                             < (winner.estimate.step_seconds, winner.estimate.gpu_peak)):
+            winner = verdict
+    return winner, smallest
+
+
+def longest(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dict] = None,
+            base: Settings = Settings(), granule: int = 32768, limit: int = 1 << 27) -> Optional[Verdict]:
+    """The fitting configuration of the longest sequence (a multiple of ``granule`` tokens), or None."""
+    granule = math.lcm(granule, 2 * run.world)
+    fits = lambda n: best(run.with_seq_len(n * granule), machine, margins, fixed, base)[0]  # noqa: E731
+    if fits(1) is None:
+        return None
+    low, high = 1, 2
+    while high * granule <= limit and fits(high) is not None:
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        if fits(mid) is not None:
+            low = mid
+        else:
+            high = mid
+    return fits(low)
+
+
+__all__ = ["CHUNK_SIZES", "Margins", "Verdict", "best", "candidates", "factorizations", "judge", "longest",
+           "valid_for"]
