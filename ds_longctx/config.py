@@ -194,12 +194,6 @@ class LongContextConfig(BaseModel):
             where[key] = values[name]
         return LongContextConfig.from_block(block)
 
-    def checkpoint_offload_layers(self, layers: int) -> int:
-        """How many of ``layers`` checkpointed layers keep their inputs in host memory (the first ones)."""
-        self.require_resolved()
-        offload = self.checkpoint_offload
-        return layers if offload is True else min(layers, int(offload or 0))
-
     # ---- construction ------------------------------------------------------------------------------------
 
     @classmethod

@@ -431,12 +431,19 @@ def initialize_error(case: str) -> str:
         template = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "ds_config_templates", "cpu_smoke.json")
         kwargs["args"] = argparse.Namespace(deepspeed_config=template, local_rank=0)
+    elif case == "preflight_does_not_fit":  # a 64 KiB "GPU": the step's parameters alone do not fit
+        os.environ["DS_LONGCTX_MACHINE"] = '{"gpu_memory_gib": 0.0000625, "host_memory_gib": 64}'
+        config["long_context"]["seq_len"] = seq_len
+    elif case == "auto_without_seq_len":
+        config["long_context"]["mlp_tile_tokens"] = "auto"
     else:
         raise ValueError(case)
     try:
         ds_longctx.initialize(model=model, model_parameters=model.parameters(), config=config, **kwargs)
     except Exception as exc:  # noqa: BLE001 - reported to the test
         return f"{type(exc).__name__}: {exc}"
+    finally:
+        os.environ.pop("DS_LONGCTX_MACHINE", None)
     return "no error"
 
 

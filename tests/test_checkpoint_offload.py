@@ -105,3 +105,20 @@ def test_small_saved_tensors_and_parameters_stay_where_they_are():
     assert isinstance(packed, _HostCopy)
     assert torch.equal(offload.unpack(packed), large)
     assert torch.equal(offload.unpack(packed), large)  # a second backward (retain_graph) finds it again
+
+
+def test_a_layer_count_offloads_the_first_layers_of_each_forward_only():
+    from ds_longctx.memory.remat import checkpoint
+
+    layers = _stack()
+    x = torch.randn(B, S, HID, requires_grad=True)
+    expected = torch.autograd.grad(_run(layers, x).sum(), [x, *layers.parameters()])
+    pool = HostPool()
+    offload = CheckpointOffload(pool=pool, min_bytes=0, max_regions=2)
+    for _ in range(2):  # the count starts again with each forward
+        h = x
+        for layer in layers:
+            h = checkpoint(lambda t, layer=layer: t + layer(t), h, offload=offload)
+        assert pool.leased_bytes == 2 * B * S * HID * 4  # two layer inputs in host memory, not four
+        got = torch.autograd.grad(h.sum(), [x, *layers.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))

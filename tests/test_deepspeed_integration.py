@@ -261,6 +261,8 @@ ERROR_CASES = {
     "own_mpu": "drop the mpu argument",
     "deepspeed_sequence_parallel_key": "remove sequence_parallel_size",
     "config_given_twice": "both in args.deepspeed_config and as config=",
+    "preflight_does_not_fit": "pre-flight: this step would not fit: GPU peak",
+    "auto_without_seq_len": "mlp_tile_tokens are \"auto\", which needs long_context.seq_len",
 }
 
 

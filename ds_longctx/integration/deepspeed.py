@@ -124,6 +124,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
             "mesh_param builds DeepSpeed's own data x sequence-parallel mesh, which conflicts with long_context "
             f"(ulysses_degree x ring_degree = {cfg.sp_degree}); drop mesh_param")
 
+    cfg = _plan_block(cfg, model, load_ds_config(_config_source(args, config, config_params)), world,
+                      mine["sample_len"])
     topo = Topology(ulysses=cfg.ulysses_degree, ring=cfg.ring_degree)
     ours = None
     if cfg.sp_degree > 1:
@@ -152,6 +154,68 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     engine.long_context = lc
     _release_groups_on_destroy(engine, lc)
     return engine, ds_optimizer, dataloader, scheduler
+
+
+def _agreed_machine(world: int):
+    """The machine as every rank sees it, agreed on (the smallest GPU and host memory of any rank), so that
+    all ranks plan alike; None without CUDA (plans are for GPUs) unless ``DS_LONGCTX_MACHINE`` states the
+    facts. Collective over the world."""
+    import torch
+    import torch.distributed as dist
+
+    from ..plan.machine import GIB, Machine, facts_from_env, host_available_bytes
+
+    local = None
+    stated = facts_from_env()
+    if stated is not None:
+        local = (int(stated["gpu_memory_gib"] * GIB), int(stated["host_memory_gib"] * GIB),
+                 stated.get("gpu_name", "NVIDIA H200"), int(stated.get("gpus_per_node", world)))
+    elif torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
+        local = (int(props.total_memory), int(host_available_bytes() or 0), props.name, per_node)
+    facts = [None] * world
+    dist.all_gather_object(facts, local)
+    if any(f is None for f in facts):
+        return None
+    return Machine(gpus=world, gpu_memory=min(f[0] for f in facts), host_memory=min(f[1] for f in facts),
+                   gpu_name=facts[0][2], gpus_per_node=min(f[3] for f in facts))
+
+
+def _plan_block(cfg: LongContextConfig, model, ds: Mapping[str, Any], world: int,
+                sample_len: Optional[int]) -> LongContextConfig:
+    """Resolve the block's "auto" values and run the pre-flight memory check (:mod:`ds_longctx.plan`) on the
+    agreed machine; every rank computes the same answer from shared values, so errors are raised everywhere.
+    Pinned host buffers of the offload pool are limited to the host memory each rank may use."""
+    from ..memory.host_pool import default_pool
+    from ..plan.preflight import PlanError, prepare
+
+    machine = _agreed_machine(world) if (cfg.auto_fields or cfg.preflight) else None
+    config = getattr(model, "config", None)
+    micro = ds.get("train_micro_batch_size_per_gpu", 1)
+    try:
+        resolved = prepare(cfg, config if model_head_counts(model) is not None else None, ds, world,
+                           cfg.seq_len or sample_len, machine,
+                           micro_batch=micro if isinstance(micro, int) else 1,
+                           checkpointing=bool(getattr(model, "is_gradient_checkpointing", True)))
+    except PlanError as exc:
+        raise LongContextConfigError(str(exc)) from None
+    if machine is not None and machine.host_memory:
+        default_pool().limit_bytes = machine.host_memory_per_gpu
+    if cfg.auto_fields:
+        import torch.distributed as dist
+        if dist.get_rank() == 0:
+            import logging
+            logging.getLogger("ds_longctx").warning("long_context: auto values resolved: %s",
+                                                    {k: _dotted(resolved, k) for k in cfg.auto_fields})
+    return resolved
+
+
+def _dotted(cfg: LongContextConfig, name: str):
+    value = cfg.model_dump(mode="json")
+    for part in name.split("."):
+        value = value[part]
+    return value
 
 
 def _release_groups_on_destroy(engine, lc: LongContext) -> None:

@@ -101,6 +101,29 @@ def host_available_bytes() -> Optional[int]:
     return min(found) if found else None
 
 
+#: Machine facts for ds_longctx.initialize's plan, as JSON ({"gpu_memory_gib": 80, "host_memory_gib": 500,
+#: "gpu_name": "NVIDIA H100"}): where the machine misreports them, or to plan on CPU processes.
+MACHINE_ENV = "DS_LONGCTX_MACHINE"
+
+
+def facts_from_env() -> Optional[dict]:
+    """The facts :data:`MACHINE_ENV` states, or None when it is unset."""
+    import json
+
+    text = os.environ.get(MACHINE_ENV)
+    if not text:
+        return None
+    try:
+        facts = json.loads(text)
+    except ValueError as exc:
+        raise MachineError(f"{MACHINE_ENV}: not valid JSON: {exc}") from None
+    unknown = set(facts) - {"gpu_memory_gib", "host_memory_gib", "gpu_name", "gpus_per_node"}
+    if not isinstance(facts, dict) or unknown:
+        raise MachineError(f"{MACHINE_ENV}: a JSON object with gpu_memory_gib, host_memory_gib, gpu_name, "
+                           f"gpus_per_node is expected (unknown: {sorted(unknown)})")
+    return facts
+
+
 def detect(gpus: Optional[int] = None, gpu_memory_gib: Optional[float] = None,
            host_memory_gib: Optional[float] = None, gpu_name: Optional[str] = None,
            gpus_per_node: Optional[int] = None) -> Machine:
@@ -134,5 +157,5 @@ def detect(gpus: Optional[int] = None, gpu_memory_gib: Optional[float] = None,
     return Machine(gpus=gpus, gpu_memory=gpu_memory, host_memory=host, gpu_name=name, gpus_per_node=gpus_per_node)
 
 
-__all__ = ["GIB", "Machine", "MachineError", "cgroup_available_bytes", "detect", "gpu_facts",
+__all__ = ["GIB", "MACHINE_ENV", "Machine", "MachineError", "facts_from_env", "cgroup_available_bytes", "detect", "gpu_facts",
            "host_available_bytes", "meminfo_available_bytes"]

@@ -1,0 +1,230 @@
+"""The planner (``ds_longctx.plan``): component arithmetic, the search, "auto" values, the CLI's contract."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from ds_longctx.cli import main
+from ds_longctx.config import LongContextConfig
+from ds_longctx.plan import GIB, Machine, MachineError, ModelSpec, Run, Settings, ZeroSettings, detect, rates_for
+from ds_longctx.plan.estimate import estimate, estimate_host, estimate_memory
+from ds_longctx.plan.machine import cgroup_available_bytes, meminfo_available_bytes
+from ds_longctx.plan.preflight import PlanError, check, prepare, resolve
+from ds_longctx.plan.search import Margins, best, longest
+
+LLAMA_3B = {"num_hidden_layers": 28, "hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24,
+            "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True, "head_dim": 128}
+SMALL = ModelSpec(layers=4, hidden=64, intermediate=256, heads=4, kv_heads=2, head_dim=16, vocab=256,
+                  tied_embeddings=False)
+H200 = Machine(gpus=1, gpu_memory=int(139.8 * GIB), host_memory=125 * GIB, gpu_name="NVIDIA H200")
+
+
+def test_model_spec_counts_the_parameters_of_the_transformers_model():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                                      tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config)
+    assert ModelSpec.from_config(config).params == sum(p.numel() for p in model.parameters())
+    config.tie_word_embeddings = True
+    tied = transformers.LlamaForCausalLM(config)
+    assert ModelSpec.from_config(config).params == sum(p.numel() for p in tied.parameters())
+
+
+def test_model_spec_reads_a_config_file_or_its_folder(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_3B))
+    assert ModelSpec.from_path(tmp_path) == ModelSpec.from_path(tmp_path / "config.json")
+    assert ModelSpec.from_path(tmp_path).layers == 28
+    with pytest.raises(Exception, match="no such file"):
+        ModelSpec.from_path(tmp_path / "missing.json")
+
+
+def test_static_components_follow_zero3_partitions():
+    run = Run(model=SMALL, world=4, seq_len=1024)
+    on_gpu = estimate_memory(run, Settings(ulysses=2, ring=2))["forward"]
+    n = SMALL.params
+    assert on_gpu["gradients"] == 2 * n // 4
+    assert on_gpu["optimizer_states"] == 12 * n // 4  # fp32 master, Adam's m and v
+    offloaded = estimate_memory(run, Settings(ulysses=2, ring=2, zero=ZeroSettings(optimizer_offload=True)))
+    assert offloaded["forward"]["optimizer_states"] == 0 and offloaded["forward"]["gradients"] == 0
+    host = estimate_host(run, Settings(ulysses=2, ring=2, zero=ZeroSettings(optimizer_offload=True)))
+    assert host["optimizer_offload"] == 16 * n // 4
+
+
+def test_checkpoints_and_kept_outputs_move_to_the_host_layer_by_layer():
+    tokens = 4096 // 2  # world 2, sp 2
+    run = Run(model=SMALL, world=2, seq_len=4096)
+    per_layer_input = tokens * SMALL.hidden * 2
+    per_layer_kept = tokens * (SMALL.q_width * 2 + SMALL.heads * 4)
+    for offloaded in range(SMALL.layers + 1):
+        settings = Settings(ring=2, checkpoint_offload_layers=offloaded)
+        gpu = estimate_memory(run, settings)["forward"]
+        host = estimate_host(run, settings)
+        on_gpu = SMALL.layers - offloaded
+        assert gpu["checkpoints"] == on_gpu * per_layer_input
+        assert gpu["kept_attention"] == on_gpu * per_layer_kept
+        assert host["checkpoint_offload"] == offloaded * per_layer_input
+        assert host["kept_attention"] == offloaded * per_layer_kept
+
+
+def test_fpdt_offload_holds_one_layers_chunks_on_the_host_and_a_few_chunks_on_the_gpu():
+    run = Run(model=SMALL, world=1, seq_len=8192)
+    chunked = Settings(chunk_size=1024, fpdt_offload=True)
+    host = estimate_host(run, chunked)
+    w = SMALL
+    assert host["fpdt_chunks"] == 8192 * (2 * (2 * w.q_width + 2 * w.kv_width) + 4 * w.heads + 8 * w.kv_width)
+    # the attention's GPU state does not grow with the sequence, the unchunked one does
+    def attention_state(seq_len, settings):
+        return estimate_memory(run.with_seq_len(seq_len), settings)["layer_backward"]["layer_saved"]
+    assert attention_state(16384, chunked) - attention_state(8192, chunked) < (
+        attention_state(16384, Settings()) - attention_state(8192, Settings()))
+
+
+def test_tiles_remove_the_intermediate_and_vocabulary_wide_activations():
+    run = Run(model=SMALL, world=1, seq_len=65536)
+    plain = estimate(run, Settings(), rates_for("NVIDIA H200"))
+    tiled = estimate(run, Settings(mlp_tile_tokens=1024, loss_tile_tokens=1024), rates_for("NVIDIA H200"))
+    assert tiled.gpu_peak < plain.gpu_peak
+    assert tiled.moments["loss_backward"] < plain.moments["loss_backward"]
+    assert tiled.step_seconds > plain.step_seconds  # tiles recompute the MLP and the LM head
+
+
+def test_the_search_returns_the_fastest_configuration_that_fits_and_validates():
+    model = ModelSpec.from_config(LLAMA_3B)
+    run = Run(model=model, world=8, seq_len=524288)
+    machine = Machine(gpus=8, gpu_memory=int(139.8 * GIB), host_memory=1000 * GIB, gpu_name="NVIDIA H200")
+    winner, _ = best(run, machine, Margins.default(machine))
+    assert winner is not None and winner.fits
+    block = winner.settings.block(model.layers, run.seq_len)
+    cfg = LongContextConfig.from_block(block)
+    cfg.check_world(8)
+    cfg.check_heads(model.heads, model.kv_heads)
+    cfg.check_seq_len(run.seq_len)
+    assert cfg.ulysses_degree * cfg.ring_degree == 8 and cfg.ulysses_degree <= 8
+
+
+def test_the_longest_sequence_fits_and_a_tenth_more_does_not():
+    model = ModelSpec.from_config(LLAMA_3B)
+    run = Run(model=model, world=1, seq_len=1)
+    margins = Margins.default(H200)
+    longest_fit = longest(run, H200, margins)
+    assert longest_fit is not None and longest_fit.fits
+    longer = run.with_seq_len(int(longest_fit.run.seq_len * 1.1) // 65536 * 65536 + 65536)
+    assert best(longer, H200, margins)[0] is None
+
+
+def test_auto_values_resolve_to_the_searched_configuration():
+    cfg = LongContextConfig.from_block({"fpdt": {"chunk_size": "auto", "offload": "auto"}, "mlp_tile_tokens": "auto",
+                                        "loss_tile_tokens": "auto", "keep_attention_output": "auto",
+                                        "checkpoint_offload": "auto"})
+    with pytest.raises(Exception, match="still \"auto\""):
+        cfg.attention_kwargs()
+    resolved = prepare(cfg, LLAMA_3B, {"zero_optimization": {"stage": 3}}, world=1, seq_len=262144, machine=H200)
+    assert resolved.auto_fields == []
+    winner, _ = best(Run(ModelSpec.from_config(LLAMA_3B), 1, 262144), H200, Margins.default(H200))
+    assert resolved.model_dump(mode="json", exclude={"seq_len", "preflight", "causal", "load_balance"}) == \
+        LongContextConfig.from_block(winner.settings.block(28)).model_dump(
+            mode="json", exclude={"seq_len", "preflight", "causal", "load_balance"})
+    # fixed fields stay as the user set them
+    pinned = LongContextConfig.from_block({"fpdt": {"chunk_size": 32768, "offload": "auto"}, "loss_tile_tokens": 4096,
+                                           "checkpoint_offload": "auto"})
+    assert resolve(pinned, Run(ModelSpec.from_config(LLAMA_3B), 1, 262144), H200, Margins.default(H200),
+                   ZeroSettings()).fpdt.chunk_size == 32768
+
+
+def test_preflight_names_the_largest_components_and_a_configuration_that_fits():
+    run = Run(ModelSpec.from_config(LLAMA_3B), 1, 262144)
+    with pytest.raises(PlanError) as info:
+        check(LongContextConfig.from_block({}), run, H200, Margins.default(H200), ZeroSettings())
+    message = str(info.value)
+    assert "loss_working_set" in message and "a configuration that fits" in message
+    assert "preflight=false" in message
+
+
+def test_machine_facts_come_from_flags_and_without_a_gpu_the_error_names_the_flag(tmp_path):
+    machine = detect(gpus=64, gpu_memory_gib=139.8, host_memory_gib=2000)
+    assert machine.gpus == 64 and machine.gpu_memory == int(139.8 * GIB)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(MachineError, match="--gpus"):
+        detect(gpu_memory_gib=80, host_memory_gib=100)
+    with pytest.raises(MachineError, match="--gpu-memory-gib"):
+        detect(gpus=1, host_memory_gib=100)
+
+
+def test_host_memory_comes_from_the_cgroup_limit_else_mem_available(tmp_path):
+    (tmp_path / "memory.max").write_text("10737418240\n")
+    (tmp_path / "memory.current").write_text("1073741824\n")
+    assert cgroup_available_bytes(str(tmp_path)) == 9 * GIB
+    (tmp_path / "memory.max").write_text("max\n")
+    assert cgroup_available_bytes(str(tmp_path)) is None
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       1000 kB\nMemFree:  10 kB\nMemAvailable:   2048 kB\n")
+    assert meminfo_available_bytes(str(meminfo)) == 2048 * 1024
+
+
+def _plan(capsys, tmp_path, *args):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_3B))
+    code = main(["plan", "--model", str(tmp_path), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plan_json_is_one_object_with_the_contract_keys(capsys, tmp_path):
+    code, out, _ = _plan(capsys, tmp_path, "--seq-len", "262144", "--gpus", "1", "--gpu-memory-gib", "139.8",
+                         "--host-memory-gib", "125", "--json")
+    record = json.loads(out)
+    assert code == 0 and record["fits"] is True and record["seq_len"] == 262144
+    for key in ("gpu_peak_gib", "host_pinned_gib", "step_seconds", "components", "ds_config"):
+        assert key in record
+    assert record["ds_config"]["zero_optimization"]["stage"] == 3
+    LongContextConfig.from_ds_config(record["ds_config"]).check_seq_len(262144)
+    assert abs(sum(record["components"].values()) - record["gpu_peak_gib"]) < 0.01
+
+
+def test_plan_of_a_given_config_evaluates_it_and_exits_1_when_it_does_not_fit(capsys, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+                              "long_context": {"ulysses_degree": 1}}))
+    code, out, err = _plan(capsys, tmp_path, "--seq-len", "262144", "--gpus", "1", "--gpu-memory-gib", "139.8",
+                           "--host-memory-gib", "125", "--ds-config", str(ds), "--json")
+    record = json.loads(out)
+    assert code == 1 and record["fits"] is False and "fastest that fits" in record["reason"]
+    assert record["ds_config"]["long_context"]["ulysses_degree"] == 1
+
+
+def test_plan_max_finds_the_longest_sequence(capsys, tmp_path):
+    code, out, _ = _plan(capsys, tmp_path, "--seq-len", "max", "--gpus", "1", "--gpu-memory-gib", "139.8",
+                         "--host-memory-gib", "125", "--json")
+    record = json.loads(out)
+    assert code == 0 and record["fits"] and record["seq_len"] > 262144
+    assert record["ds_config"]["long_context"]["seq_len"] == record["seq_len"]
+
+
+def test_plan_errors_name_what_is_missing(capsys, tmp_path):
+    if not torch.cuda.is_available():
+        code, _, err = _plan(capsys, tmp_path, "--seq-len", "262144")
+        assert code == 2 and "--gpus" in err
+    code, _, err = _plan(capsys, tmp_path, "--seq-len", "lots", "--gpus", "1", "--gpu-memory-gib", "80",
+                         "--host-memory-gib", "100")
+    assert code == 2 and "--seq-len" in err
+    code, out, err = _plan(capsys, tmp_path, "--seq-len", "262144", "--gpus", "1", "--gpu-memory-gib", "8",
+                           "--host-memory-gib", "16")
+    assert code == 1 and "nothing fits" in out + err
+
+
+def test_validate_with_a_model_runs_the_preflight_check(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_3B))
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"long_context": {"ulysses_degree": 1}}))
+    code = main(["validate", str(ds), "--model", str(tmp_path), "--seq-len", "262144", "--gpus", "1",
+                 "--gpu-memory-gib", "139.8", "--host-memory-gib", "125"])
+    _, err = capsys.readouterr()
+    assert code == 1 and "pre-flight" in err
+    ds.write_text(json.dumps({"long_context": {"fpdt": {"chunk_size": 65536, "offload": True},
+                                               "checkpoint_offload": True, "loss_tile_tokens": 4096}}))
+    assert main(["validate", str(ds), "--model", str(tmp_path), "--seq-len", "262144", "--gpus", "1",
+                 "--gpu-memory-gib", "139.8", "--host-memory-gib", "125"]) == 0
