@@ -230,8 +230,8 @@ def estimate_memory(run: Run, settings: Settings) -> Dict[str, Dict[str, int]]:
         if _layer_offloaded(last, settings) or (settings.keep_attention_output and settings.fpdt_offload):
             # brought back for the recompute: its input (and the one prefetched next), its kept output
             back = 0
-            if _layer_offloaded(last, settings):
-                back += 2 * tokens * BF16 * w.h
+            if _layer_offloaded(last, settings):  # and, with a layer before it, that layer's input prefetched
+                back += min(2, run.model.layers) * tokens * BF16 * w.h
             if settings.keep_attention_output:
                 back += _kept_bytes(tokens, w)
             layer["offload_prefetch"] = back
@@ -260,7 +260,8 @@ def estimate_host(run: Run, settings: Settings) -> Dict[str, int]:
             kept_layers = m.layers if settings.fpdt_offload else offloaded
         parts["kept_attention"] = kept_layers * _kept_bytes(tokens, w)
     if settings.zero.optimizer_offload:
-        parts["optimizer_offload"] = 4 * FP32 * m.params // run.world  # master, m, v, fp32 gradients
+        # DeepSpeed pins the fp32 master weights and Adam's moments (its fp32 gradients are not pinned)
+        parts["optimizer_offload"] = 3 * FP32 * m.params // run.world
     return parts
 
 
