@@ -129,6 +129,7 @@ def main():
             payload = json.load(f)
         for row in payload["runs"]:
             if "record" in row:
+                row["measured"] = measured(row["record"])
                 row["predicted"] = predict(row["record"], (payload.get("gpus") or ["NVIDIA H200"])[0])
                 compare(row)
         payload["predicted_at_commit"] = args.commit
