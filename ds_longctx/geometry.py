@@ -120,23 +120,42 @@ class ChunkSchedule:
 
 
 class WorkingSet(NamedTuple):
-    """Device buffers of one rank's chunked attention call beyond the caller's tensors, in chunk-sized
-    buffers of one tensor each (``[B, chunk_tokens, heads, D]``; an lse is ``[B, heads, chunk_tokens]``).
+    """Peak device buffers of one rank's FPDT forward or backward beyond the caller's tensors, in chunk-sized
+    tensors (upper bounds: a remote block of fewer rows counts as a whole chunk).
 
-    ``q_heads``: buffers with this rank's query heads, in q's dtype; ``kv_heads``: with its K/V heads, in
-    q's dtype; ``fp32_q_heads`` / ``fp32_kv_heads``: fp32 accumulators (fp64 for fp64 inputs) and
-    log-sum-exps; ``per_chunk``: additional buffers for each of the ``chunks`` chunks, kept for the whole
-    call (what offload moves to host memory; zero with offload).
+    Units: a *q chunk* is ``[B, C, h, D]`` (this rank's query heads after the all-to-all), a *kv chunk*
+    ``[B, C, hk, D]``, an *lse* ``[B, h, C]``; ``acc_`` fields are in the accumulation dtype (fp32; fp64 for
+    fp64 inputs), the others in q's dtype. ``per_chunk_*`` fields are kept for each of the ``chunks`` chunks
+    for the whole call (what ``offload`` moves to pinned host memory: zero with offload).
     """
 
-    q_heads: int
-    kv_heads: int
-    fp32_q_heads: int
-    fp32_kv_heads: int
-    per_chunk_q_heads: int
-    per_chunk_kv_heads: int
-    per_chunk_fp32_q_heads: int
-    per_chunk_fp32_kv_heads: int
+    gathered_ahead: int  # all-to-all jobs posted ahead of the one in use (each a K/V pair, a q or a dout chunk)
+    kv_per_peer: int  # kv chunks in flight per ring peer: received rows and sent copies of two K/V steps
+    acc_kv_per_peer: int  # partial dK/dV per ring peer: sent and received, for two steps
+    own_kv: int  # fetched own kv chunks of two steps, and (offload) the store's resident chunk
+    block_results: int  # q chunks of block outputs (forward: own + one per peer, merged after the step)
+    block_kv_grads: int  # kv chunks of the own block's dK/dV (two steps, until their sum is stored)
+    q_chunks: int  # q, out, dout, dq of the query chunk in use and its neighbours in flight
+    acc_q_chunks: int  # the output or dq accumulator
+    lses: int  # the running lse, the blocks' lses, the saved lse fetched and prefetched
+    acc_kv: int  # dK/dV accumulators: the stored sum fetched, the new sum, (offload) the resident one
+    per_chunk_kv: int
+    per_chunk_q: int
+    per_chunk_lse: int
+    per_chunk_acc_kv: int
+
+    def nbytes(self, *, batch: int, chunk_tokens: int, heads: int, kv_heads: int, head_dim: int, chunks: int,
+               ring: int, itemsize: int, acc_itemsize: int = 4) -> int:
+        """Bytes of the buffers for this rank's ``heads`` / ``kv_heads`` after the all-to-all."""
+        q_chunk, kv_chunk = batch * chunk_tokens * heads * head_dim, batch * chunk_tokens * kv_heads * head_dim
+        lse = batch * heads * chunk_tokens
+        peers = ring - 1
+        q_like = self.gathered_ahead * max(q_chunk, 2 * kv_chunk) + (self.block_results + self.q_chunks) * q_chunk \
+            + (self.kv_per_peer * peers + self.own_kv + self.block_kv_grads) * kv_chunk \
+            + chunks * (self.per_chunk_kv * kv_chunk + self.per_chunk_q * q_chunk)
+        acc = (self.acc_kv_per_peer * peers + self.acc_kv + chunks * self.per_chunk_acc_kv) * kv_chunk \
+            + self.acc_q_chunks * q_chunk + (self.lses + chunks * self.per_chunk_lse) * lse
+        return q_like * itemsize + acc * acc_itemsize
 
 
 @dataclass(frozen=True)
@@ -198,46 +217,35 @@ class ChunkGeometry:
         return self.schedule(q_rank).block(q_rank, kv_rank, i, k)
 
     def working_set(self, offload: bool) -> Tuple[WorkingSet, WorkingSet]:
-        """``(forward, backward)`` device buffers of one call (:class:`WorkingSet`), as the code allocates
-        them at its peak (the largest a buffer can be: a remote block of fewer rows counts as a chunk).
+        """``(forward, backward)`` peak device buffers of one rank's call (:class:`WorkingSet`), as
+        :mod:`ds_longctx.attention.chunked` allocates them.
 
-        Forward: the all-to-alls run three jobs ahead (each a K/V pair or one query chunk: 3 x 2 K/V
-        buffers); two K/V steps are in flight, each holding the fetched own K/V chunk and, per ring peer, a
-        received K/V pair and a sent contiguous copy (``2 x (2 + 4 (R - 1))``); one query chunk's ``q``, its
-        fp32 output and lse, its output in q's dtype and the previous one still travelling home. Without
-        offload every K/V chunk and every query chunk's ``q``, ``out`` and lse stay until backward.
+        Forward: two all-to-all jobs ahead of the query chunk in use; two K/V steps in flight (step ``k + 1``
+        is posted before step ``k`` computes), each with the fetched own K/V chunk and, per ring peer, the
+        received rows and the sent copy; the step's block outputs (own and one per peer) until they merge;
+        ``q_i``, ``out_i`` and the previous ``out_i`` still travelling home, the fp32 output accumulator.
+        Without offload every K/V chunk and each chunk's saved ``q``/``out``/lse stay until backward.
 
-        Backward: the query chunk's ``q``, ``out``, lse (the fetched one and the prefetched next), three
-        ``dout`` all-to-alls ahead, its fp32 ``dq`` and its outgoing copy, the previous one travelling home;
-        the same two K/V steps in flight; per ring peer a partial fp32 dK/dV pair sent home and one received,
-        for the step computing and the one behind it (``2 x 4 (R - 1)``); the fetched dK/dV accumulator
-        and the new sum (4 fp32 K/V buffers) and the own block's dK/dV. Without offload every chunk's dK/dV
-        accumulator stays until the end of the call.
+        Backward: two ``dout`` chunks ahead; the saved ``q``/``out``/lse fetched and the next prefetched
+        (offload), ``dout_i``, the fp32 ``dq_i`` and its outgoing copy and the previous one; the same two K/V
+        steps in flight; per ring peer the partial dK/dV sent home and received, for the step just computed
+        and the one being summed; the own block's dK/dV of those two steps; the stored dK/dV sum fetched and
+        the new sum. Without offload every chunk's dK/dV accumulator stays until the end of the call.
         """
-        R = self.ring
-        peers = R - 1
-        resident = 0 if offload else 1  # chunks a store keeps on the device
-        kv_in_flight = 2 * (2 + 4 * peers)  # two steps: own K/V pair, a received and a sent pair per peer
+        resident = 0 if offload else 1  # with offload a store keeps only its last chunk on the device
+        stored = 1 if offload else 0  # that last chunk (a compact copy when the input was a view)
+        peers_and_own = self.ring
         forward = WorkingSet(
-            q_heads=1 + 2,  # q_i; o_i and the previous o_i on its way home
-            kv_heads=3 * 2 + kv_in_flight,
-            fp32_q_heads=2,  # output and lse accumulators
-            fp32_kv_heads=0,
-            per_chunk_q_heads=2 * resident,  # saved q and out of every chunk
-            per_chunk_kv_heads=2 * resident,  # every K/V chunk
-            per_chunk_fp32_q_heads=resident,  # saved lse
-            per_chunk_fp32_kv_heads=0,
-        )
+            gathered_ahead=2, kv_per_peer=2 * (2 + 2), acc_kv_per_peer=0, own_kv=2 * 2 + 2 * stored,
+            block_results=peers_and_own, block_kv_grads=0, q_chunks=3 + stored, acc_q_chunks=1,
+            lses=1 + peers_and_own, acc_kv=0,
+            per_chunk_kv=2 * resident, per_chunk_q=2 * resident, per_chunk_lse=resident, per_chunk_acc_kv=0)
         backward = WorkingSet(
-            q_heads=2 * 2 + 3 + 2,  # q/out fetched and prefetched; dout three ahead; dq out and the previous one
-            kv_heads=kv_in_flight + 2,  # the own block's dK/dV in q's dtype
-            fp32_q_heads=2 * 1 + 1,  # lse fetched and prefetched; dq accumulator
-            fp32_kv_heads=2 * 4 * peers + 2 * 2,  # partial dK/dV out and in, two steps; accumulator and sum
-            per_chunk_q_heads=2 * resident,
-            per_chunk_kv_heads=2 * resident,
-            per_chunk_fp32_q_heads=resident,
-            per_chunk_fp32_kv_heads=2 * resident,  # the dK/dV accumulators
-        )
+            gathered_ahead=2, kv_per_peer=2 * (2 + 2), acc_kv_per_peer=2 * (2 + 2), own_kv=2 * 2 + 2 * stored,
+            block_results=1, block_kv_grads=2 * 2, q_chunks=2 * 2 * stored + 1 + 2, acc_q_chunks=1,
+            lses=2 * stored, acc_kv=2 * stored + 2 + 2 * stored,
+            per_chunk_kv=2 * resident, per_chunk_q=2 * resident, per_chunk_lse=resident,
+            per_chunk_acc_kv=2 * resident)
         return forward, backward
 
 
