@@ -35,6 +35,7 @@ the device. :meth:`ChunkGeometry.working_set <ds_longctx.geometry.ChunkGeometry.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
@@ -84,25 +85,27 @@ def _gather_order(schedule: ChunkSchedule) -> List[_Gather]:
     return order
 
 
+def _post_gather(plan: ChunkPlan, kept: Optional[StashedCall], job: _Gather, q, k, v):
+    opts, topo, rows = plan.opts, plan.topo, plan.local_rows(job.chunk)
+    group, rank = topo.ulysses_group, topo.ulysses_rank
+    if job.kv:
+        return KVChunk(seq_to_heads_start(k[:, rows], opts.kv_ranges, group, rank),
+                       seq_to_heads_start(v[:, rows], opts.kv_ranges, group, rank))
+    if kept is not None:
+        return (seq_to_heads_start(q[:, rows], opts.q_ranges, group, rank),
+                seq_to_heads_start(kept.out[:, rows], opts.q_ranges, group, rank))
+    return (seq_to_heads_start(q[:, rows], opts.q_ranges, group, rank),)
+
+
 class _Gathers:
     """The forward's all-to-alls (K/V chunks stored as they arrive; a replay also gathers the kept output)."""
 
     def __init__(self, plan: ChunkPlan, q, k, v, kept: Optional[StashedCall]):
-        self.plan, self.kept = plan, kept
         self.order = _gather_order(plan.schedule)
-        self.ahead = _Ahead([lambda job=job: self._post(job, q, k, v) for job in self.order])
+        # The posts reference the plan and inputs, never this object: no cycle keeps the kept output (and
+        # its host buffer) alive past the call until the garbage collector runs.
+        self.ahead = _Ahead([partial(_post_gather, plan, kept, job, q, k, v) for job in self.order])
         self.next = 0
-
-    def _post(self, job: _Gather, q, k, v):
-        opts, topo, rows = self.plan.opts, self.plan.topo, self.plan.local_rows(job.chunk)
-        group, rank = topo.ulysses_group, topo.ulysses_rank
-        if job.kv:
-            return KVChunk(seq_to_heads_start(k[:, rows], opts.kv_ranges, group, rank),
-                           seq_to_heads_start(v[:, rows], opts.kv_ranges, group, rank))
-        if self.kept is not None:
-            return (seq_to_heads_start(q[:, rows], opts.q_ranges, group, rank),
-                    seq_to_heads_start(self.kept.out[:, rows], opts.q_ranges, group, rank))
-        return (seq_to_heads_start(q[:, rows], opts.q_ranges, group, rank),)
 
     def query_chunk(self, kv: ChunkStore):
         """The next query chunk's pending gathers (``q``, and the kept output on a replay), after storing the
