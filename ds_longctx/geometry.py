@@ -98,9 +98,11 @@ class ChunkSchedule:
             last = max(last, -(-stop // C) - 1)
         return last + 1
 
-    def groups(self, i: int) -> int:
+    def kv_steps(self, i: int) -> int:
         """Number of K/V chunk steps ``k`` that query chunk ``i`` walks (the same on every ring rank)."""
         return self._steps[i]
+
+    groups = kv_steps  # its name before the steps were called steps (tests/test_chunked.py)
 
     def dst(self, step: int) -> int:
         return ring_dest(self.ring_rank, step, self.ring)
@@ -209,7 +211,7 @@ class ChunkGeometry:
 
     def kv_steps(self, i: int) -> int:
         """K/V chunk steps of query chunk ``i`` (the same on every ring rank)."""
-        return self.schedule(0).groups(i)
+        return self.schedule(0).kv_steps(i)
 
     def block(self, q_rank: int, kv_rank: int, i: int, k: int) -> Optional[RingBlock]:
         """The rows query chunk ``i`` of ring rank ``q_rank`` computes against K/V chunk ``k`` of ``kv_rank``

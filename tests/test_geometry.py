@@ -69,13 +69,13 @@ def test_a_load_balancer_is_one_class_whose_rule_the_chunk_schedule_follows(layo
         q_pos = layout.local_positions(S, r, 0)
         seen = torch.zeros(L, S, dtype=torch.int64)
         for i in range(n_chunks):
-            assert sc.groups(i) == scheds[0].groups(i)
+            assert sc.kv_steps(i) == scheds[0].kv_steps(i)
             for k in range(n_chunks):
                 for kv_rank in range(ring):
                     blk = sc.block(r, kv_rank, i, k)
                     if blk is None:
                         continue
-                    assert k < sc.groups(i)  # every visible block lies within the query chunk's steps
+                    assert k < sc.kv_steps(i)  # every visible block lies within the query chunk's steps
                     k_pos = layout.local_positions(S, kv_rank, 0)[k * C:(k + 1) * C]
                     for a in _rows(blk.q, C):
                         for b in _rows(blk.kv, C):

@@ -35,8 +35,7 @@ the device. :meth:`ChunkGeometry.working_set <ds_longctx.geometry.ChunkGeometry.
 """
 from __future__ import annotations
 
-from functools import partial
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional
 
 import torch
 
@@ -46,83 +45,19 @@ from ..kernels.base import Kernel
 from ..layout import EVERY
 from ..memory.chunk_store import ChunkStore
 from ..memory.host_pool import HostPool
-from ..memory.remat import StashedCall, keep_for_backward, stash_call, take_for_backward
+from ..memory.remat import keep_for_backward, stash_call, take_for_backward
+from .chunk_gather import Ahead, Gathers
 from .chunk_plan import (ChunkedOptions, ChunkPlan, KVChunk, KVGrads, KVStep, PartialGrads, ReturningGrads,
                          SavedQueryChunk)
 from .documents import Documents, block_backward, block_forward
 from .merge import merge_
 
 
-class _Ahead:
-    """Posts a list of all-to-alls in order, ``depth`` ahead of the one being consumed."""
-
-    def __init__(self, posts: Sequence, depth: int = 2):
-        self.posts, self.depth, self.pending, self.next = list(posts), depth, {}, 0
-
-    def take(self, t: int):
-        while self.next < len(self.posts) and self.next <= t + self.depth:
-            self.pending[self.next] = self.posts[self.next]()
-            self.next += 1
-        return self.pending.pop(t)
-
-
-class _Gather(NamedTuple):
-    """One forward all-to-all: K/V chunk ``chunk`` (``kv``) or query chunk ``chunk``."""
-
-    kv: bool
-    chunk: int
-
-
-def _gather_order(schedule: ChunkSchedule) -> List[_Gather]:
-    """All-to-alls in the order the forward consumes them: each K/V chunk just before the first query chunk
-    that needs it (its own diagonal, or a ring peer's visible rows), then that query chunk."""
-    order, have = [], 0
-    for i in range(schedule.chunks):
-        need = schedule.groups(i)
-        order += [_Gather(True, j) for j in range(have, need)]
-        have = max(have, need)
-        order.append(_Gather(False, i))
-    return order
-
-
-def _post_gather(plan: ChunkPlan, kept: Optional[StashedCall], job: _Gather, q, k, v):
-    opts, topo, rows = plan.opts, plan.topo, plan.local_rows(job.chunk)
-    group, rank = topo.ulysses_group, topo.ulysses_rank
-    if job.kv:
-        return KVChunk(seq_to_heads_start(k[:, rows], opts.kv_ranges, group, rank),
-                       seq_to_heads_start(v[:, rows], opts.kv_ranges, group, rank))
-    if kept is not None:
-        return (seq_to_heads_start(q[:, rows], opts.q_ranges, group, rank),
-                seq_to_heads_start(kept.out[:, rows], opts.q_ranges, group, rank))
-    return (seq_to_heads_start(q[:, rows], opts.q_ranges, group, rank),)
-
-
-class _Gathers:
-    """The forward's all-to-alls (K/V chunks stored as they arrive; a replay also gathers the kept output)."""
-
-    def __init__(self, plan: ChunkPlan, q, k, v, kept: Optional[StashedCall]):
-        self.order = _gather_order(plan.schedule)
-        # The posts reference the plan and inputs, never this object: no cycle keeps the kept output (and
-        # its host buffer) alive past the call until the garbage collector runs.
-        self.ahead = _Ahead([partial(_post_gather, plan, kept, job, q, k, v) for job in self.order])
-        self.next = 0
-
-    def query_chunk(self, kv: ChunkStore):
-        """The next query chunk's pending gathers (``q``, and the kept output on a replay), after storing the
-        K/V chunks that come before it."""
-        while self.order[self.next].kv:
-            kv.put(self.order[self.next].chunk, [w.wait() for w in self.ahead.take(self.next)])
-            self.next += 1
-        pending = self.ahead.take(self.next)
-        self.next += 1
-        return pending
-
-
 def _attend(plan: ChunkPlan, i: int, q_i: torch.Tensor, kv: ChunkStore):
     """Query chunk ``i`` over every K/V step: its output and lse in the accumulation dtype."""
     kernel, scale, r = plan.kernel, plan.opts.scale, plan.schedule.ring_rank
     out = lse = None
-    steps = plan.schedule.groups(i)
+    steps = plan.schedule.kv_steps(i)
     step = plan.post_kv(i, 0, kv)
     for k in range(steps):
         following = plan.post_kv(i, k + 1, kv) if k + 1 < steps else None
@@ -190,7 +125,7 @@ def _backprop(plan: ChunkPlan, i: int, saved: SavedQueryChunk, do_i: torch.Tenso
     q_i, o_i, l_i = saved
     dq_i = torch.zeros((plan.batch, plan.chunk_tokens, plan.local_heads, plan.head_dim), dtype=plan.acc_dtype,
                        device=plan.device)
-    steps = plan.schedule.groups(i)
+    steps = plan.schedule.kv_steps(i)
     step: KVStep = plan.post_kv(i, 0, kv)
     behind = None
     for k in range(steps):
@@ -266,15 +201,15 @@ class ChunkedAttention(torch.autograd.Function):
         lease = plan.pool.lease() if opts.offload else None
         kv = plan.kv_store(plan.dtype, lease)
         saved = plan.saved_store(lease) if keep_state else None
-        gathers = _Gathers(plan, q, k, v, kept)
+        gathers = Gathers(plan, q, k, v, kept)
         out = torch.empty_like(q) if kept is None else kept.out.detach()
         outgoing, lses = None, []
         for i in range(plan.chunks):
             pending = gathers.query_chunk(kv)
-            q_i = pending[0].wait()
+            q_i = pending.q.wait()
             if kept is not None:
                 if keep_state:
-                    saved.put(i, SavedQueryChunk(q_i, pending[1].wait(), kept.lses[i]))
+                    saved.put(i, SavedQueryChunk(q_i, pending.out.wait(), kept.lses[i]))
                 continue
             o_acc, lse_acc = _attend(plan, i, q_i, kv)
             o_i = o_acc.to(q.dtype)
@@ -317,7 +252,7 @@ class ChunkedAttention(torch.autograd.Function):
         dv = torch.zeros_like(dk)
         acc_lease = plan.pool.lease() if opts.offload else None
         dkv = plan.kv_store(plan.acc_dtype, acc_lease)
-        ahead = _Ahead([lambda i=i: seq_to_heads_start(dout[:, plan.local_rows(i)], opts.q_ranges, group, rank)
+        ahead = Ahead([lambda i=i: seq_to_heads_start(dout[:, plan.local_rows(i)], opts.q_ranges, group, rank)
                         for i in range(plan.chunks)])
         try:
             outgoing = None
