@@ -17,6 +17,7 @@ step of the sequence), so both ends of every transfer issue their messages in on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import List, NamedTuple, Optional, Tuple
 
 from .layout import EVERY, RingBlock, ZigzagLayout, ring_dest, ring_source
@@ -205,9 +206,11 @@ class ChunkGeometry:
         c = self.local_chunk_tokens
         return slice(i * c, (i + 1) * c)
 
+    @lru_cache(maxsize=64)  # every layer of a model asks for the same few: built once, not per call
     def schedule(self, ring_rank: int) -> ChunkSchedule:
         """What each query chunk of ``ring_rank`` computes, sends and receives."""
-        return ChunkSchedule(self.chunks, self.chunk_size, self.ring, ring_rank, self.causal)
+        return ChunkSchedule(n=self.chunks, chunk=self.chunk_size, ring=self.ring, ring_rank=ring_rank,
+                             causal=self.causal)
 
     def kv_steps(self, i: int) -> int:
         """K/V chunk steps of query chunk ``i`` (the same on every ring rank)."""

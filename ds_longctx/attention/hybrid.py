@@ -44,7 +44,7 @@ class _Gathered(NamedTuple):
     out: Optional[object]
 
 
-class _Call(NamedTuple):
+class _Args(NamedTuple):
     """The non-tensor arguments of one call, for the backward."""
 
     topo: object
@@ -103,12 +103,12 @@ class HybridAttention(torch.autograd.Function):
         elif call is not None:
             call.record(out, lses)
         ctx.save_for_backward(*saved)
-        ctx.call = _Call(topo, chunks, causal, scale, k.shape[2], docs)
+        ctx.args = _Args(topo, chunks, causal, scale, k.shape[2], docs)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        topo, chunks, causal, scale, kv_heads, docs = ctx.call
+        topo, chunks, causal, scale, kv_heads, docs = ctx.args
         group, rank = topo.ulysses_group, topo.ulysses_rank
         ring, layout = RingComm(topo), ZigzagLayout.of(topo)
         dout = dout.contiguous()

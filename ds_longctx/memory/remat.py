@@ -33,8 +33,9 @@ The protocol an attention Function follows (this module is the one place it is w
   the backward calls :func:`take_for_backward` first. Unpacking that token is what makes a non-reentrant
   checkpoint run the recompute before the rest of this node's backward (it recomputes at the first
   unpack of a saved tensor of the region), so the recompute's state is in the stash by the time it is
-  read. ``tests/test_remat.py::test_unpacking_a_saved_token_runs_the_recompute_first`` pins that torch
-  behaviour.
+  read. ``tests/test_stash_protocol.py::test_unpacking_a_saved_token_runs_the_recompute_first`` pins that
+  torch behaviour. (A reentrant checkpoint recomputes before any backward of the region and runs the
+  backward of the recompute's own nodes, which hold their state on ``ctx``.)
 """
 from __future__ import annotations
 
