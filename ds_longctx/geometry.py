@@ -135,7 +135,7 @@ class WorkingSet(NamedTuple):
     gathered_ahead: int  # all-to-all jobs posted ahead of the one in use (each a K/V pair, a q or a dout chunk)
     kv_per_peer: int  # kv chunks in flight per ring peer: received rows and sent copies of two K/V steps
     acc_kv_per_peer: int  # partial dK/dV per ring peer: sent and received, for two steps
-    own_kv: int  # fetched own kv chunks of two steps, and (offload) the store's resident chunk
+    own_kv: int  # offload: fetched own kv chunks of two steps and the store's resident one (else stored ones)
     block_results: int  # q chunks of block outputs (forward: own + one per peer, merged after the step)
     block_kv_grads: int  # kv chunks of the own block's dK/dV (two steps, until their sum is stored)
     q_chunks: int  # q, out, dout, dq of the query chunk in use and its neighbours in flight
@@ -241,12 +241,12 @@ class ChunkGeometry:
         stored = 1 if offload else 0  # that last chunk (a compact copy when the input was a view)
         peers_and_own = self.ring
         forward = WorkingSet(
-            gathered_ahead=2, kv_per_peer=2 * (2 + 2), acc_kv_per_peer=0, own_kv=2 * 2 + 2 * stored,
+            gathered_ahead=2, kv_per_peer=2 * (2 + 2), acc_kv_per_peer=0, own_kv=(2 * 2 + 2) * stored,
             block_results=peers_and_own, block_kv_grads=0, q_chunks=3 + stored, acc_q_chunks=1,
             lses=1 + peers_and_own, acc_kv=0,
             per_chunk_kv=2 * resident, per_chunk_q=2 * resident, per_chunk_lse=resident, per_chunk_acc_kv=0)
         backward = WorkingSet(
-            gathered_ahead=2, kv_per_peer=2 * (2 + 2), acc_kv_per_peer=2 * (2 + 2), own_kv=2 * 2 + 2 * stored,
+            gathered_ahead=2, kv_per_peer=2 * (2 + 2), acc_kv_per_peer=2 * (2 + 2), own_kv=(2 * 2 + 2) * stored,
             block_results=1, block_kv_grads=2 * 2, q_chunks=2 * 2 * stored + 1 + 2, acc_q_chunks=1,
             lses=2 * stored, acc_kv=2 * stored + 2 + 2 * stored,
             per_chunk_kv=2 * resident, per_chunk_q=2 * resident, per_chunk_lse=resident,
