@@ -15,13 +15,33 @@ i*C + (u+1)*C/U]`` for every ``i``, in order of ``i``), so that the all-to-all o
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
-import torch.distributed as dist
 
 if TYPE_CHECKING:  # pragma: no cover
     from .topology import Topology
+
+EVERY = slice(None)
+
+
+def ring_source(ring_rank: int, step: int, ring: int) -> int:
+    """The ring rank whose K/V reaches ``ring_rank`` at ring ``step`` (blocks travel to the next rank)."""
+    return (ring_rank - step) % ring
+
+
+def ring_dest(ring_rank: int, step: int, ring: int) -> int:
+    """The ring rank that ``ring_rank``'s K/V reaches at ring ``step``."""
+    return (ring_rank + step) % ring
+
+
+class RingBlock(NamedTuple):
+    """What one rank pair computes: query rows ``q`` against key rows ``kv`` (slices of the two group
+    sequences), with the causal diagonal (``causal``, same rows on both sides) or fully visible."""
+
+    q: slice
+    kv: slice
+    causal: bool
 
 
 class LayoutError(ValueError):
@@ -103,25 +123,29 @@ class ZigzagLayout:
         c = seq_len // (2 * R)
         return ((ring_rank * c, c), ((2 * R - 1 - ring_rank) * c, c))
 
-    def ring_block(self, step: int, ring_rank: int, causal: bool, group_len: int) -> "RingBlock":
-        """The block of ring ``step`` on ``ring_rank``, whose group sequence is ``[chunk r ; chunk 2R-1-r]``
-        (``group_len`` tokens) and which holds the K/V of ring rank ``src = (r - step) mod R``.
+    def visible(self, q_rank: int, kv_rank: int, causal: bool, group_len: int) -> Optional[RingBlock]:
+        """The part of ring rank ``kv_rank``'s group sequence (``group_len`` tokens, ``[chunk k ; chunk 2R-1-k]``)
+        that the queries of ``q_rank``'s group sequence see, or None if nothing: the one place the zigzag
+        visibility rule is written (the ring schedule and FPDT's chunk schedule both read it; another load
+        balancer is another class with this method, :meth:`local_positions` and :meth:`group_runs`).
 
-        Step 0 is the local causal block. Otherwise, for ``src < r`` every local query sees only the first
-        (early) chunk of ``src`` fully; for ``src > r`` only the local late chunk sees both chunks of ``src``.
-        Either way a step costs two chunk-pairs, the same on every rank.
+        A rank's own block is the causal diagonal. For ``kv_rank < q_rank`` every query sees only the first
+        (early) chunk of ``kv_rank`` fully; for ``kv_rank > q_rank`` only the late query chunk sees both chunks
+        of ``kv_rank``. Either way a remote block costs two chunk-pairs, the same on every rank.
         """
-        every = slice(None)
         if not causal:
-            return RingBlock(every, every, False)
-        if step == 0:
-            return RingBlock(every, every, True)
+            return RingBlock(EVERY, EVERY, False)
+        if q_rank == kv_rank:
+            return RingBlock(EVERY, EVERY, True)
         half = group_len // 2
-        src = (ring_rank - step) % self.ring
-        if src < ring_rank:
-            return RingBlock(every, slice(0, half), False)
-        return RingBlock(slice(half, None), every, False)
+        if kv_rank < q_rank:
+            return RingBlock(EVERY, slice(0, half), False)
+        return RingBlock(slice(half, None), EVERY, False)
 
+    def ring_block(self, step: int, ring_rank: int, causal: bool, group_len: int) -> RingBlock:
+        """The block of ring ``step`` on ``ring_rank``, which holds the K/V of ring rank
+        :func:`ring_source` ``(ring_rank, step)`` (:meth:`visible`; step 0 is the local causal block)."""
+        return self.visible(ring_rank, ring_source(ring_rank, step, self.ring), causal, group_len)
 
 def positions(seq_len: int, topo: "Topology", device=None, chunk_size: Optional[int] = None) -> torch.Tensor:
     """Global positions (e.g. for RoPE) of this rank's ``S_local`` tokens in the layout (chunked for FPDT
@@ -133,6 +157,8 @@ def _all_gather_seq(x: torch.Tensor, topo: "Topology", dim: int) -> torch.Tensor
     """Concatenate the sequence-parallel ranks' ``x`` along ``dim`` in ``sp_rank`` order."""
     if topo.sp == 1:
         return x
+    import torch.distributed as dist  # here, not at import: the layout's rules need no process group
+
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((topo.sp * moved.shape[0],) + moved.shape[1:], dtype=x.dtype, device=x.device)
     dist.all_gather_into_tensor(out, moved, group=topo.sp_group)
@@ -197,14 +223,4 @@ def unshard(x: torch.Tensor, topo: "Topology", dim: int = 1, chunk_size: Optiona
     if chunk_size is not None:
         ZigzagLayout.of(topo, chunk_size).check(x.shape[dim] * topo.sp)
     return _Unshard.apply(x, topo, dim, chunk_size)
-
-
-class RingBlock:
-    """What one ring step computes: query rows ``q`` against key rows ``kv`` (slices of the group
-    sequence), with a causal mask or fully visible."""
-
-    __slots__ = ("q", "kv", "causal")
-
-    def __init__(self, q: slice, kv: slice, causal: bool):
-        self.q, self.kv, self.causal = q, kv, causal
 

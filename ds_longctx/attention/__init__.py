@@ -61,8 +61,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topo: Topology,
     kern = get_kernel(kernel, q, k)
     plan = UlyssesPlan(H, Hkv, topo.ulysses, topo.ulysses_rank)
     if chunk_size is not None:
-        return chunked_attention(q, k, v, topo, plan.local_kernel(kern), plan.q_ranges, plan.kv_ranges, causal,
-                                 scale, chunk_size, offload, docs=docs)
+        return chunked_attention(q, k, v, topo, kernel=plan.local_kernel(kern), q_ranges=plan.q_ranges,
+                                 kv_ranges=plan.kv_ranges, causal=causal, scale=scale, chunk_size=chunk_size,
+                                 offload=offload, docs=docs)
     return HybridAttention.apply(q, k, v, topo, head_chunks(plan, kern, pipeline_chunks), causal, scale, docs)
 
 

@@ -188,7 +188,7 @@ def _put(dst: torch.Tensor, src: torch.Tensor, slices: Sequence[slice], cu: Sequ
         dst.narrow(dim, sl.start, sl.stop - sl.start).copy_(src.narrow(dim, a, sl.stop - sl.start))
 
 
-def block_forward(kernel, docs: Optional[Documents], q, k, v, q_runs: Runs, k_runs: Runs, causal: bool,
+def block_forward(kernel, docs: Optional[Documents], q, k, v, *, q_runs: Runs, k_runs: Runs, causal: bool,
                   scale: float):
     """``kernel.forward`` of one block, split by documents when the sequence is packed."""
     if docs is None:
@@ -196,7 +196,7 @@ def block_forward(kernel, docs: Optional[Documents], q, k, v, q_runs: Runs, k_ru
     return docs.forward(kernel, q, k, v, q_runs, k_runs, causal, scale)
 
 
-def block_backward(kernel, docs: Optional[Documents], dout, q, k, v, out, lse, q_runs: Runs, k_runs: Runs,
+def block_backward(kernel, docs: Optional[Documents], dout, q, k, v, out, lse, *, q_runs: Runs, k_runs: Runs,
                    causal: bool, scale: float):
     """``kernel.backward`` of one block, split by documents when the sequence is packed."""
     if docs is None:

@@ -5,6 +5,12 @@ import torch
 import torch.nn.functional as F
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype partial results and gradients accumulate in: fp64 for fp64 inputs (the tests' reference
+    precision), else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def merge_(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_lse: torch.Tensor,
            empty_rows: bool = False) -> None:
     """Fold a block's result into the running one, in place.

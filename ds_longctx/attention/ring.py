@@ -15,16 +15,12 @@ import torch
 
 from ..comm.ring import RingComm
 from ..kernels.base import Kernel
-from ..layout import ZigzagLayout
+from ..layout import ZigzagLayout, ring_source
 from .documents import Documents, block_backward, block_forward, slice_runs
-from .merge import merge_
+from .merge import accumulation_dtype, merge_
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def ring_forward(q, k, v, ring: RingComm, layout: ZigzagLayout, kernel: Kernel, causal: bool, scale: float,
+def ring_forward(q, k, v, *, ring: RingComm, layout: ZigzagLayout, kernel: Kernel, causal: bool, scale: float,
                  docs: Optional[Documents] = None):
     """q ``[B, S, h, D]``, k/v ``[B, S, hk, D]`` -> out ``[B, S, h, D]`` (q's dtype), lse ``[B, h, S]``.
     ``docs``: packed documents (attention stays inside each)."""
@@ -32,18 +28,18 @@ def ring_forward(q, k, v, ring: RingComm, layout: ZigzagLayout, kernel: Kernel, 
     runs = [layout.group_runs(S * ring.size, r) for r in range(ring.size)]
     if ring.size == 1:  # nothing to merge: the kernel's own result, no fp32 staging
         blk = layout.ring_block(0, 0, causal, S)
-        return block_forward(kernel, docs, q, k, v, runs[0], runs[0], blk.causal, scale)
-    acc = _acc(q.dtype)
+        return block_forward(kernel, docs, q, k, v, q_runs=runs[0], k_runs=runs[0], causal=blk.causal, scale=scale)
+    acc = accumulation_dtype(q.dtype)
     out = lse = None
     kv = (k, v)
     for step in range(ring.size):
         if step + 1 < ring.size:
             incoming, pending = ring.exchange(kv)
         blk = layout.ring_block(step, ring.rank, causal, S)
-        src = (ring.rank - step) % ring.size
+        src = ring_source(ring.rank, step, ring.size)
         b_out, b_lse = block_forward(kernel, docs, q[:, blk.q], kv[0][:, blk.kv], kv[1][:, blk.kv],
-                                     slice_runs(runs[ring.rank], blk.q), slice_runs(runs[src], blk.kv),
-                                     blk.causal, scale)
+                                     q_runs=slice_runs(runs[ring.rank], blk.q), k_runs=slice_runs(runs[src], blk.kv),
+                                     causal=blk.causal, scale=scale)
         if out is None:  # step 0 covers every row (each row sees itself)
             out, lse = b_out.to(acc), b_lse.to(acc)
         else:
@@ -54,15 +50,16 @@ def ring_forward(q, k, v, ring: RingComm, layout: ZigzagLayout, kernel: Kernel, 
     return out.to(q.dtype), lse
 
 
-def ring_backward(dout, q, k, v, out, lse, ring: RingComm, layout: ZigzagLayout, kernel: Kernel,
+def ring_backward(dout, q, k, v, out, lse, *, ring: RingComm, layout: ZigzagLayout, kernel: Kernel,
                   causal: bool, scale: float, docs: Optional[Documents] = None):
     """Gradients ``(dq, dk, dv)`` shaped like ``(q, k, v)``, for the final ``out``/``lse`` of :func:`ring_forward`."""
     S = q.shape[1]
     runs = [layout.group_runs(S * ring.size, r) for r in range(ring.size)]
     if ring.size == 1:
         blk = layout.ring_block(0, 0, causal, S)
-        return block_backward(kernel, docs, dout, q, k, v, out, lse, runs[0], runs[0], blk.causal, scale)
-    acc = _acc(q.dtype)
+        return block_backward(kernel, docs, dout, q, k, v, out, lse, q_runs=runs[0], k_runs=runs[0],
+                              causal=blk.causal, scale=scale)
+    acc = accumulation_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = (k, v)
     dkv = None
@@ -71,11 +68,11 @@ def ring_backward(dout, q, k, v, out, lse, ring: RingComm, layout: ZigzagLayout,
         if step + 1 < ring.size:
             incoming, pending = ring.exchange(kv)
         blk = layout.ring_block(step, ring.rank, causal, S)
-        src = (ring.rank - step) % ring.size
+        src = ring_source(ring.rank, step, ring.size)
         b_dq, b_dk, b_dv = block_backward(kernel, docs, dout[:, blk.q], q[:, blk.q], kv[0][:, blk.kv],
                                           kv[1][:, blk.kv], out[:, blk.q], lse[:, :, blk.q],
-                                          slice_runs(runs[ring.rank], blk.q), slice_runs(runs[src], blk.kv),
-                                          blk.causal, scale)
+                                          q_runs=slice_runs(runs[ring.rank], blk.q),
+                                          k_runs=slice_runs(runs[src], blk.kv), causal=blk.causal, scale=scale)
         dq[:, blk.q] += b_dq
         if step == 0:
             dkv = [torch.zeros(k.shape, dtype=acc, device=k.device),

@@ -21,6 +21,21 @@ keeps no chunks and the recompute hands its chunks to the forward's autograd nod
 
 The active stash is per thread, like autocast state: backward's recompute may run on an autograd worker
 thread, and the region sets its stash on whichever thread runs it.
+
+The protocol an attention Function follows (this module is the one place it is written down):
+
+* forward: ``call = stash_call(key)`` (None outside a region; ``key`` identifies the call so a replay can
+  check it meets the same call). On a replay ``call.replayed()`` gives the kept output and lses (or None
+  when the stash keeps none) and the forward only redoes the communication the backward reads. On the
+  recorded run, ``call.record(out, lses)`` keeps them (a no-op when the stash keeps no outputs).
+* state kept outside autograd (FPDT's chunk stores): the forward hands it over with
+  :func:`keep_for_backward`, which also saves one empty *token* tensor through ``ctx.save_for_backward``;
+  the backward calls :func:`take_for_backward` first. Unpacking that token is what makes a non-reentrant
+  checkpoint run the recompute before the rest of this node's backward (it recomputes at the first
+  unpack of a saved tensor of the region), so the recompute's state is in the stash by the time it is
+  read. ``tests/test_stash_protocol.py::test_unpacking_a_saved_token_runs_the_recompute_first`` pins that
+  torch behaviour. (A reentrant checkpoint recomputes before any backward of the region and runs the
+  backward of the recompute's own nodes, which hold their state on ``ctx``.)
 """
 from __future__ import annotations
 
@@ -33,7 +48,7 @@ import torch.utils.checkpoint
 
 from .checkpoint_offload import CheckpointOffload
 from .chunk_store import HostCopy
-from .host_pool import HostPool, Lease, default_pool
+from .host_pool import HostPool, default_pool
 
 _local = threading.local()
 
@@ -50,6 +65,9 @@ class StashedCall:
 
     def __init__(self, key: Tuple):
         self.key = key
+        self.replaying = False  # this run is a replay: take the output instead of computing it
+        self.keeps_output = False  # this run records an output to keep
+        self.host_pool: Optional[HostPool] = None  # where kept outputs wait (the stash's pool)
         self.out: Optional[torch.Tensor] = None
         self.lses: List[torch.Tensor] = []
         self.version = 0
@@ -64,6 +82,19 @@ class StashedCall:
             self.out, self.version = out.detach(), out._version
             return
         self._host = HostCopy(out, lease)
+
+    def record(self, out: torch.Tensor, lses: Sequence[torch.Tensor],
+               fallback_pool: Optional[HostPool] = None) -> None:
+        """On the recorded run of a stash that keeps outputs, keep ``out`` and ``lses`` (in the stash's host
+        pool, else in ``fallback_pool``: the attention's own when it offloads, FPDT; else on the device)."""
+        if not self.keeps_output:
+            return
+        pool = self.host_pool if self.host_pool is not None else fallback_pool
+        self.keep(out, lses, pool.lease() if pool is not None else None)
+
+    def replayed(self) -> Optional["StashedCall"]:
+        """On a replay, the kept output and lses (:meth:`kept`); None on the recorded run or when none was kept."""
+        return self.kept() if self.replaying else None
 
     def prefetch(self) -> None:
         """Start copying an output kept in host memory back to the device (the replay's :meth:`kept` waits)."""
@@ -133,17 +164,13 @@ class AttentionStash:
 
         return run
 
-    def lease(self, fallback: Optional[HostPool] = None) -> Optional[Lease]:
-        """Host buffers for a kept output: from the stash's pool, else from ``fallback`` (the attention's own
-        when it offloads, FPDT), else none (the output stays on the device)."""
-        pool = self.pool if self.pool is not None else fallback
-        return pool.lease() if pool is not None else None
-
     def call(self, key: Tuple) -> StashedCall:
         """The entry of the next attention call: a new one on the first run, the recorded twin on a replay."""
         if not self.replaying:
-            self._calls.append(StashedCall(key))
-            return self._calls[-1]
+            entry = StashedCall(key)
+            entry.keeps_output, entry.host_pool = self.keep_output, self.pool
+            self._calls.append(entry)
+            return entry
         if self._cursor >= len(self._calls):
             raise AttentionStashError(f"the recomputed region calls the attention more often than its forward "
                                       f"did ({len(self._calls)} calls): a checkpointed region must be deterministic")
@@ -152,6 +179,7 @@ class AttentionStash:
         if entry.key != key:
             raise AttentionStashError(f"attention call {self._cursor} of the recomputed region differs from the "
                                       f"forward's: {key} != {entry.key}")
+        entry.replaying, entry.keeps_output = True, False
         return entry
 
 
@@ -166,6 +194,40 @@ def active_stash() -> Optional[AttentionStash]:
     """The stash of the innermost region running on this thread, or None."""
     stack = getattr(_local, "stack", None)
     return stack[-1] if stack else None
+
+
+def stash_call(key: Tuple) -> Optional[StashedCall]:
+    """The stash entry of the attention call identified by ``key`` when it runs in a stash region on this
+    thread (the next one of the region: recorded now, or its recorded twin on a replay), else None."""
+    stash = active_stash()
+    return stash.call(key) if stash is not None else None
+
+
+def keep_for_backward(ctx, call: Optional[StashedCall], state: Any, device: torch.device) -> None:
+    """Forward side of handing state kept outside autograd to the backward: on ``ctx`` and, in a stash
+    region, on ``call`` (from a replay, this is how the recompute's state reaches the forward's node). Saves
+    the token tensor that makes a checkpoint's backward recompute before :func:`take_for_backward` reads."""
+    ctx.stash_call, ctx.stash_state = call, state
+    if call is not None and state is not None:
+        call.state = state
+    # One token tensor through autograd's saved tensors, so that a checkpoint's backward unpacks it
+    # (and so recomputes the region) before this node looks for the recompute's state.
+    ctx.save_for_backward(torch.empty(0, device=device))
+
+
+def take_for_backward(ctx) -> Any:
+    """Backward side of :func:`keep_for_backward`: runs the recompute when under a checkpoint (by unpacking
+    the token) and returns the node's own state, else the recompute's; None if there is none (a second
+    backward, or a forward without grad). Drops every reference: the node outlives its backward (the
+    caller's loss keeps the graph into the next step), and so would the stash entry with its kept output."""
+    ctx.saved_tensors  # noqa: B018 - under a checkpoint this recomputes the region, which hands over the state
+    state, ctx.stash_state = ctx.stash_state, None
+    call, ctx.stash_call = ctx.stash_call, None
+    if call is not None:
+        recomputed = call.take_state()
+        if state is None:
+            state = recomputed
+    return state
 
 
 def _region_offload(offload: Optional[CheckpointOffload]) -> Optional[CheckpointOffload]:
@@ -221,4 +283,5 @@ class StashingCheckpoint:
                 f"offload={self.offload!r})")
 
 
-__all__ = ["AttentionStash", "AttentionStashError", "StashedCall", "StashingCheckpoint", "active_stash", "checkpoint"]
+__all__ = ["AttentionStash", "AttentionStashError", "StashedCall", "StashingCheckpoint", "active_stash", "checkpoint",
+           "keep_for_backward", "stash_call", "take_for_backward"]

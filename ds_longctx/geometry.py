@@ -1,0 +1,257 @@
+"""FPDT chunk geometry: sizes, counts and the blocks each chunk pair computes, from plain ints.
+
+The chunked attention (:mod:`ds_longctx.attention.chunked`), its tests and the memory planner read the same
+object, so the numbers they use cannot drift apart. Nothing here needs a tensor or a process group.
+
+Inputs are in the chunked zigzag layout (:class:`~ds_longctx.layout.ZigzagLayout` with ``chunk_size``): the
+group sequence of ring position ``r`` (``group_len = S / R`` tokens) is cut into ``chunks = group_len /
+chunk_tokens`` chunks, and each Ulysses rank holds ``local_chunk_tokens = chunk_tokens / U`` rows of every
+chunk, which one all-to-all gathers into the chunk (this rank's heads, every token).
+
+Query chunk ``i`` of ring rank ``r`` steps through K/V chunk indices ``k = 0 .. kv_steps(i) - 1``: at step
+``k`` it sees its own K/V chunk ``k`` (the causal diagonal at ``k == i``) and, from every ring peer, the
+rows of the peer's chunk ``k`` that the layout's visibility rule (:meth:`ZigzagLayout.visible`) makes
+visible. ``kv_steps`` is the same on every ring rank (a step with nothing to move on one rank is still a
+step of the sequence), so both ends of every transfer issue their messages in one order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import List, NamedTuple, Optional, Tuple
+
+from .layout import EVERY, RingBlock, ZigzagLayout, ring_dest, ring_source
+
+
+class RingTransfer(NamedTuple):
+    """K/V rows that travel between two ring ranks at one step of a query chunk: ``peer`` is the
+    destination of a send or the source of a receive; ``block`` names the rows on both sides (chunk-local)."""
+
+    step: int
+    peer: int
+    block: RingBlock
+
+
+def _within(rows: slice, start: int, size: int, group_len: int) -> Optional[slice]:
+    """The rows of ``rows`` (a slice of a group sequence) inside the chunk ``[start, start + size)``, as
+    chunk-local rows (:data:`EVERY` for the whole chunk), or None if there are none."""
+    first, stop, _ = rows.indices(group_len)
+    lo, hi = max(first, start) - start, min(stop, start + size) - start
+    if hi <= lo:
+        return None
+    return EVERY if (lo, hi) == (0, size) else slice(lo, hi)
+
+
+class ChunkSchedule:
+    """What query chunk ``i`` of ring rank ``ring_rank`` computes, and what it sends and receives: a pure
+    function of ``(chunks, chunk_tokens, ring, causal)`` and the ranks, so the two ends of every transfer
+    compute the same answer. ``layout``: the load balancer whose visibility rule it reads (zigzag)."""
+
+    def __init__(self, n: int, chunk: int, ring: int, ring_rank: int, causal: bool,
+                 layout: Optional[ZigzagLayout] = None):
+        self.chunks, self.chunk_tokens, self.ring, self.ring_rank, self.causal = n, chunk, ring, ring_rank, causal
+        self.layout = layout if layout is not None else ZigzagLayout(ring, 1)
+        self.group_len = n * chunk
+        # The visible rows of every rank pair, over whole group sequences: the layout's rule, asked once.
+        self._visible = {(a, b): self.layout.visible(a, b, causal, self.group_len)
+                         for a in range(ring) for b in range(ring)}
+        self._steps = [self._count_steps(i) for i in range(n)]
+
+    def block(self, q_rank: int, kv_rank: int, i: int, k: int) -> Optional[RingBlock]:
+        """The rows of query chunk ``i`` of ``q_rank`` and K/V chunk ``k`` of ``kv_rank`` that see each other
+        (chunk-local; ``causal``: the diagonal, only on a rank's own chunk ``k == i``), or None."""
+        seen = self._visible[(q_rank, kv_rank)]
+        if seen is None:
+            return None
+        C = self.chunk_tokens
+        if seen.causal:  # the own group sequence runs in ascending positions: chunk k is before chunk i iff k < i
+            return None if k > i else RingBlock(EVERY, EVERY, k == i)
+        q_rows = _within(seen.q, i * C, C, self.group_len)
+        kv_rows = _within(seen.kv, k * C, C, self.group_len)
+        if q_rows is None or kv_rows is None:
+            return None
+        return RingBlock(q_rows, kv_rows, False)
+
+    def own(self, i: int, k: int) -> Optional[bool]:
+        """The causal flag of the block of query chunk ``i`` on the rank's own K/V chunk ``k`` (whole chunks),
+        None if invisible."""
+        blk = self.block(self.ring_rank, self.ring_rank, i, k)
+        return None if blk is None else blk.causal
+
+    def sees(self, q_rank: int, kv_rank: int, i: int, k: int) -> Optional[Tuple[slice, slice]]:
+        """``(query rows, K/V rows)`` of chunk ``i`` of ``q_rank`` and chunk ``k`` of ``kv_rank != q_rank``
+        that see each other fully, or None."""
+        blk = self.block(q_rank, kv_rank, i, k)
+        return None if blk is None else (blk.q, blk.kv)
+
+    def _count_steps(self, i: int) -> int:
+        last = -1  # the last K/V chunk any rank pair sees from query chunk i
+        C = self.chunk_tokens
+        for (q_rank, kv_rank), seen in self._visible.items():
+            if seen is None:
+                continue
+            if seen.causal:
+                last = max(last, i)
+                continue
+            if _within(seen.q, i * C, C, self.group_len) is None:
+                continue
+            _, stop, _ = seen.kv.indices(self.group_len)
+            last = max(last, -(-stop // C) - 1)
+        return last + 1
+
+    def kv_steps(self, i: int) -> int:
+        """Number of K/V chunk steps ``k`` that query chunk ``i`` walks (the same on every ring rank)."""
+        return self._steps[i]
+
+    groups = kv_steps  # its name before the steps were called steps (tests/test_chunked.py)
+
+    def dst(self, step: int) -> int:
+        return ring_dest(self.ring_rank, step, self.ring)
+
+    def src(self, step: int) -> int:
+        return ring_source(self.ring_rank, step, self.ring)
+
+    def sends(self, i: int, k: int) -> List[RingTransfer]:
+        """The rows of this rank's K/V chunk ``k`` that query chunk ``i`` of each ring peer sees."""
+        sent = [RingTransfer(s, self.dst(s), self.block(self.dst(s), self.ring_rank, i, k)) for s in range(1, self.ring)]
+        return [t for t in sent if t.block is not None]
+
+    def receives(self, i: int, k: int) -> List[RingTransfer]:
+        """The rows of each ring peer's K/V chunk ``k`` that this rank's query chunk ``i`` sees."""
+        got = [RingTransfer(s, self.src(s), self.block(self.ring_rank, self.src(s), i, k)) for s in range(1, self.ring)]
+        return [t for t in got if t.block is not None]
+
+
+class WorkingSet(NamedTuple):
+    """Peak device buffers of one rank's FPDT forward or backward beyond the caller's tensors, in chunk-sized
+    tensors (upper bounds: a remote block of fewer rows counts as a whole chunk).
+
+    Units: a *q chunk* is ``[B, C, h, D]`` (this rank's query heads after the all-to-all), a *kv chunk*
+    ``[B, C, hk, D]``, an *lse* ``[B, h, C]``; ``acc_`` fields are in the accumulation dtype (fp32; fp64 for
+    fp64 inputs), the others in q's dtype. ``per_chunk_*`` fields are kept for each of the ``chunks`` chunks
+    for the whole call (what ``offload`` moves to pinned host memory: zero with offload).
+    """
+
+    gathered_ahead: int  # all-to-all jobs posted ahead of the one in use (each a K/V pair, a q or a dout chunk)
+    kv_per_peer: int  # kv chunks in flight per ring peer: received rows and sent copies of two K/V steps
+    acc_kv_per_peer: int  # partial dK/dV per ring peer: sent and received, for two steps
+    own_kv: int  # offload: fetched own kv chunks of two steps and the store's resident one (else stored ones)
+    block_results: int  # q chunks of block outputs (forward: own + one per peer, merged after the step)
+    block_kv_grads: int  # kv chunks of the own block's dK/dV (two steps, until their sum is stored)
+    q_chunks: int  # q, out, dout, dq of the query chunk in use and its neighbours in flight
+    acc_q_chunks: int  # the output or dq accumulator
+    lses: int  # the running lse, the blocks' lses, the saved lse fetched and prefetched
+    acc_kv: int  # dK/dV accumulators: the stored sum fetched, the new sum, (offload) the resident one
+    per_chunk_kv: int
+    per_chunk_q: int
+    per_chunk_lse: int
+    per_chunk_acc_kv: int
+
+    def nbytes(self, *, batch: int, chunk_tokens: int, heads: int, kv_heads: int, head_dim: int, chunks: int,
+               ring: int, itemsize: int, acc_itemsize: int = 4) -> int:
+        """Bytes of the buffers for this rank's ``heads`` / ``kv_heads`` after the all-to-all."""
+        q_chunk, kv_chunk = batch * chunk_tokens * heads * head_dim, batch * chunk_tokens * kv_heads * head_dim
+        lse = batch * heads * chunk_tokens
+        peers = ring - 1
+        q_like = self.gathered_ahead * max(q_chunk, 2 * kv_chunk) + (self.block_results + self.q_chunks) * q_chunk \
+            + (self.kv_per_peer * peers + self.own_kv + self.block_kv_grads) * kv_chunk \
+            + chunks * (self.per_chunk_kv * kv_chunk + self.per_chunk_q * q_chunk)
+        acc = (self.acc_kv_per_peer * peers + self.acc_kv + chunks * self.per_chunk_acc_kv) * kv_chunk \
+            + self.acc_q_chunks * q_chunk + (self.lses + chunks * self.per_chunk_lse) * lse
+        return q_like * itemsize + acc * acc_itemsize
+
+
+@dataclass(frozen=True)
+class ChunkGeometry:
+    """The shape of one FPDT call: ``seq_len`` global tokens over ``ring`` x ``ulysses`` ranks, chunks of
+    ``chunk_size`` tokens of each ring position's group sequence. Raises
+    :class:`~ds_longctx.layout.LayoutError` for lengths the layout cannot split."""
+
+    seq_len: int
+    ulysses: int
+    ring: int
+    chunk_size: int
+    causal: bool = True
+
+    def __post_init__(self):
+        ZigzagLayout(self.ring, self.ulysses, self.chunk_size).check(self.seq_len)
+
+    @property
+    def group_len(self) -> int:
+        """Tokens of one ring position's group sequence (``S / R``)."""
+        return self.seq_len // self.ring
+
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens of one chunk after its all-to-all (``C``)."""
+        return self.chunk_size
+
+    @property
+    def local_chunk_tokens(self) -> int:
+        """Rows of one chunk on one Ulysses rank before its all-to-all (``C / U``)."""
+        return self.chunk_size // self.ulysses
+
+    @property
+    def chunks(self) -> int:
+        """Chunks per ring position (``n = S / (R * C)``)."""
+        return self.group_len // self.chunk_size
+
+    @property
+    def local_len(self) -> int:
+        """Tokens per rank (``S / (R * U)``)."""
+        return self.seq_len // (self.ring * self.ulysses)
+
+    def local_rows(self, i: int) -> slice:
+        """This rank's local rows of chunk ``i`` (its ``C / U`` tokens of the chunk)."""
+        c = self.local_chunk_tokens
+        return slice(i * c, (i + 1) * c)
+
+    @lru_cache(maxsize=64)  # every layer of a model asks for the same few: built once, not per call
+    def schedule(self, ring_rank: int) -> ChunkSchedule:
+        """What each query chunk of ``ring_rank`` computes, sends and receives."""
+        return ChunkSchedule(n=self.chunks, chunk=self.chunk_size, ring=self.ring, ring_rank=ring_rank,
+                             causal=self.causal)
+
+    def kv_steps(self, i: int) -> int:
+        """K/V chunk steps of query chunk ``i`` (the same on every ring rank)."""
+        return self.schedule(0).kv_steps(i)
+
+    def block(self, q_rank: int, kv_rank: int, i: int, k: int) -> Optional[RingBlock]:
+        """The rows query chunk ``i`` of ring rank ``q_rank`` computes against K/V chunk ``k`` of ``kv_rank``
+        (chunk-local slices; ``causal`` on the diagonal), or None."""
+        return self.schedule(q_rank).block(q_rank, kv_rank, i, k)
+
+    def working_set(self, offload: bool) -> Tuple[WorkingSet, WorkingSet]:
+        """``(forward, backward)`` peak device buffers of one rank's call (:class:`WorkingSet`), as
+        :mod:`ds_longctx.attention.chunked` allocates them.
+
+        Forward: two all-to-all jobs ahead of the query chunk in use; two K/V steps in flight (step ``k + 1``
+        is posted before step ``k`` computes), each with the fetched own K/V chunk and, per ring peer, the
+        received rows and the sent copy; the step's block outputs (own and one per peer) until they merge;
+        ``q_i``, ``out_i`` and the previous ``out_i`` still travelling home, the fp32 output accumulator.
+        Without offload every K/V chunk and each chunk's saved ``q``/``out``/lse stay until backward.
+
+        Backward: two ``dout`` chunks ahead; the saved ``q``/``out``/lse fetched and the next prefetched
+        (offload), ``dout_i``, the fp32 ``dq_i`` and its outgoing copy and the previous one; the same two K/V
+        steps in flight; per ring peer the partial dK/dV sent home and received, for the step just computed
+        and the one being summed; the own block's dK/dV of those two steps; the stored dK/dV sum fetched and
+        the new sum. Without offload every chunk's dK/dV accumulator stays until the end of the call.
+        """
+        resident = 0 if offload else 1  # with offload a store keeps only its last chunk on the device
+        stored = 1 if offload else 0  # that last chunk (a compact copy when the input was a view)
+        peers_and_own = self.ring
+        forward = WorkingSet(
+            gathered_ahead=2, kv_per_peer=2 * (2 + 2), acc_kv_per_peer=0, own_kv=(2 * 2 + 2) * stored,
+            block_results=peers_and_own, block_kv_grads=0, q_chunks=3 + stored, acc_q_chunks=1,
+            lses=1 + peers_and_own, acc_kv=0,
+            per_chunk_kv=2 * resident, per_chunk_q=2 * resident, per_chunk_lse=resident, per_chunk_acc_kv=0)
+        backward = WorkingSet(
+            gathered_ahead=2, kv_per_peer=2 * (2 + 2), acc_kv_per_peer=2 * (2 + 2), own_kv=(2 * 2 + 2) * stored,
+            block_results=1, block_kv_grads=2 * 2, q_chunks=2 * 2 * stored + 1 + 2, acc_q_chunks=1,
+            lses=2 * stored, acc_kv=2 * stored + 2 + 2 * stored,
+            per_chunk_kv=2 * resident, per_chunk_q=2 * resident, per_chunk_lse=resident,
+            per_chunk_acc_kv=2 * resident)
+        return forward, backward
+
+
+__all__ = ["ChunkGeometry", "ChunkSchedule", "RingTransfer", "WorkingSet"]
