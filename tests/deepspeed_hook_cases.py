@@ -93,8 +93,10 @@ def train_through(initializer: str, form: str, config_dir: str, steps: int, seq_
     return result
 
 
-def initialize_error_through_hook() -> str:
-    """Every rank: ``deepspeed.initialize`` with a block whose degrees do not divide the world; what it raised."""
+def initialize_error_through_hook(case: str) -> str:
+    """Every rank: ``deepspeed.initialize`` with a block whose degrees do not divide the world (``"degrees"``),
+    or a valid block given to DeepSpeed's own function, as held by code that bound it before importing
+    ds_longctx (``"stale_reference"``); what it raised."""
     import deepspeed
 
     import ds_longctx  # noqa: F401 - installs the hook
@@ -102,9 +104,14 @@ def initialize_error_through_hook() -> str:
     os.environ.setdefault("LOCAL_RANK", "0")
     _quiet()
     model = build_model("llama", 32)
-    config = ds_config(3, 1, 1)
+    if case == "degrees":
+        init, config = deepspeed.initialize, ds_config(3, 1, 1)
+    elif case == "stale_reference":
+        init, config = deepspeed.initialize.__wrapped__, ds_config(1, 2, 1)
+    else:
+        raise ValueError(case)
     try:
-        deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        init(model=model, model_parameters=model.parameters(), config=config)
     except Exception as exc:  # noqa: BLE001 - reported to the test
         return f"{type(exc).__name__}: {exc}"
     return "no error"

@@ -5,7 +5,8 @@ reads and checks the ``long_context`` block, builds the :class:`~ds_longctx.topo
 DeepSpeed the :class:`~ds_longctx.integration.mpu.SequenceParallelMPU` (ZeRO partitions over every rank,
 gradients sum over sequence ranks and average over replicas), switches a transformers model to the
 distributed attention, and attaches a :class:`~ds_longctx.integration.context.LongContext` to the engine
-as ``engine.long_context``.
+as ``engine.long_context``. Once ``ds_longctx`` is imported, ``deepspeed.initialize`` calls with the block
+come here too (:mod:`.deepspeed_hook`).
 """
 from __future__ import annotations
 

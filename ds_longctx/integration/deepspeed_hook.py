@@ -7,9 +7,11 @@ DeepSpeed's own function: a call whose config (``config``, ``config_params``, ``
 call reaches DeepSpeed's function untouched. accelerate (and through it transformers' Trainer and TRL) reads
 ``deepspeed.initialize`` when it prepares the model, so it is routed too.
 
-Not reached: a function bound before ``ds_longctx`` was imported (``from deepspeed import initialize`` run
-earlier) keeps DeepSpeed's own; such code calls ``ds_longctx.initialize`` or imports ``ds_longctx`` first.
-``DS_LONGCTX_DEEPSPEED_HOOK=0`` in the environment leaves ``deepspeed.initialize`` alone.
+Not reached: a name bound before ``ds_longctx`` was imported (``from deepspeed import initialize`` run
+earlier) is DeepSpeed's own function, as are copies of it (MS-AMP's). So that a block never goes unheeded,
+DeepSpeed's engine refuses a config with the block that did not come through ``ds_longctx.initialize``,
+saying what to change. ``DS_LONGCTX_DEEPSPEED_HOOK=0`` in the environment leaves DeepSpeed alone (and the
+block ignored, as without ``ds_longctx``).
 
 When it is installed: ``import deepspeed`` takes seconds (about 3 s on a CPU machine, 1 s more than torch,
 and it probes the accelerator), while ``import ds_longctx`` takes milliseconds and many uses (the
@@ -62,11 +64,48 @@ def installed() -> bool:
     return getattr(getattr(module, "initialize", None), _MARK, None) is not None
 
 
+def how_the_block_is_read() -> str:
+    """Which calls read a ``long_context`` block, for ``ds-longctx validate`` (this environment's opt-out included)."""
+    lines = ["ds_longctx.initialize reads the long_context block; so does deepspeed.initialize (also when "
+             "accelerate calls it) in a process that has imported ds_longctx, and the engine then has "
+             "engine.long_context. In a process that never imports ds_longctx, DeepSpeed ignores the block: no "
+             "engine.long_context, every rank runs the whole sequence."]
+    if opted_out():
+        lines.append(f"{OPT_OUT_ENV}={os.environ[OPT_OUT_ENV]} is set here: deepspeed.initialize leaves the "
+                     "block to DeepSpeed, which ignores it; call ds_longctx.initialize or unset it.")
+    return "\n".join(lines)
+
+
 def _patch(module) -> None:
     original = getattr(module, "initialize", None)
-    if not callable(original) or getattr(original, _MARK, None) is not None:
-        return  # not DeepSpeed's package as we know it, or already routed
-    module.initialize = _make_hooked(original)
+    if callable(original) and getattr(original, _MARK, None) is None:  # else not the DeepSpeed we know, or done
+        module.initialize = _make_hooked(original)
+    engine = getattr(getattr(getattr(module, "runtime", None), "engine", None), "DeepSpeedEngine", None)
+    if engine is not None and getattr(engine.__init__, _MARK, None) is None:
+        engine.__init__ = _refusing_unrouted_blocks(engine.__init__)
+
+
+def _refusing_unrouted_blocks(engine_init: Callable) -> Callable:
+    """``DeepSpeedEngine.__init__`` raising on a config with the block that bypassed ``ds_longctx.initialize``
+    (DeepSpeed's ``initialize`` hands the engine the config as a dict, on every rank alike)."""
+
+    @functools.wraps(engine_init)
+    def __init__(self, *args, **kwargs):
+        from ..config import BLOCK_KEY, LongContextConfigError
+        from . import deepspeed as ours
+
+        config = kwargs.get("config")
+        if isinstance(config, Mapping) and BLOCK_KEY in config and not ours.calling_deepspeed():
+            raise LongContextConfigError(
+                "this DeepSpeed config has a long_context block, but the engine is being built by DeepSpeed's "
+                "own initialize, which ignores the block: a reference to deepspeed.initialize taken before "
+                "`import ds_longctx` (`from deepspeed import initialize`), or a copy of it. Call "
+                "ds_longctx.initialize, or deepspeed.initialize after `import ds_longctx`; or set "
+                f"{OPT_OUT_ENV}=0 to train without the block")
+        engine_init(self, *args, **kwargs)
+
+    setattr(__init__, _MARK, engine_init)
+    return __init__
 
 
 class _PatchOnImport:
