@@ -140,6 +140,8 @@ setattr(_PatchOnImport, _MARK, True)
 
 
 def _make_hooked(original: Callable) -> Callable:
+    """``deepspeed.initialize``'s replacement; keeps DeepSpeed's name, docstring and signature for help()."""
+
     @functools.wraps(original)
     def initialize(*args, **kwargs):
         return _hooked(original, args, kwargs)
@@ -149,6 +151,8 @@ def _make_hooked(original: Callable) -> Callable:
 
 
 def _hooked(original: Callable, args: tuple, kwargs: dict):
+    """``ds_longctx.initialize(**arguments)`` when the config holds the block, else ``original(*args, **kwargs)``
+    as called; ``ds_longctx.initialize``'s own call of ``deepspeed.initialize`` goes straight to ``original``."""
     from . import deepspeed as ours
 
     if ours.calling_deepspeed():
