@@ -62,6 +62,10 @@ def _validate(args: argparse.Namespace) -> int:
     if BLOCK_KEY not in ds:
         print(f"note: {args.config} has no {BLOCK_KEY} block; these are the defaults (no sequence parallelism)",
               file=sys.stderr)
+    else:
+        from .integration.deepspeed_hook import how_the_block_is_read
+
+        print(how_the_block_is_read(), file=sys.stderr)
     print(json.dumps(out, indent=2))
     if args.world_size is not None:
         print(f"world {args.world_size} = data-parallel {args.world_size // cfg.sp_degree} x ring "

@@ -38,6 +38,19 @@ def test_valid_config_prints_the_resolved_block(capsys):
                                                 "load_balance": "zigzag", "seq_len": None, "preflight": True}}
 
 
+def test_a_valid_block_says_which_calls_read_it(capsys, monkeypatch):
+    monkeypatch.delenv("DS_LONGCTX_DEEPSPEED_HOOK", raising=False)
+    code, out, err = run(capsys, "validate", os.path.join(TEMPLATES, "cpu_smoke.json"))
+    assert code == 0
+    assert "so does deepspeed.initialize" in err and "in a process that has imported ds_longctx" in err
+    assert "never imports ds_longctx, DeepSpeed ignores the block: no engine.long_context" in err
+    assert "DS_LONGCTX_DEEPSPEED_HOOK" not in err
+    monkeypatch.setenv("DS_LONGCTX_DEEPSPEED_HOOK", "0")
+    code, out, err = run(capsys, "validate", os.path.join(TEMPLATES, "cpu_smoke.json"))
+    assert code == 0
+    assert "DS_LONGCTX_DEEPSPEED_HOOK=0 is set here: deepspeed.initialize leaves the block to DeepSpeed" in err
+
+
 def test_defaults_are_filled_in_and_a_missing_block_is_pointed_out(capsys, tmp_path):
     code, out, err = run(capsys, "validate", write(tmp_path, {"train_micro_batch_size_per_gpu": 1}))
     assert code == 0

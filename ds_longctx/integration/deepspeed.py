@@ -5,17 +5,28 @@ reads and checks the ``long_context`` block, builds the :class:`~ds_longctx.topo
 DeepSpeed the :class:`~ds_longctx.integration.mpu.SequenceParallelMPU` (ZeRO partitions over every rank,
 gradients sum over sequence ranks and average over replicas), switches a transformers model to the
 distributed attention, and attaches a :class:`~ds_longctx.integration.context.LongContext` to the engine
-as ``engine.long_context``.
+as ``engine.long_context``. Once ``ds_longctx`` is imported, ``deepspeed.initialize`` calls with the block
+come here too (:mod:`.deepspeed_hook`).
 """
 from __future__ import annotations
 
 import os
+import threading
 import types
 from typing import Any, Dict, Mapping, Optional
 
 from ..config import BLOCK_KEY, LongContextConfig, LongContextConfigError, load_ds_config, model_head_counts
 from .agree import agree_on_block
 from .context import LongContext
+
+# Set while ds_longctx.initialize hands the engine to DeepSpeed: the deepspeed.initialize hook
+# (deepspeed_hook.py) then passes the call to DeepSpeed's own function instead of routing it back here.
+_handing_over = threading.local()
+
+
+def calling_deepspeed() -> bool:
+    """Whether this thread is inside ``ds_longctx.initialize``'s call of ``deepspeed.initialize``."""
+    return getattr(_handing_over, "depth", 0) > 0
 
 
 def _config_source(args, config, config_params):
@@ -147,7 +158,11 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
             apply(model, lc)
         else:
             attach(model, lc)  # its attention reaches lc through long_context_of(self)
-        engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(**ds_kwargs)
+        _handing_over.depth = getattr(_handing_over, "depth", 0) + 1
+        try:  # the module attribute: other libraries' wrappers of it run too
+            engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(**ds_kwargs)
+        finally:
+            _handing_over.depth -= 1
     except BaseException:
         lc.close()  # no engine will own the groups: a caller that catches this must not inherit them
         raise
@@ -235,4 +250,4 @@ def _release_groups_on_destroy(engine, lc: LongContext) -> None:
     engine.destroy = types.MethodType(destroy, engine)
 
 
-__all__ = ["initialize"]
+__all__ = ["initialize", "calling_deepspeed"]
