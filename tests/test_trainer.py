@@ -48,19 +48,22 @@ def check_same_training(results, ref, sp: int, steps: int):
         assert rel(final[name], want) < RTOL, f"{name}: rel error {rel(final[name], want):.2e}"
 
 
-# (ulysses, ring, packed, gradient accumulation): dp = 4 / (U x R)
-CASES = [(1, 2, False, 2), (2, 1, True, 1), (2, 2, True, 2)]
+# (ulysses, ring, packed, gradient accumulation, memory features): dp = 4 / (U x R)
+CASES = [(1, 2, False, 2, False), (2, 1, True, 1, False), (2, 2, True, 2, True)]
 
 
-@pytest.mark.parametrize("ulysses,ring,packed,accum", CASES,
-                         ids=[f"U{u}xR{r}-{'packed' if p else 'rows'}-accum{a}" for u, r, p, a in CASES])
-def test_trainer_with_long_context_block_trains_like_one_process(pool, tmp_path, ulysses, ring, packed, accum):
+@pytest.mark.parametrize("ulysses,ring,packed,accum,memory", CASES,
+                         ids=[f"U{u}xR{r}-{'packed' if p else 'rows'}-accum{a}" + ("-memory" if m else "")
+                              for u, r, p, a, m in CASES])
+def test_trainer_with_long_context_block_trains_like_one_process(pool, tmp_path, ulysses, ring, packed, accum,
+                                                                 memory):
     """ZeRO-3 over 4 ranks, samples split over dp replicas only, every batch sharded; padding-free packing
-    (DataCollatorWithFlattening, rows padded to the layout's multiple) and gradient accumulation included."""
+    (DataCollatorWithFlattening, rows padded to the layout's multiple), gradient accumulation, and the
+    block's memory features under the Trainer's gradient checkpointing included."""
     sp = ulysses * ring
     steps = 3
     results = pool.run(cases.train_with_trainer, ulysses, ring, str(tmp_path / "dist"), steps=steps,
-                       grad_accum=accum, packed=packed, evaluate=True, timeout=600)
+                       grad_accum=accum, packed=packed, evaluate=True, memory=memory, timeout=600)
     ref = cases.train_single_process(WORLD // sp, str(tmp_path / "ref"), steps=steps, grad_accum=accum,
                                      packed=packed, evaluate=True)
     check_same_training(results, ref, sp, steps)

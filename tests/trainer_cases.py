@@ -58,7 +58,7 @@ def tokenizer():
 
 
 def training_arguments(out_dir: str, batch_size: int, steps: int, grad_accum: int, deepspeed: Optional[dict],
-                       save_steps: Optional[int] = None, sft: bool = False):
+                       save_steps: Optional[int] = None, sft: bool = False, checkpointing: bool = False):
     """TrainingArguments (TRL: SFTConfig, padding-free batches) for an exact comparison: plain SGD at a
     constant rate (its update is linear in the gradient: a wrong scale shows), no clipping, a log per step."""
     from transformers import TrainingArguments
@@ -67,14 +67,15 @@ def training_arguments(out_dir: str, batch_size: int, steps: int, grad_accum: in
     if sft:
         from trl import SFTConfig as TrainingArguments  # noqa: F811
 
-        extra = dict(padding_free=True, bf16=False, gradient_checkpointing=False, max_length=None)
+        extra = dict(padding_free=True, bf16=False, max_length=None)
     return TrainingArguments(
         output_dir=out_dir, per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum, max_steps=steps, learning_rate=LR, optim="sgd",
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, seed=0,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, report_to=[],
         include_num_input_tokens_seen="all", use_cpu=deepspeed is None, deepspeed=deepspeed,
-        dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False, **extra)
+        dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
+        activation_checkpointing=checkpointing, **extra)
 
 
 def ds_config(ulysses: int, ring: int, **block) -> dict:
@@ -83,7 +84,7 @@ def ds_config(ulysses: int, ring: int, **block) -> dict:
             "zero_allow_untested_optimizer": True,  # torch SGD from the Trainer
             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
                                   "reduce_bucket_size": 2000, "stage3_prefetch_bucket_size": 2000},
-            "long_context": {"ulysses_degree": ulysses, "ring_degree": ring, **block},
+            "long_context": {"ulysses_degree": ulysses, "ring_degree": ring, "kernel": "auto", **block},
             "steps_per_print": 10 ** 9}
 
 
@@ -97,9 +98,11 @@ def _losses(trainer) -> dict:
 def train_with_trainer(ulysses: int, ring: int, out_dir: str, steps: int = 3, batch_size: int = 1,
                        grad_accum: int = 1, packed: bool = False, evaluate: bool = False,
                        save_steps: Optional[int] = None, resume_from: Optional[str] = None,
-                       sft: bool = False, seed: int = 0) -> dict:
+                       sft: bool = False, seed: int = 0, memory: bool = False) -> dict:
     """Every rank: ``steps`` optimizer steps of a tiny Llama through the Trainer with ZeRO-3 and the block.
-    Returns the logged per-step losses, eval losses, tokens seen, and (rank 0) the final full parameters."""
+    ``memory``: the block's memory features (MLP and loss tiles, checkpoint offload) with the Trainer's
+    gradient checkpointing. Returns the logged per-step losses, eval losses, tokens seen, and (rank 0) the
+    final full parameters."""
     import deepspeed
     import torch.distributed as dist
 
@@ -111,7 +114,9 @@ def train_with_trainer(ulysses: int, ring: int, out_dir: str, steps: int = 3, ba
 
     transformers.logging.set_verbosity_error()
     model = build_model("llama", SEQ, seed)
-    args = training_arguments(out_dir, batch_size, steps, grad_accum, ds_config(ulysses, ring), save_steps, sft)
+    block = dict(mlp_tile_tokens=4, loss_tile_tokens=4, checkpoint_offload=True) if memory else {}
+    args = training_arguments(out_dir, batch_size, steps, grad_accum, ds_config(ulysses, ring, **block), save_steps,
+                              sft, checkpointing=memory)
     if sft:
         from ds_longctx.trainer import LongContextSFTTrainer
 
@@ -130,6 +135,11 @@ def train_with_trainer(ulysses: int, ring: int, out_dir: str, steps: int = 3, ba
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         if rank == 0:
             params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    if memory:  # the Trainer turned checkpointing on and ds_longctx's stashes took the layers' checkpoints
+        from ds_longctx.memory.remat import StashingCheckpoint
+
+        layers = engine.module.model.layers
+        assert all(isinstance(layer._gradient_checkpointing_func, StashingCheckpoint) for layer in layers)
     info = {"world": trainer.args.world_size, "dp": trainer.replicas.dp,
             "attn_impl": engine.module.config._attn_implementation, "sp": engine.long_context.topology.sp}
     result = {**_losses(trainer), "params": params, "info": info}

@@ -138,9 +138,14 @@ class LongContextTrainerMixin:
             import deepspeed
 
             plain = deepspeed.initialize
+            # accelerate fills every "auto" of the config (kernel: "auto" is ours) and refuses unknown ones
+            ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+            block = ds_config.pop(BLOCK_KEY, None)
 
             def through_ds_longctx(**kwargs):
                 deepspeed.initialize = plain  # ds_longctx.initialize calls it in turn
+                if block is not None:
+                    kwargs["config_params"][BLOCK_KEY] = block
                 return trainer._initialize_engine(**kwargs)
 
             deepspeed.initialize = through_ds_longctx
@@ -148,6 +153,8 @@ class LongContextTrainerMixin:
                 return prepare_deepspeed(*objects)
             finally:
                 deepspeed.initialize = plain
+                if block is not None:
+                    ds_config[BLOCK_KEY] = block
 
         accelerator._prepare_deepspeed = prepare
         accelerator.prepare_data_loader = lambda loader, **kw: prepare_loader_over_replicas(
