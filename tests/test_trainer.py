@@ -103,3 +103,34 @@ def test_settings_that_cannot_work_under_sequence_parallelism_are_refused(pool, 
     assert "compute_metrics" in got["metrics"]
     assert "deepspeed" in got["no_deepspeed"]
     assert "predict() is not supported" in got["predict"]
+
+
+def test_rows_are_padded_to_the_layout_without_changing_targets_or_documents():
+    from ds_longctx.integration.data import shift_labels
+    from ds_longctx.integration.trainer import pad_to_layout, target_count
+
+    ids = torch.arange(10).reshape(1, 10)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    packed = {"input_ids": ids, "labels": labels, "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]])}
+    out = pad_to_layout(packed, 8)
+    assert out["input_ids"].shape == (1, 16) and out["labels"][0, 10:].eq(-100).all()
+    # the padding is a document of its own: position ids restart at 0 where it begins
+    assert out["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 4, 5]
+    # the same next-token targets: the last real token had none and still has none
+    assert torch.equal(shift_labels(out["labels"])[:, :10], shift_labels(labels))
+    assert target_count(out) == target_count(packed) == 7
+
+
+def test_a_right_padding_mask_without_targets_is_dropped_and_any_other_kept():
+    from ds_longctx.integration.trainer import pad_to_layout
+
+    ids = torch.arange(8).reshape(2, 4)
+    right = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    labels = torch.tensor([[0, 1, 2, 3], [4, 5, -100, -100]])
+    assert "attention_mask" not in pad_to_layout({"input_ids": ids, "labels": labels, "attention_mask": right}, 4)
+    left = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    kept = pad_to_layout({"input_ids": ids, "labels": labels, "attention_mask": left}, 4)
+    assert torch.equal(kept["attention_mask"], left)  # shard_batch then refuses it with what to change
+    targets_on_padding = pad_to_layout({"input_ids": ids, "labels": ids, "attention_mask": right}, 4)
+    assert torch.equal(targets_on_padding["attention_mask"], right)
