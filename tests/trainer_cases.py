@@ -61,14 +61,15 @@ def training_arguments(out_dir: str, batch_size: int, steps: int, grad_accum: in
                        save_steps: Optional[int] = None, sft: bool = False, checkpointing: bool = False):
     """TrainingArguments (TRL: SFTConfig, padding-free batches) for an exact comparison: plain SGD at a
     constant rate (its update is linear in the gradient: a wrong scale shows), no clipping, a log per step."""
-    from transformers import TrainingArguments
-
-    extra = {}
     if sft:
-        from trl import SFTConfig as TrainingArguments  # noqa: F811
+        from trl import SFTConfig as Arguments
 
         extra = dict(padding_free=True, bf16=False, max_length=None)
-    return TrainingArguments(
+    else:
+        from transformers import TrainingArguments as Arguments
+
+        extra = {}
+    return Arguments(
         output_dir=out_dir, per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum, max_steps=steps, learning_rate=LR, optim="sgd",
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, seed=0,

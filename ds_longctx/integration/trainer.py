@@ -23,7 +23,7 @@ loss function, accelerate's own sequence parallelism) is refused before training
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping
 
 import torch
 
