@@ -83,6 +83,15 @@ def _boundaries(batch: Mapping[str, Any], S: int) -> Tuple[Optional[List[int]], 
     return (cu if cu is not None and len(cu) > 2 else None), None
 
 
+def sequence_multiple(topo: Topology, chunk_size: Optional[int] = None) -> int:
+    """The full sequence length of a batch must be a multiple of this for ``topo`` (and FPDT chunks of
+    ``chunk_size`` tokens of the group sequence)."""
+    m = ZigzagLayout.of(topo).multiple
+    if chunk_size is not None:
+        m = math.lcm(m, topo.ring * chunk_size)
+    return m
+
+
 def _problem(batch: Mapping[str, Any], topo: Topology, chunk_size: Optional[int]) -> Optional[str]:
     """What is wrong with this rank's full batch, or ``None``; reads only local data (no collective)."""
     if "input_ids" in batch:
@@ -96,9 +105,7 @@ def _problem(batch: Mapping[str, Any], topo: Topology, chunk_size: Optional[int]
         return f"{ref_key} must be a [batch, seq, ...] tensor, got {type(ref).__name__} " \
                f"{tuple(ref.shape) if torch.is_tensor(ref) else ''}"
     B, S = ref.shape[0], ref.shape[1]
-    m = ZigzagLayout.of(topo).multiple
-    if chunk_size is not None:
-        m = math.lcm(m, topo.ring * chunk_size)
+    m = sequence_multiple(topo, chunk_size)
     if S % m != 0:
         chunks = f" with fpdt.chunk_size={chunk_size}" if chunk_size is not None else ""
         return (f"sequence length {S} is not divisible by {m}, which ulysses_degree={topo.ulysses} x "
@@ -196,4 +203,4 @@ class ShardedLoader:
         return len(self.loader)  # type: ignore[arg-type]
 
 
-__all__ = ["BatchError", "IGNORE_INDEX", "ShardedLoader", "shard_batch", "shift_labels"]
+__all__ = ["BatchError", "IGNORE_INDEX", "ShardedLoader", "sequence_multiple", "shard_batch", "shift_labels"]
