@@ -12,6 +12,7 @@ The groups live in this object, which is passed around explicitly; nothing is st
 """
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -35,6 +36,8 @@ class Topology:
     Args:
         ulysses: size ``U`` of each Ulysses (all-to-all, head-scatter) group.
         ring: size ``R`` of each ring (K/V rotation) group.
+        timeout_s: seconds a collective on these groups may wait for a peer before it raises (gloo) or the
+            NCCL watchdog aborts the process; ``None``: PyTorch's default (``long_context.timeout_s``).
 
     ``torch.distributed`` must be initialized with a world size divisible by ``U * R`` (the data-parallel
     degree is the quotient). Without an initialized process group only ``U = R = 1`` is accepted and the
@@ -44,6 +47,7 @@ class Topology:
 
     ulysses: int = 1
     ring: int = 1
+    timeout_s: Optional[float] = None
     rank: int = field(init=False)
     world_size: int = field(init=False)
     dp: int = field(init=False)
@@ -61,6 +65,8 @@ class Topology:
     def __post_init__(self):
         U = _check_degree("ulysses", self.ulysses)
         R = _check_degree("ring", self.ring)
+        if self.timeout_s is not None and (isinstance(self.timeout_s, bool) or not self.timeout_s > 0):
+            raise TopologyError(f"timeout_s must be a positive number of seconds or None, got {self.timeout_s!r}")
         initialized = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size() if initialized else 1
         rank = dist.get_rank() if initialized else 0
@@ -78,6 +84,7 @@ class Topology:
         set_("ring_rank", (rank % sp) // U)
         set_("ulysses_rank", rank % U)
 
+        timeout = None if self.timeout_s is None else datetime.timedelta(seconds=self.timeout_s)
         groups = {"ulysses": None, "ring": None, "sp": None, "dp": None}
         mine = {}
         # Every rank must call new_group for every group in the same order, members or not.
@@ -89,7 +96,7 @@ class Topology:
         }
         for name, lists in all_groups.items():
             for ranks in lists:
-                group = dist.new_group(ranks) if initialized and world > 1 else None
+                group = dist.new_group(ranks, timeout=timeout) if initialized and world > 1 else None
                 if rank in ranks:
                     mine[name] = ranks
                     groups[name] = group

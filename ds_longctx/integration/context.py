@@ -13,6 +13,7 @@ from ..config import LongContextConfig
 from ..layout import positions
 from ..memory.checkpoint_offload import CheckpointOffload
 from ..topology import Topology
+from .watch import RankWatch
 
 
 class LongContext:
@@ -26,6 +27,13 @@ class LongContext:
         # Every size: transformers' layers get only the hidden states positionally (the rest is bound in the
         # function they checkpoint), so those are all a layer's checkpoint saves.
         self.checkpoint_offload = CheckpointOffload(min_bytes=0) if config.checkpoint_offload else None
+        self.watch = RankWatch(config.timeout_s)
+
+    def during(self, doing: str):
+        """Context manager: run a block (e.g. ``"step 12"``) so that when a collective in it breaks, every
+        rank raises :class:`~ds_longctx.integration.watch.RankFailure` naming the rank that raised, died or
+        hangs and what it was doing (:class:`~ds_longctx.integration.watch.RankWatch`)."""
+        return self.watch.during(doing)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: Optional[bool] = None,
                   softmax_scale: Optional[float] = None, cu_seqlens=None) -> torch.Tensor:

@@ -9,6 +9,7 @@ as ``engine.long_context``.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import types
 from typing import Any, Dict, Mapping, Optional
@@ -16,6 +17,7 @@ from typing import Any, Dict, Mapping, Optional
 from ..config import BLOCK_KEY, LongContextConfig, LongContextConfigError, load_ds_config, model_head_counts
 from .agree import agree_on_block
 from .context import LongContext
+from .watch import nccl_error_handling_env
 
 
 def _config_source(args, config, config_params):
@@ -94,8 +96,13 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     except LongContextConfigError as exc:
         mine = exc
     # The config may be unreadable on this rank only; the error is shared below, after the world is up.
-    init_kwargs = {"dist_backend": get_accelerator().communication_backend_name(),
-                   "dist_init_required": dist_init_required}
+    backend = get_accelerator().communication_backend_name()
+    init_kwargs = {"dist_backend": backend, "dist_init_required": dist_init_required}
+    timeout_s = None if isinstance(mine, BaseException) else mine["cfg"].timeout_s
+    if timeout_s is not None:  # a world this call creates gets it; an existing one keeps its own
+        init_kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+    if backend == "nccl":
+        nccl_error_handling_env()
     if distributed_port is not None:
         init_kwargs["distributed_port"] = distributed_port
     ds_dist.init_distributed(**init_kwargs)
@@ -124,7 +131,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
             "mesh_param builds DeepSpeed's own data x sequence-parallel mesh, which conflicts with long_context "
             f"(ulysses_degree x ring_degree = {cfg.sp_degree}); drop mesh_param")
 
-    topo = Topology(ulysses=cfg.ulysses_degree, ring=cfg.ring_degree)
+    topo = Topology(ulysses=cfg.ulysses_degree, ring=cfg.ring_degree, timeout_s=cfg.timeout_s)
     ours = None
     if cfg.sp_degree > 1:
         from .mpu import SequenceParallelMPU
