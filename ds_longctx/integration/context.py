@@ -19,9 +19,10 @@ from .watch import RankWatch
 class LongContext:
     """The :class:`~ds_longctx.topology.Topology` and :class:`~ds_longctx.config.LongContextConfig` of a run."""
 
-    def __init__(self, topology: Topology, config: LongContextConfig, mpu=None):
+    def __init__(self, topology: Topology, config: LongContextConfig, mpu=None, vocab_size: Optional[int] = None):
         self.topology = topology
         self.config = config
+        self.vocab_size = vocab_size  # the model's, when known: shard_batch refuses token ids outside it
         self.mpu = mpu  # the SequenceParallelMPU handed to DeepSpeed, whose group close() releases too
         # One per model: it chains the checkpointed layers to prefetch their inputs a layer ahead in backward.
         # Every size: transformers' layers get only the hidden states positionally (the rest is bound in the
@@ -52,7 +53,7 @@ class LongContext:
         """:func:`ds_longctx.integration.data.shard_batch` on this topology (``[B, S] -> [B, S_local]``)."""
         from .data import shard_batch
 
-        return shard_batch(batch, self.topology, chunk_size=self.config.fpdt.chunk_size)
+        return shard_batch(batch, self.topology, chunk_size=self.config.fpdt.chunk_size, vocab_size=self.vocab_size)
 
     def loss(self, logits: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
         """:func:`ds_longctx.integration.loss.causal_lm_loss`: ``[B, S_local, V]``, ``[B, S_local]`` -> scalar."""

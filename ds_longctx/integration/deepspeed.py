@@ -50,6 +50,15 @@ def _first_sample_len(training_data) -> Optional[int]:
     return int(shape[-1]) if shape else None
 
 
+def _vocab_size(model) -> Optional[int]:
+    """A transformers model's vocabulary size (token ids at or above it are refused by shard_batch), or None."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    vocab = getattr(config, "vocab_size", None)
+    return vocab if isinstance(vocab, int) else None
+
+
 def _read(source, model, training_data) -> Dict[str, Any]:
     """This rank's view of the setup (no collective): the resolved block, the model's heads, the DS config."""
     ds = load_ds_config(source)
@@ -136,7 +145,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if cfg.sp_degree > 1:
         from .mpu import SequenceParallelMPU
         mpu = ours = SequenceParallelMPU(topo)
-    lc = LongContext(topo, cfg, mpu=ours)
+    lc = LongContext(topo, cfg, mpu=ours, vocab_size=_vocab_size(model))
 
     from .context import attach
     from .hf import apply, is_hf_model
