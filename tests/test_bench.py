@@ -18,10 +18,10 @@ import torch
 from tests.test_example import ROOT, free_port
 
 
-def torchrun(script: str, out: str, *args: str) -> dict:
+def torchrun(script: str, out: str, *args: str, nproc: int = 2) -> dict:
     launcher = shutil.which("torchrun")
     cmd = [launcher] if launcher else [sys.executable, "-m", "torch.distributed.run"]
-    cmd += ["--nproc_per_node", "2", "--master_port", str(free_port()), script, "--out", out, *args]
+    cmd += ["--nproc_per_node", str(nproc), "--master_port", str(free_port()), script, "--out", out, *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
