@@ -35,7 +35,7 @@ def test_valid_config_prints_the_resolved_block(capsys):
                                                 "kernel": "auto", "causal": True, "keep_attention_output": True,
                                                 "checkpoint_offload": True, "mlp_tile_tokens": 16384, "loss_tile_tokens": None,
                                                     "lean_rms_norm": True,
-                                                "load_balance": "zigzag"}}
+                                                "load_balance": "zigzag", "timeout_s": None}}
 
 
 def test_defaults_are_filled_in_and_a_missing_block_is_pointed_out(capsys, tmp_path):
