@@ -28,7 +28,7 @@ import torch.distributed as dist
 _KEY = "ds_longctx/watch/rank{}"
 # Substrings of the errors gloo and NCCL raise when a peer is gone or late (both raise plain RuntimeError).
 _BACKEND_MARKERS = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
-                    "gloo/transport", "NCCL", "Broken pipe", "timed out", "Timeout")
+                    "gloo/transport", "NCCL", "Broken pipe")
 
 
 class RankFailure(RuntimeError):
