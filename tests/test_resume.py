@@ -102,7 +102,8 @@ def test_a_run_killed_by_sigkill_resumes_from_the_last_complete_checkpoint_with_
     assert sorted(resumed) == list(range(1, STEPS + 1))
     # the steps run again after the resume give the uninterrupted run's losses, exactly
     again = range(newest + 1, KILL_AFTER + 1)
-    assert len(again) == 2 and [resumed[s] for s in again] == [uninterrupted[s] for s in again], (resumed, uninterrupted)
+    assert len(again) == 2
+    assert [resumed[s] for s in again] == [uninterrupted[s] for s in again], (resumed, uninterrupted)
     assert all(math.isfinite(resumed[s]) for s in resumed)
     # the resumed run goes on saving complete checkpoints; the half-written one was never renamed into place
     assert sorted(n for n in os.listdir(save_dir) if n.startswith("step")) == \
