@@ -115,6 +115,26 @@ def exactness(topos, kernel, device, seq, dtype=torch.bfloat16):
     return res
 
 
+def error_growth(topos, kernel, device, seq):
+    """bf16 relative error of out, dq, dk, dv against a float64 reference (the reference kernel in float64 on
+    one rank) for one rank and for each distributed topology, and each topology's largest error ratio to one
+    rank's: the ring's error must not grow with its size (the CPU test asserts <= 1.5 for ring 8)."""
+    q, k, v, do = (t.double() for t in make_inputs(seq, device, seed=2, dtype=torch.bfloat16))
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out = attention(*ref, topos["single"], causal=True, kernel="reference")
+    ref_out.backward(do)
+    want = [ref_out.detach()] + [t.grad for t in ref]
+    errors = {}
+    for name, topo in topos.items():
+        loc = [shard(t.bfloat16(), topo).detach().requires_grad_() for t in (q, k, v)]
+        out = attention(*loc, topo, causal=True, kernel=kernel)
+        out.backward(shard(do.bfloat16(), topo))
+        got = [unshard(out.detach(), topo)] + [unshard(t.grad, topo) for t in loc]
+        errors[name] = {n: rel(a.double(), b) for n, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
+    ratio = {name: max(e[n] / errors["single"][n] for n in e) for name, e in errors.items() if name != "single"}
+    return {"seq": seq, "errors": errors, "max_ratio_to_single": ratio}
+
+
 def parse_impl(impl):
     """``"ring:sdpa_cudnn#2"`` -> ("ring", "sdpa_cudnn"): the topology (``_pN`` for a pipelined all-to-all)
     and the kernel when it is not --kernel (a peer in the same run; "" otherwise). After ``#`` comes a tag
@@ -138,6 +158,8 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--exact-seq", type=int, default=16384, help="total tokens of the exactness check")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ap.add_argument("--error-seq", type=int, default=4096,
+                    help="total tokens of the bf16-vs-float64 error check of every topology (0: skip)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--commit", default="", help="git commit of the code measured (recorded in the JSON)")
     args = ap.parse_args()
@@ -160,6 +182,10 @@ def main():
         topos, args.kernel, device, args.exact_seq, dtype)
     if rank == 0:
         print("exactness:", ex, flush=True)
+    if args.error_seq:
+        payload["bf16_error_vs_float64"] = growth = error_growth(topos, args.kernel, device, args.error_seq)
+        if rank == 0:
+            print("bf16 error vs float64:", growth["max_ratio_to_single"], flush=True)
 
     ds_attn = None
     impls = args.impls.split(",")

@@ -129,6 +129,11 @@ class LongContextConfig(BaseModel):
                     "states over tiles of this many local tokens (one tile's logits at a time, recomputed in "
                     "backward) and return no logits. null: the loss comes from the model's full logits. Try "
                     "4096 with a large vocabulary; auto: chosen by the planner.")
+    timeout_s: Optional[float] = Field(
+        default=None, strict=True, gt=0,
+        description="Seconds a collective may wait for another rank before every rank stops with an error naming "
+                    "the rank that raised, died or hangs and what it was doing (passed to the creation of the "
+                    "process groups). null: PyTorch's default (30 minutes for gloo, 10 for NCCL).")
     load_balance: Literal["zigzag"] = Field(
         default="zigzag",
         description="Token layout across the ring. zigzag: ring position r holds chunks r and 2R-1-r of the "

@@ -12,10 +12,14 @@ The groups live in this object, which is passed around explicitly; nothing is st
 """
 from __future__ import annotations
 
+import datetime
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch.distributed as dist
+
+from .nodes import allowed_by_env, cross_node_ulysses, gather_nodes
 
 
 class TopologyError(ValueError):
@@ -35,6 +39,11 @@ class Topology:
     Args:
         ulysses: size ``U`` of each Ulysses (all-to-all, head-scatter) group.
         ring: size ``R`` of each ring (K/V rotation) group.
+        timeout_s: seconds a collective on these groups may wait for a peer before it raises (gloo) or the
+            NCCL watchdog aborts the process; ``None``: PyTorch's default (``long_context.timeout_s``).
+        allow_cross_node_ulysses: a Ulysses group whose ranks sit on different nodes (its all-to-all would
+            leave NVLink) raises :class:`TopologyError` unless this is true, when it warns. ``None``: true
+            when the environment sets ``DS_LONGCTX_ALLOW_CROSS_NODE_ULYSSES=1``. See :mod:`ds_longctx.nodes`.
 
     ``torch.distributed`` must be initialized with a world size divisible by ``U * R`` (the data-parallel
     degree is the quotient). Without an initialized process group only ``U = R = 1`` is accepted and the
@@ -44,6 +53,8 @@ class Topology:
 
     ulysses: int = 1
     ring: int = 1
+    timeout_s: Optional[float] = None
+    allow_cross_node_ulysses: Optional[bool] = None
     rank: int = field(init=False)
     world_size: int = field(init=False)
     dp: int = field(init=False)
@@ -61,6 +72,8 @@ class Topology:
     def __post_init__(self):
         U = _check_degree("ulysses", self.ulysses)
         R = _check_degree("ring", self.ring)
+        if self.timeout_s is not None and (isinstance(self.timeout_s, bool) or not self.timeout_s > 0):
+            raise TopologyError(f"timeout_s must be a positive number of seconds or None, got {self.timeout_s!r}")
         initialized = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size() if initialized else 1
         rank = dist.get_rank() if initialized else 0
@@ -78,8 +91,6 @@ class Topology:
         set_("ring_rank", (rank % sp) // U)
         set_("ulysses_rank", rank % U)
 
-        groups = {"ulysses": None, "ring": None, "sp": None, "dp": None}
-        mine = {}
         # Every rank must call new_group for every group in the same order, members or not.
         all_groups = {
             "ulysses": [[d * sp + r * U + u for u in range(U)] for d in range(dp) for r in range(R)],
@@ -87,9 +98,19 @@ class Topology:
             "sp": [[d * sp + i for i in range(sp)] for d in range(dp)],
             "dp": [[d * sp + i for d in range(dp)] for i in range(sp)],
         }
+        timeout = None if self.timeout_s is None else datetime.timedelta(seconds=self.timeout_s)
+        if initialized and world > 1 and U > 1:
+            problem = cross_node_ulysses(all_groups["ulysses"], gather_nodes())  # the same on every rank
+            allowed = allowed_by_env() if self.allow_cross_node_ulysses is None else self.allow_cross_node_ulysses
+            if problem is not None and not allowed:
+                raise TopologyError(problem)
+            if problem is not None:
+                warnings.warn(problem)
+        groups = {"ulysses": None, "ring": None, "sp": None, "dp": None}
+        mine = {}
         for name, lists in all_groups.items():
             for ranks in lists:
-                group = dist.new_group(ranks) if initialized and world > 1 else None
+                group = dist.new_group(ranks, timeout=timeout) if initialized and world > 1 else None
                 if rank in ranks:
                     mine[name] = ranks
                     groups[name] = group

@@ -2,6 +2,7 @@
 
     deepspeed --num_gpus 2 examples/train.py --deepspeed_config ds_config_templates/cpu_smoke.json
     deepspeed --num_gpus 8 examples/train.py --deepspeed_config ds_config_templates/hybrid.json --seq_len 65536
+    ... --save_dir ckpt --save_every 100 --metrics metrics.jsonl   # run the same command again to resume
 
 An ordinary DeepSpeed training script: the only changes for long context are ``ds_longctx.initialize`` in
 place of ``deepspeed.initialize`` and sharding each batch with ``engine.long_context.shard_batch`` (and the
@@ -12,6 +13,7 @@ Precision and ZeRO stage come from the DeepSpeed config: the GPU templates train
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sysconfig
 import time
@@ -22,6 +24,7 @@ import transformers
 from tqdm import tqdm
 
 import ds_longctx
+from ds_longctx.integration.checkpoints import load_newest_complete, save_complete
 
 
 def parse_args():
@@ -37,6 +40,11 @@ def parse_args():
     p.add_argument("--corpus_mb", type=float, default=8.0, help="MB of stdlib source to train on")
     p.add_argument("--log_every", type=int, default=50, help="also print a log line every N steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save_dir", default=None,
+                   help="save a checkpoint here every --save_every steps, and resume from the newest complete one "
+                        "found here (the same command continues a killed run)")
+    p.add_argument("--save_every", type=int, default=100)
+    p.add_argument("--metrics", default=None, help="append one JSON line per step: step, loss, tokens_per_s")
     p.add_argument("--checkpointing", action="store_true",
                    help="activation checkpointing of the decoder layers (the attention outputs are kept unless "
                         "the config's long_context.keep_attention_output is false)")
@@ -63,6 +71,11 @@ def load_corpus(megabytes: float) -> torch.Tensor:
                 size += len(data)
     text = b"\n".join(chunks)[:budget]
     return torch.frombuffer(bytearray(text), dtype=torch.uint8).clone()
+
+
+def step_generator(seed: int, dp_rank: int, step: int) -> torch.Generator:
+    """The data of a step is a function of the step: resuming at a step draws the batches it would have."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + dp_rank) * 1_000_003 + step)
 
 
 def sample_batch(corpus: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> dict:
@@ -103,8 +116,6 @@ def main():
     corpus = load_corpus(args.corpus_mb)
     split = int(corpus.numel() * 0.95)
     train, held_out = corpus[:split], corpus[split:]
-    # Every rank of a sequence-parallel group draws the same batch; data-parallel replicas differ.
-    gen = torch.Generator().manual_seed(args.seed * 1000 + topo.dp_rank)
     micro = engine.train_micro_batch_size_per_gpu()
     tokens_per_step = micro * args.seq_len * topo.dp * engine.gradient_accumulation_steps()
 
@@ -117,27 +128,46 @@ def main():
             kept = "kept" if lc.config.keep_attention_output else "recomputed"
             print(f"activation checkpointing on, attention outputs {kept}", flush=True)
 
+    first_step = 0
+    if args.save_dir:
+        resumed = load_newest_complete(engine, args.save_dir)
+        if resumed is not None:
+            first_step = resumed.client_state["step"]  # the data position: the next batches are step's + 1
+            if is_main:
+                print(f"resumed from {resumed.path} after step {first_step}", flush=True)
+    metrics = open(args.metrics, "a") if args.metrics and is_main else None
+
     first_loss = last_loss = None
     start = time.perf_counter()
-    bar = tqdm(range(args.steps), disable=not is_main, dynamic_ncols=True)
+    bar = tqdm(range(first_step, args.steps), disable=not is_main, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
-        for _ in range(engine.gradient_accumulation_steps()):
-            # The other change: shard the batch (labels shifted first) and take the group's loss.
-            batch = lc.shard_batch(sample_batch(train, micro, args.seq_len, gen))
-            logits = engine(input_ids=batch["input_ids"].to(engine.device),
-                            position_ids=batch["position_ids"].to(engine.device)).logits
-            loss = lc.loss(logits, batch["shift_labels"].to(engine.device))
-            engine.backward(loss)
-            engine.step()
+        # Every rank of a sequence-parallel group draws the same batch; data-parallel replicas differ.
+        gen = step_generator(args.seed, topo.dp_rank, step)
+        with lc.during(f"step {step + 1}"):  # a rank that fails or hangs is named on the other ranks
+            for _ in range(engine.gradient_accumulation_steps()):
+                # The other change: shard the batch (labels shifted first) and take the group's loss.
+                batch = lc.shard_batch(sample_batch(train, micro, args.seq_len, gen))
+                logits = engine(input_ids=batch["input_ids"].to(engine.device),
+                                position_ids=batch["position_ids"].to(engine.device)).logits
+                loss = lc.loss(logits, batch["shift_labels"].to(engine.device))
+                engine.backward(loss)
+                engine.step()
+            last_loss = loss.item()
         dt = time.perf_counter() - t0
-        last_loss = loss.item()
         first_loss = last_loss if first_loss is None else first_loss
         mem = memory_gb(engine.device)
         bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", mem=f"{mem:.2f}GB")
         if is_main and args.log_every and (step + 1) % args.log_every == 0:
             tqdm.write(f"step {step + 1:5d}  loss {last_loss:.4f}  {tokens_per_step / dt:,.0f} tok/s  "
                        f"mem {mem:.2f} GB")
+        if metrics is not None:
+            metrics.write(json.dumps({"step": step + 1, "loss": last_loss,
+                                      "tokens_per_s": tokens_per_step / dt}) + "\n")
+            metrics.flush()
+        if args.save_dir and (step + 1) % args.save_every == 0:
+            with lc.during(f"saving the checkpoint of step {step + 1}"):
+                save_complete(engine, args.save_dir, step + 1)
     elapsed = time.perf_counter() - start
 
     engine.eval()
@@ -149,11 +179,14 @@ def main():
             logits = engine(input_ids=batch["input_ids"].to(engine.device),
                             position_ids=batch["position_ids"].to(engine.device)).logits
             eval_losses.append(lc.loss(logits, batch["shift_labels"].to(engine.device)).item())
-    if is_main:
-        print(f"done: {args.steps} steps in {elapsed:.1f}s, {tokens_per_step * args.steps / elapsed:,.0f} tok/s, "
+    if is_main and last_loss is not None:
+        steps = args.steps - first_step
+        print(f"done: {steps} steps in {elapsed:.1f}s, {tokens_per_step * steps / elapsed:,.0f} tok/s, "
               f"loss {first_loss:.4f} -> {last_loss:.4f}, held-out loss {sum(eval_losses) / len(eval_losses):.4f} "
               f"(uniform over bytes: {torch.log(torch.tensor(256.0)).item():.4f}), "
               f"peak memory {memory_gb(engine.device):.2f} GB", flush=True)
+    if metrics is not None:
+        metrics.close()
     # A clean shutdown: process groups left to interpreter teardown can abort a rank's exit.
     engine.destroy()
     torch.distributed.barrier()

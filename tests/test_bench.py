@@ -18,10 +18,10 @@ import torch
 from tests.test_example import ROOT, free_port
 
 
-def torchrun(script: str, out: str, *args: str) -> dict:
+def torchrun(script: str, out: str, *args: str, nproc: int = 2) -> dict:
     launcher = shutil.which("torchrun")
     cmd = [launcher] if launcher else [sys.executable, "-m", "torch.distributed.run"]
-    cmd += ["--nproc_per_node", "2", "--master_port", str(free_port()), script, "--out", out, *args]
+    cmd += ["--nproc_per_node", str(nproc), "--master_port", str(free_port()), script, "--out", out, *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -32,7 +32,8 @@ def torchrun(script: str, out: str, *args: str) -> dict:
 def test_attention_bench_runs_every_implementation_on_two_ranks_with_exact_results(tmp_path):
     impls = ["single", "ulysses", "ring", "ring:reference", "deepspeed", "single#2"]
     d = torchrun("bench/bench_attention.py", str(tmp_path / "a.json"), "--kernel", "auto", "--dtype", "float32",
-                 "--impls", ",".join(impls), "--seqs", "512", "--exact-seq", "512", "--iters", "2")
+                 "--impls", ",".join(impls), "--seqs", "512", "--exact-seq", "512", "--iters", "2",
+                 "--error-seq", "256")
 
     assert d["world_size"] == 2 and d["dtype"] == "float32" and "bench_attention.py" in d["command"]
     # distributed attention against the kernel on the whole sequence, out and gradients
@@ -56,6 +57,11 @@ def test_attention_bench_runs_every_implementation_on_two_ranks_with_exact_resul
     # "ring:reference" has no "single:reference" row to compare with, and DeepSpeed runs its own kernel
     assert "vs_single_gpu_kernel" not in rows["ring:reference"] and "vs_single_gpu_kernel" not in ds
     assert rows["ring:reference"]["kernel"] == "reference" and ds["kernel"].startswith("sdpa_math")
+    # bf16 against float64: the distributed error no larger than 1.5x one rank's (error-seq 256 by default here)
+    growth = d["bf16_error_vs_float64"]
+    assert growth["seq"] == 256 and set(growth["errors"]) == {"single", "ulysses", "ring"}
+    assert all(0 < e < 2e-2 for errs in growth["errors"].values() for e in errs.values()), growth
+    assert all(r <= 1.5 for r in growth["max_ratio_to_single"].values()), growth
 
 
 def test_fpdt_bench_runs_its_sweeps_on_two_ranks_chunked_equal_to_unchunked(tmp_path):

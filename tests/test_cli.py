@@ -35,7 +35,8 @@ def test_valid_config_prints_the_resolved_block(capsys):
                                                 "kernel": "auto", "causal": True, "keep_attention_output": True,
                                                 "checkpoint_offload": True, "mlp_tile_tokens": 16384, "loss_tile_tokens": None,
                                                     "lean_rms_norm": True,
-                                                "load_balance": "zigzag", "seq_len": None, "preflight": True}}
+                                                "load_balance": "zigzag", "seq_len": None, "preflight": True,
+                                                "timeout_s": None}}
 
 
 def test_a_valid_block_says_which_calls_read_it(capsys, monkeypatch):

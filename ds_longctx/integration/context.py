@@ -13,14 +13,16 @@ from ..config import LongContextConfig
 from ..layout import positions
 from ..memory.checkpoint_offload import CheckpointOffload
 from ..topology import Topology
+from .watch import RankWatch
 
 
 class LongContext:
     """The :class:`~ds_longctx.topology.Topology` and :class:`~ds_longctx.config.LongContextConfig` of a run."""
 
-    def __init__(self, topology: Topology, config: LongContextConfig, mpu=None):
+    def __init__(self, topology: Topology, config: LongContextConfig, mpu=None, vocab_size: Optional[int] = None):
         self.topology = topology
         self.config = config
+        self.vocab_size = vocab_size  # the model's, when known: shard_batch refuses token ids outside it
         self.mpu = mpu  # the SequenceParallelMPU handed to DeepSpeed, whose group close() releases too
         # One per model: it chains the checkpointed layers to prefetch their inputs a layer ahead in backward.
         # Every size: transformers' layers get only the hidden states positionally (the rest is bound in the
@@ -29,6 +31,13 @@ class LongContext:
         offload = config.checkpoint_offload
         self.checkpoint_offload = (CheckpointOffload(min_bytes=0, max_regions=None if offload is True else offload)
                                    if offload not in (False, 0, "auto") else None)
+        self.watch = RankWatch(config.timeout_s)
+
+    def during(self, doing: str):
+        """Context manager: run a block (e.g. ``"step 12"``) so that when a collective in it breaks, every
+        rank raises :class:`~ds_longctx.integration.watch.RankFailure` naming the rank that raised, died or
+        hangs and what it was doing (:class:`~ds_longctx.integration.watch.RankWatch`)."""
+        return self.watch.during(doing)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: Optional[bool] = None,
                   softmax_scale: Optional[float] = None, cu_seqlens=None) -> torch.Tensor:
@@ -47,7 +56,7 @@ class LongContext:
         """:func:`ds_longctx.integration.data.shard_batch` on this topology (``[B, S] -> [B, S_local]``)."""
         from .data import shard_batch
 
-        return shard_batch(batch, self.topology, chunk_size=self.config.fpdt.chunk_size)
+        return shard_batch(batch, self.topology, chunk_size=self.config.fpdt.chunk_size, vocab_size=self.vocab_size)
 
     def loss(self, logits: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
         """:func:`ds_longctx.integration.loss.causal_lm_loss`: ``[B, S_local, V]``, ``[B, S_local]`` -> scalar."""

@@ -24,7 +24,7 @@ from ..attention.checks import AttentionInputError
 from ..attention.documents import Documents
 from ..layout import LayoutError, ZigzagLayout, positions, shard
 from ..topology import Topology
-from .agree import raise_together
+from .batch_checks import agree_on_batch, fingerprint, value_problem
 
 IGNORE_INDEX = -100
 
@@ -136,9 +136,10 @@ def _problem(batch: Mapping[str, Any], topo: Topology, chunk_size: Optional[int]
 
 
 def shard_batch(batch: Mapping[str, Any], topo: Topology, ignore_index: int = IGNORE_INDEX,
-                chunk_size: Optional[int] = None) -> Dict[str, Any]:
+                chunk_size: Optional[int] = None, vocab_size: Optional[int] = None) -> Dict[str, Any]:
     """This rank's part of a full batch, in the zigzag layout. Collective over the world (one tiny all-reduce
-    that makes a bad batch on any rank raise on every rank).
+    that makes a bad batch on any rank, or ranks of a sequence-parallel group holding different batches,
+    raise on every rank).
 
     Input (the same on every rank of a sequence-parallel group):
         ``input_ids`` ``[B, S]`` (or ``inputs_embeds`` ``[B, S, E]``);
@@ -157,11 +158,15 @@ def shard_batch(batch: Mapping[str, Any], topo: Topology, ignore_index: int = IG
         model passes to the attention when it is called with ``**batch`` (or ``cu_seq_lens_q=...``).
 
     ``chunk_size``: the block's ``fpdt.chunk_size``; FPDT chunking takes its own (chunked) layout.
+    ``vocab_size``: token ids and labels outside ``[0, vocab_size)`` (labels may be ``ignore_index``) raise.
+    Position ids must count up by one and restart only at 0 (packed documents).
     """
     problem, cu = _problem(batch, topo, chunk_size), None
-    if problem is None:  # the shapes are right: read the packing
+    if problem is None:  # the shapes are right: read the values and the packing
+        problem = value_problem(batch, vocab_size, ignore_index)
+    if problem is None:
         cu, problem = _boundaries(batch, batch["input_ids" if "input_ids" in batch else "inputs_embeds"].shape[1])
-    raise_together(problem, BatchError)
+    agree_on_batch(problem, fingerprint(batch) if problem is None else None, topo, BatchError)
     ref = batch["input_ids"] if "input_ids" in batch else batch["inputs_embeds"]
     B, S = ref.shape[0], ref.shape[1]
     out: Dict[str, Any] = {}
@@ -189,15 +194,17 @@ class ShardedLoader:
     """
 
     def __init__(self, loader: Iterable[Mapping[str, Any]], topo: Topology, ignore_index: int = IGNORE_INDEX,
-                 chunk_size: Optional[int] = None):
+                 chunk_size: Optional[int] = None, vocab_size: Optional[int] = None):
         self.loader = loader
         self.topo = topo
         self.ignore_index = ignore_index
         self.chunk_size = chunk_size
+        self.vocab_size = vocab_size
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         for batch in self.loader:
-            yield shard_batch(batch, self.topo, self.ignore_index, self.chunk_size)
+            yield shard_batch(batch, self.topo, self.ignore_index, chunk_size=self.chunk_size,
+                              vocab_size=self.vocab_size)
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ come here too (:mod:`.deepspeed_hook`).
 """
 from __future__ import annotations
 
+import datetime
 import os
 import threading
 import types
@@ -18,6 +19,7 @@ from typing import Any, Dict, Mapping, Optional
 from ..config import BLOCK_KEY, LongContextConfig, LongContextConfigError, load_ds_config, model_head_counts
 from .agree import agree_on_block
 from .context import LongContext
+from .watch import nccl_error_handling_env
 
 # Set while ds_longctx.initialize hands the engine to DeepSpeed: the deepspeed.initialize hook
 # (deepspeed_hook.py) then passes the call to DeepSpeed's own function instead of routing it back here.
@@ -57,6 +59,15 @@ def _first_sample_len(training_data) -> Optional[int]:
     if shape is None and isinstance(ids, (list, tuple)):
         return len(ids)
     return int(shape[-1]) if shape else None
+
+
+def _vocab_size(model) -> Optional[int]:
+    """A transformers model's vocabulary size (token ids at or above it are refused by shard_batch), or None."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    vocab = getattr(config, "vocab_size", None)
+    return vocab if isinstance(vocab, int) else None
 
 
 def _read(source, model, training_data) -> Dict[str, Any]:
@@ -105,8 +116,13 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     except LongContextConfigError as exc:
         mine = exc
     # The config may be unreadable on this rank only; the error is shared below, after the world is up.
-    init_kwargs = {"dist_backend": get_accelerator().communication_backend_name(),
-                   "dist_init_required": dist_init_required}
+    backend = get_accelerator().communication_backend_name()
+    init_kwargs = {"dist_backend": backend, "dist_init_required": dist_init_required}
+    timeout_s = None if isinstance(mine, BaseException) else mine["cfg"].timeout_s
+    if timeout_s is not None:  # a world this call creates gets it; an existing one keeps its own
+        init_kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+    if backend == "nccl":
+        nccl_error_handling_env()
     if distributed_port is not None:
         init_kwargs["distributed_port"] = distributed_port
     ds_dist.init_distributed(**init_kwargs)
@@ -137,12 +153,12 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
 
     cfg = _plan_block(cfg, model, load_ds_config(_config_source(args, config, config_params)), world,
                       mine["sample_len"])
-    topo = Topology(ulysses=cfg.ulysses_degree, ring=cfg.ring_degree)
+    topo = Topology(ulysses=cfg.ulysses_degree, ring=cfg.ring_degree, timeout_s=cfg.timeout_s)
     ours = None
     if cfg.sp_degree > 1:
         from .mpu import SequenceParallelMPU
         mpu = ours = SequenceParallelMPU(topo)
-    lc = LongContext(topo, cfg, mpu=ours)
+    lc = LongContext(topo, cfg, mpu=ours, vocab_size=_vocab_size(model))
 
     from .context import attach
     from .hf import apply, is_hf_model

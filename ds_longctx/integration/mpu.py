@@ -23,6 +23,7 @@ What DeepSpeed 0.19 reads from it, and why each answer is what it is (``deepspee
 """
 from __future__ import annotations
 
+import datetime
 from typing import List, Optional
 
 import torch.distributed as dist
@@ -73,8 +74,9 @@ class SequenceParallelMPU:
         which is collective-safe because DeepSpeed asks for it on all ranks at the same point."""
         if self._self_group is None:
             mine: Optional[object] = None
+            timeout = None if self.topo.timeout_s is None else datetime.timedelta(seconds=self.topo.timeout_s)
             for r in range(self.topo.world_size):
-                g = dist.new_group([r])
+                g = dist.new_group([r], timeout=timeout)
                 if r == self.topo.rank:
                     mine = g
             self._self_group = mine
