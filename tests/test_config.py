@@ -228,6 +228,7 @@ TEMPLATE_TABLE = {
     "hybrid_fpdt_offload.json": (16, (4, 2), "fpdt_offload"),
     "zero3_optimizer_offload.json": (8, (8, 1), "optimizer_offload"),
     "cpu_smoke.json": (2, (1, 2), "cpu"),
+    "trainer_cpu_smoke.json": (2, (1, 2), "trainer"),
 }
 
 
@@ -246,11 +247,18 @@ def test_template_loads_and_validates(name):
     assert (cfg.ulysses_degree, cfg.ring_degree) == (ulysses, ring)
     cfg.check_world(world)
     cfg.check_ds_config(ds)
+    if kind == "trainer":  # transformers' Trainer fills these "auto" values from its arguments before DeepSpeed
+        assert {k for k, v in ds.items() if v == "auto"} == {"train_micro_batch_size_per_gpu", "train_batch_size",
+                                                             "gradient_accumulation_steps", "gradient_clipping"}
+        ds = {**ds, "train_micro_batch_size_per_gpu": 1, "train_batch_size": 1,  # DeepSpeed sees one process here
+              "gradient_accumulation_steps": 1, "gradient_clipping": 1.0}
+        path = {k: v for k, v in ds.items() if k != "long_context"}
     ds_cfg = DeepSpeedConfig(path)  # DeepSpeed's own validation of the rest of the file
     assert ds_cfg.zero_optimization_stage == 3
-    if kind == "cpu":
+    if kind in ("cpu", "trainer"):
         assert not ds_cfg.bfloat16_config.enabled and not ds_cfg.float16_config.enabled
-        assert ds["optimizer"]["params"].get("torch_adam") is True  # no C++ optimizer build on CPU
+        if kind == "cpu":
+            assert ds["optimizer"]["params"].get("torch_adam") is True  # no C++ optimizer build on CPU
     else:
         assert ds_cfg.bfloat16_config.enabled
     if kind == "fpdt_offload":
