@@ -10,16 +10,8 @@ from ds_longctx.kernels.reference import ReferenceKernel
 from ds_longctx.layout import shard
 from ds_longctx.memory import HostPool
 from ds_longctx.topology import Topology
+from tests.dist_cases import topology
 from tests.live_memory import LiveTensors, OpaqueKernel
-
-_TOPOLOGIES = {}
-
-
-def _topology(ulysses: int, ring: int) -> Topology:
-    key = (ulysses, ring)
-    if key not in _TOPOLOGIES:
-        _TOPOLOGIES[key] = Topology(ulysses=ulysses, ring=ring)
-    return _TOPOLOGIES[key]
 
 
 def measured_working_set(ulysses, ring, *, batch, seq_len, heads, kv_heads, head_dim, chunk_size, offload,
@@ -27,7 +19,7 @@ def measured_working_set(ulysses, ring, *, batch, seq_len, heads, kv_heads, head
     """``(forward, backward)`` peak bytes of the buffers one call of chunked attention holds beside its
     inputs (q, k, v, dout), its outputs (out, dq, dk, dv) and the host pool's buffers: bf16 inputs, as on a
     GPU, through a kernel whose workspace is hidden; the backward's peak includes what the forward kept. The call runs twice, the second measured (a warm pool)."""
-    topo = _topology(ulysses, ring)
+    topo = Topology() if ulysses * ring == 1 else topology(ulysses, ring)
     gen = torch.Generator().manual_seed(0)
     full = [torch.randn(batch, seq_len, h, head_dim, generator=gen) for h in (heads, kv_heads, kv_heads, heads)]
     local = [shard(t, topo, chunk_size=chunk_size).to(dtype).contiguous() for t in full]

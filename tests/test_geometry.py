@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from ds_longctx.geometry import ChunkGeometry, ChunkSchedule
+from ds_longctx.geometry import OFFLOAD_STEADY_CHUNKS, ChunkGeometry, ChunkSchedule
 from ds_longctx.layout import EVERY, LayoutError, RingBlock, ZigzagLayout, ring_source
+from tests.geometry_cases import measured_working_set
 
 
 def _rows(sl: slice, size: int) -> list:
@@ -98,6 +99,42 @@ def test_with_offload_the_working_set_is_independent_of_the_sequence_and_grows_w
     assert _nbytes(wider, wider.working_set(True)[1]) > _nbytes(long, long.working_set(True)[1])
     forward, backward = long.working_set(True)
     assert forward.per_chunk_kv == forward.per_chunk_q == backward.per_chunk_acc_kv == 0
+
+
+def _predicted(g: ChunkGeometry, offload: bool, batch: int, heads: int, kv_heads: int, head_dim: int):
+    return [ws.nbytes(batch=batch, chunk_tokens=g.chunk_tokens, heads=heads // g.ulysses,
+                      kv_heads=max(1, kv_heads // g.ulysses), head_dim=head_dim, chunks=g.chunks, ring=g.ring,
+                      itemsize=2) for ws in g.working_set(offload)]
+
+
+# (batch, heads, kv_heads, chunks, offload): GQA and MHA, without offload from 2 chunks, with offload from the
+# chunk count where every middle chunk's K/V and saved chunks come back from the host
+ONE_RANK = [(1, 6, 2, 2, False), (2, 4, 4, 5, False), (1, 6, 2, OFFLOAD_STEADY_CHUNKS, True),
+            (2, 4, 4, OFFLOAD_STEADY_CHUNKS + 1, True)]
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,chunks,offload", ONE_RANK,
+                         ids=[f"b{b}-h{h}-kv{k}-n{n}-{'offload' if o else 'device'}" for b, h, k, n, o in ONE_RANK])
+def test_the_working_set_is_the_peak_of_the_buffers_chunked_attention_holds(batch, heads, kv_heads, chunks,
+                                                                           offload):
+    """Forward and backward peaks of the tensors the code allocates beside its inputs and outputs (bf16, the
+    kernel's workspace hidden), byte for byte: the counts cannot drift from the code."""
+    C, D = 16, 8
+    g = ChunkGeometry(seq_len=C * chunks, ulysses=1, ring=1, chunk_size=C)
+    forward, backward, pool_allocations = measured_working_set(
+        1, 1, batch=batch, seq_len=C * chunks, heads=heads, kv_heads=kv_heads, head_dim=D, chunk_size=C,
+        offload=offload)
+    assert pool_allocations == 0  # a warm pool: the host buffers are not counted
+    assert [forward, backward] == _predicted(g, offload, batch, heads, kv_heads, D)
+
+
+def test_with_offload_fewer_chunks_hold_less_than_the_steady_working_set():
+    C, D = 16, 8
+    for chunks in (2, OFFLOAD_STEADY_CHUNKS - 1):
+        g = ChunkGeometry(seq_len=C * chunks, ulysses=1, ring=1, chunk_size=C)
+        measured = measured_working_set(1, 1, batch=1, seq_len=C * chunks, heads=6, kv_heads=2, head_dim=D,
+                                        chunk_size=C, offload=True)[:2]
+        assert all(m <= p for m, p in zip(measured, _predicted(g, True, 1, 6, 2, D))), chunks
 
 
 def test_the_geometry_needs_no_process_group_or_topology():
