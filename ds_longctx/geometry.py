@@ -122,15 +122,15 @@ class ChunkSchedule:
         return [t for t in got if t.block is not None]
 
 
-class WorkingSet(NamedTuple):
-    """Peak device buffers of one rank's FPDT forward or backward beyond the caller's tensors (q, k, v, dout
-    and the outputs), in chunk-sized tensors, at the moment of the peak.
+class Buffers(NamedTuple):
+    """Device buffers live at one moment of one rank's FPDT forward or backward beyond the caller's tensors
+    (q, k, v, dout and the outputs), in chunk-sized tensors.
 
     Units: a *q chunk* is ``[B, C, h, D]`` (this rank's query heads after the all-to-all), a *kv chunk*
     ``[B, C, hk, D]`` (one of K, V, dK, dV), an *lse* ``[B, h, C]``; ``acc_`` fields are in the accumulation
     dtype (fp32; fp64 for fp64 inputs), the others in q's dtype, lses in fp32. ``per_chunk_*`` fields are
-    held for each of the ``chunks`` chunks (what ``offload`` moves to host memory), ``*_per_peer`` for each
-    ring peer, ``gathered`` are all-to-all buffers in flight (a q chunk, or a K/V pair, each).
+    held for each of the ``chunks`` chunks (what ``offload`` moves to host memory; a negative constant
+    beside them counts the chunks not reached yet at that moment), ``*_per_peer`` for each ring peer.
     """
 
     q: int
@@ -138,14 +138,13 @@ class WorkingSet(NamedTuple):
     kv: int
     acc_kv: int
     lse: int
-    gathered: int
-    kv_per_peer: int
-    acc_kv_per_peer: int
-    q_per_peer: int
-    per_chunk_q: int
-    per_chunk_kv: int
-    per_chunk_lse: int
-    per_chunk_acc_kv: int
+    kv_per_peer: int = 0
+    acc_kv_per_peer: int = 0
+    q_per_peer: int = 0
+    per_chunk_q: int = 0
+    per_chunk_kv: int = 0
+    per_chunk_lse: int = 0
+    per_chunk_acc_kv: int = 0
 
     def nbytes(self, *, batch: int, chunk_tokens: int, heads: int, kv_heads: int, head_dim: int, chunks: int,
                ring: int, itemsize: int, acc_itemsize: int = 4) -> int:
@@ -154,11 +153,33 @@ class WorkingSet(NamedTuple):
         lse = batch * heads * chunk_tokens
         peers = ring - 1
         q_like = (self.q + self.q_per_peer * peers + chunks * self.per_chunk_q) * q_chunk \
-            + self.gathered * max(q_chunk, 2 * kv_chunk) \
             + (self.kv + self.kv_per_peer * peers + chunks * self.per_chunk_kv) * kv_chunk
         acc = (self.acc_kv + self.acc_kv_per_peer * peers + chunks * self.per_chunk_acc_kv) * kv_chunk \
             + self.acc_q * q_chunk
         return q_like * itemsize + acc * acc_itemsize + (self.lse + chunks * self.per_chunk_lse) * lse * 4
+
+
+class WorkingSet(NamedTuple):
+    """The peak device buffers of one rank's FPDT forward or backward: the largest of the ``moments`` that can
+    be it (which one depends on the sizes), each a :class:`Buffers`."""
+
+    moments: Tuple[Buffers, ...]
+
+    def nbytes(self, **sizes) -> int:
+        """Bytes at the peak: :meth:`Buffers.nbytes` of the largest moment (same keywords)."""
+        return max(m.nbytes(**sizes) for m in self.moments)
+
+    @property
+    def per_chunk_q(self) -> int:
+        return max(m.per_chunk_q for m in self.moments)
+
+    @property
+    def per_chunk_kv(self) -> int:
+        return max(m.per_chunk_kv for m in self.moments)
+
+    @property
+    def per_chunk_acc_kv(self) -> int:
+        return max(m.per_chunk_acc_kv for m in self.moments)
 
 
 @dataclass(frozen=True)
@@ -224,15 +245,15 @@ class ChunkGeometry:
     def working_set(self, offload: bool) -> Tuple[WorkingSet, WorkingSet]:
         """``(forward, backward)`` peak device buffers of one rank's causal call (:class:`WorkingSet`), as
         :mod:`ds_longctx.attention.chunked` allocates them; the backward's include what the forward keeps
-        for it. Measured against the tensors the code holds in tests/test_geometry.py: exact with one
-        Ulysses and one ring rank (from ``OFFLOAD_STEADY_CHUNKS`` chunks with offload, fewer hold less),
-        upper bounds of the all-to-all and ring buffers otherwise.
+        for it. Measured against the tensors the code holds in tests/test_geometry.py: exact with one ring
+        rank (with offload from ``OFFLOAD_STEADY_CHUNKS`` chunks; fewer hold less), the ring's buffers are
+        upper bounds (a peer's block of fewer rows counts as a whole chunk).
 
-        Forward peak: merging a block of the last query chunk (without offload; every earlier chunk's saved
-        ``out`` and lse are held) or of a middle one (offload): the running fp32 output and the previous
-        chunk's (still bound while the next one runs), the merge's two fp32 temporaries, the block's output,
-        the running, block and merge-weight lses; with offload the fetched own K/V chunks of two steps, the
-        K/V store's resident chunk and the saved store's resident ``q`` copy, ``out`` and lse.
+        Forward peak: merging a block of a late query chunk: the running fp32 output and the previous chunk's
+        (still bound while the next one runs), the merge's two fp32 temporaries, the block's output, the
+        running, block and merge-weight lses; without offload every earlier chunk's saved ``out`` and lse;
+        with offload the fetched own K/V chunks of two steps, the K/V store's resident chunk and the saved
+        store's resident ``q`` copy, ``out`` and lse.
 
         Backward peak: summing a step's dK/dV: the fp32 ``dq`` of the chunk and the previous chunk's, the
         previous ``dq`` going home, the block's ``dq`` and the own block's dK/dV of two steps, the new fp32
@@ -240,36 +261,36 @@ class ChunkGeometry:
         lse of two query chunks and the resident ones, the fetched K/V of two steps and the resident chunk,
         the fetched dK/dV sums of two steps and the resident one.
 
-        With ``ulysses > 1`` the all-to-all results are new buffers (the stored K/V and saved ``q`` without
-        offload, ``dout`` chunks) and a chunk going home holds a send and a receive buffer; with ``ring > 1``
-        each peer's received K/V rows (two steps), the sent copies and the partial dK/dV both ways: counted
-        as whole chunks, upper bounds.
+        With one Ulysses rank an all-to-all is a view of the input. With more its results are new buffers
+        (each chunk's ``q`` and, without offload, K/V), the query chunk in use keeps its send and receive
+        buffers, the next one's are in flight (and the next K/V chunk's, forward; two ``dout`` chunks
+        ahead, backward), and a chunk going home holds a send and a receive buffer; without offload the
+        backward's peak is then either at its last chunk or at the last one with ``dout`` chunks ahead.
+        (A chunk's all-to-all result is taken to be a copy: ``batch * heads per rank > 1``.)
         """
-        scattered = self.ulysses > 1  # with one Ulysses rank an all-to-all is a view of the input
-        peers = dict(kv_per_peer=2 * (2 + 2), q_per_peer=1)
+        u = 1 if self.ulysses > 1 else 0
+        n = self.chunks
         if offload:
-            forward = WorkingSet(q=3 + scattered, acc_q=4, kv=6, acc_kv=0, lse=4, gathered=2 * scattered,
-                                 acc_kv_per_peer=0, per_chunk_q=0, per_chunk_kv=0, per_chunk_lse=0,
-                                 per_chunk_acc_kv=0, **peers)
-            backward = WorkingSet(q=8 + 2 * scattered, acc_q=2, kv=10, acc_kv=8, lse=3, gathered=2 * scattered,
-                                  acc_kv_per_peer=2 * (2 + 2), per_chunk_q=0, per_chunk_kv=0, per_chunk_lse=0,
-                                  per_chunk_acc_kv=0, **peers)
+            forward = [Buffers(q=3 + 7 * u, acc_q=4, kv=6 + 4 * u, acc_kv=0, lse=4)]
+            backward = [Buffers(q=8 + 7 * u, acc_q=2, kv=10, acc_kv=8, lse=3)]
         else:
-            forward = WorkingSet(q=0 + 2 * scattered, acc_q=4, kv=0, acc_kv=0, lse=2, gathered=2 * scattered,
-                                 acc_kv_per_peer=0, per_chunk_q=1 + scattered, per_chunk_kv=2 * scattered,
-                                 per_chunk_lse=1, per_chunk_acc_kv=0, **peers)
-            backward = WorkingSet(q=2 + 2 * scattered, acc_q=2, kv=4, acc_kv=0, lse=0, gathered=2 * scattered,
-                                  acc_kv_per_peer=2 * (2 + 2), per_chunk_q=1 + scattered,
-                                  per_chunk_kv=2 * scattered, per_chunk_lse=1, per_chunk_acc_kv=2, **peers)
-        if self.ring == 1:
-            forward = forward._replace(kv_per_peer=0, q_per_peer=0)
-            backward = backward._replace(kv_per_peer=0, q_per_peer=0, acc_kv_per_peer=0)
-        return forward, backward
+            forward = [Buffers(q=4 * u, acc_q=4, kv=2 * u, acc_kv=0, lse=2 - u, per_chunk_q=1 + u,
+                               per_chunk_kv=2 * u, per_chunk_lse=1)]
+            # kept from the forward: every chunk's out, lse (and with Ulysses its q and K/V)
+            kept = dict(per_chunk_q=1 + u, per_chunk_kv=2 * u, per_chunk_lse=1)
+            backward = [Buffers(q=2 + 3 * u, acc_q=2, kv=4, acc_kv=0, lse=0, per_chunk_acc_kv=2, **kept)]
+            if u and n >= 3:  # chunk n - 3, the last with two dout chunks ahead: 2 (n - 3) stored sums, a new one
+                backward.append(Buffers(q=2 + 7 * u, acc_q=2, kv=4, acc_kv=-4, lse=0, per_chunk_acc_kv=2, **kept))
+        if self.ring > 1:  # received rows and sent copies of two K/V steps per peer, a block's output per peer
+            forward = [m._replace(kv_per_peer=2 * (2 + 2), q_per_peer=1) for m in forward]
+            backward = [m._replace(kv_per_peer=2 * (2 + 2), acc_kv_per_peer=2 * (2 + 2), q_per_peer=1)
+                        for m in backward]
+        return WorkingSet(tuple(forward)), WorkingSet(tuple(backward))
 
 
-#: With offload and one Ulysses and ring rank, the working set is the same for every chunk count from this
-#: one (fewer chunks use the stores' resident chunks more often, and hold less).
+#: With offload the working set is the same for every chunk count from this one (fewer chunks use the stores'
+#: resident chunks more often, and hold less).
 OFFLOAD_STEADY_CHUNKS = 6
 
 
-__all__ = ["OFFLOAD_STEADY_CHUNKS", "ChunkGeometry", "ChunkSchedule", "RingTransfer", "WorkingSet"]
+__all__ = ["OFFLOAD_STEADY_CHUNKS", "Buffers", "ChunkGeometry", "ChunkSchedule", "RingTransfer", "WorkingSet"]

@@ -46,3 +46,10 @@ def measured_working_set(ulysses, ring, *, batch, seq_len, heads, kv_heads, head
         peaks = (forward, backward, pool.allocations - allocations)
     pool.release()
     return peaks
+
+
+def measured_working_sets(ulysses, ring, configs):
+    """:func:`measured_working_set` for each config ``(batch, seq_len, heads, kv_heads, head_dim, chunk_size,
+    offload)`` on this rank (one job for the pool)."""
+    return [measured_working_set(ulysses, ring, batch=b, seq_len=s, heads=h, kv_heads=hk, head_dim=d, chunk_size=c,
+                                 offload=o) for b, s, h, hk, d, c, o in configs]
