@@ -267,6 +267,13 @@ class ChunkGeometry:
         ahead, backward), and a chunk going home holds a send and a receive buffer; without offload the
         backward's peak is then either at its last chunk or at the last one with ``dout`` chunks ahead.
         (A chunk's all-to-all result is taken to be a copy: ``batch * heads per rank > 1``.)
+
+        On CUDA the same tensors are allocated: a prefetch allocates its device chunk on the side stream where
+        CPU clones the host copy, and the ring's send copies are made on that stream too. What CUDA adds is
+        ``record_stream``: a chunk dropped while its offload copy (or a kernel of another stream) still reads
+        it is not handed out again until that work is done. That holds back reserved memory, not allocated
+        bytes (the caching allocator counts a block as freed when the code drops it, which is what
+        ``torch.cuda.max_memory_allocated`` and the planner count), so it adds nothing here.
         """
         u = 1 if self.ulysses > 1 else 0
         n = self.chunks
