@@ -122,30 +122,29 @@ class ChunkSchedule:
         return [t for t in got if t.block is not None]
 
 
-class WorkingSet(NamedTuple):
-    """Peak device buffers of one rank's FPDT forward or backward beyond the caller's tensors, in chunk-sized
-    tensors (upper bounds: a remote block of fewer rows counts as a whole chunk).
+class Buffers(NamedTuple):
+    """Device buffers live at one moment of one rank's FPDT forward or backward beyond the caller's tensors
+    (q, k, v, dout and the outputs), in chunk-sized tensors.
 
     Units: a *q chunk* is ``[B, C, h, D]`` (this rank's query heads after the all-to-all), a *kv chunk*
-    ``[B, C, hk, D]``, an *lse* ``[B, h, C]``; ``acc_`` fields are in the accumulation dtype (fp32; fp64 for
-    fp64 inputs), the others in q's dtype. ``per_chunk_*`` fields are kept for each of the ``chunks`` chunks
-    for the whole call (what ``offload`` moves to pinned host memory: zero with offload).
+    ``[B, C, hk, D]`` (one of K, V, dK, dV), an *lse* ``[B, h, C]``; ``acc_`` fields are in the accumulation
+    dtype (fp32; fp64 for fp64 inputs), the others in q's dtype, lses in fp32. ``per_chunk_*`` fields are
+    held for each of the ``chunks`` chunks (what ``offload`` moves to host memory; a negative constant
+    beside them counts the chunks not reached yet at that moment), ``*_per_peer`` for each ring peer.
     """
 
-    gathered_ahead: int  # all-to-all jobs posted ahead of the one in use (each a K/V pair, a q or a dout chunk)
-    kv_per_peer: int  # kv chunks in flight per ring peer: received rows and sent copies of two K/V steps
-    acc_kv_per_peer: int  # partial dK/dV per ring peer: sent and received, for two steps
-    own_kv: int  # offload: fetched own kv chunks of two steps and the store's resident one (else stored ones)
-    block_results: int  # q chunks of block outputs (forward: own + one per peer, merged after the step)
-    block_kv_grads: int  # kv chunks of the own block's dK/dV (two steps, until their sum is stored)
-    q_chunks: int  # q, out, dout, dq of the query chunk in use and its neighbours in flight
-    acc_q_chunks: int  # the output or dq accumulator
-    lses: int  # the running lse, the blocks' lses, the saved lse fetched and prefetched
-    acc_kv: int  # dK/dV accumulators: the stored sum fetched, the new sum, (offload) the resident one
-    per_chunk_kv: int
-    per_chunk_q: int
-    per_chunk_lse: int
-    per_chunk_acc_kv: int
+    q: int
+    acc_q: int
+    kv: int
+    acc_kv: int
+    lse: int
+    kv_per_peer: int = 0
+    acc_kv_per_peer: int = 0
+    q_per_peer: int = 0
+    per_chunk_q: int = 0
+    per_chunk_kv: int = 0
+    per_chunk_lse: int = 0
+    per_chunk_acc_kv: int = 0
 
     def nbytes(self, *, batch: int, chunk_tokens: int, heads: int, kv_heads: int, head_dim: int, chunks: int,
                ring: int, itemsize: int, acc_itemsize: int = 4) -> int:
@@ -153,12 +152,34 @@ class WorkingSet(NamedTuple):
         q_chunk, kv_chunk = batch * chunk_tokens * heads * head_dim, batch * chunk_tokens * kv_heads * head_dim
         lse = batch * heads * chunk_tokens
         peers = ring - 1
-        q_like = self.gathered_ahead * max(q_chunk, 2 * kv_chunk) + (self.block_results + self.q_chunks) * q_chunk \
-            + (self.kv_per_peer * peers + self.own_kv + self.block_kv_grads) * kv_chunk \
-            + chunks * (self.per_chunk_kv * kv_chunk + self.per_chunk_q * q_chunk)
-        acc = (self.acc_kv_per_peer * peers + self.acc_kv + chunks * self.per_chunk_acc_kv) * kv_chunk \
-            + self.acc_q_chunks * q_chunk + (self.lses + chunks * self.per_chunk_lse) * lse
-        return q_like * itemsize + acc * acc_itemsize
+        q_like = (self.q + self.q_per_peer * peers + chunks * self.per_chunk_q) * q_chunk \
+            + (self.kv + self.kv_per_peer * peers + chunks * self.per_chunk_kv) * kv_chunk
+        acc = (self.acc_kv + self.acc_kv_per_peer * peers + chunks * self.per_chunk_acc_kv) * kv_chunk \
+            + self.acc_q * q_chunk
+        return q_like * itemsize + acc * acc_itemsize + (self.lse + chunks * self.per_chunk_lse) * lse * 4
+
+
+class WorkingSet(NamedTuple):
+    """The peak device buffers of one rank's FPDT forward or backward: the largest of the ``moments`` that can
+    be it (which one depends on the sizes), each a :class:`Buffers`."""
+
+    moments: Tuple[Buffers, ...]
+
+    def nbytes(self, **sizes) -> int:
+        """Bytes at the peak: :meth:`Buffers.nbytes` of the largest moment (same keywords)."""
+        return max(m.nbytes(**sizes) for m in self.moments)
+
+    @property
+    def per_chunk_q(self) -> int:
+        return max(m.per_chunk_q for m in self.moments)
+
+    @property
+    def per_chunk_kv(self) -> int:
+        return max(m.per_chunk_kv for m in self.moments)
+
+    @property
+    def per_chunk_acc_kv(self) -> int:
+        return max(m.per_chunk_acc_kv for m in self.moments)
 
 
 @dataclass(frozen=True)
@@ -222,36 +243,61 @@ class ChunkGeometry:
         return self.schedule(q_rank).block(q_rank, kv_rank, i, k)
 
     def working_set(self, offload: bool) -> Tuple[WorkingSet, WorkingSet]:
-        """``(forward, backward)`` peak device buffers of one rank's call (:class:`WorkingSet`), as
-        :mod:`ds_longctx.attention.chunked` allocates them.
+        """``(forward, backward)`` peak device buffers of one rank's causal call (:class:`WorkingSet`), as
+        :mod:`ds_longctx.attention.chunked` allocates them; the backward's include what the forward keeps
+        for it. Measured against the tensors the code holds in tests/test_geometry.py: exact with one ring
+        rank (with offload from ``OFFLOAD_STEADY_CHUNKS`` chunks; fewer hold less), the ring's buffers are
+        upper bounds (a peer's block of fewer rows counts as a whole chunk).
 
-        Forward: two all-to-all jobs ahead of the query chunk in use; two K/V steps in flight (step ``k + 1``
-        is posted before step ``k`` computes), each with the fetched own K/V chunk and, per ring peer, the
-        received rows and the sent copy; the step's block outputs (own and one per peer) until they merge;
-        ``q_i``, ``out_i`` and the previous ``out_i`` still travelling home, the fp32 output accumulator.
-        Without offload every K/V chunk and each chunk's saved ``q``/``out``/lse stay until backward.
+        Forward peak: merging a block of a late query chunk: the running fp32 output and the previous chunk's
+        (still bound while the next one runs), the merge's two fp32 temporaries, the block's output, the
+        running, block and merge-weight lses; without offload every earlier chunk's saved ``out`` and lse;
+        with offload the fetched own K/V chunks of two steps, the K/V store's resident chunk and the saved
+        store's resident ``q`` copy, ``out`` and lse.
 
-        Backward: two ``dout`` chunks ahead; the saved ``q``/``out``/lse fetched and the next prefetched
-        (offload), ``dout_i``, the fp32 ``dq_i`` and its outgoing copy and the previous one; the same two K/V
-        steps in flight; per ring peer the partial dK/dV sent home and received, for the step just computed
-        and the one being summed; the own block's dK/dV of those two steps; the stored dK/dV sum fetched and
-        the new sum. Without offload every chunk's dK/dV accumulator stays until the end of the call.
+        Backward peak: summing a step's dK/dV: the fp32 ``dq`` of the chunk and the previous chunk's, the
+        previous ``dq`` going home, the block's ``dq`` and the own block's dK/dV of two steps, the new fp32
+        sum; without offload every chunk's dK/dV sum so far; with offload the fetched saved ``q``/``out``/
+        lse of two query chunks and the resident ones, the fetched K/V of two steps and the resident chunk,
+        the fetched dK/dV sums of two steps and the resident one.
+
+        With one Ulysses rank an all-to-all is a view of the input. With more its results are new buffers
+        (each chunk's ``q`` and, without offload, K/V), the query chunk in use keeps its send and receive
+        buffers, the next one's are in flight (and the next K/V chunk's, forward; two ``dout`` chunks
+        ahead, backward), and a chunk going home holds a send and a receive buffer; without offload the
+        backward's peak is then either at its last chunk or at the last one with ``dout`` chunks ahead.
+        (A chunk's all-to-all result is taken to be a copy: ``batch * heads per rank > 1``.)
+
+        On CUDA the same tensors are allocated: a prefetch allocates its device chunk on the side stream where
+        CPU clones the host copy, and the ring's send copies are made on that stream too. What CUDA adds is
+        ``record_stream``: a chunk dropped while its offload copy (or a kernel of another stream) still reads
+        it is not handed out again until that work is done. That holds back reserved memory, not allocated
+        bytes (the caching allocator counts a block as freed when the code drops it, which is what
+        ``torch.cuda.max_memory_allocated`` and the planner count), so it adds nothing here.
         """
-        resident = 0 if offload else 1  # with offload a store keeps only its last chunk on the device
-        stored = 1 if offload else 0  # that last chunk (a compact copy when the input was a view)
-        peers_and_own = self.ring
-        forward = WorkingSet(
-            gathered_ahead=2, kv_per_peer=2 * (2 + 2), acc_kv_per_peer=0, own_kv=(2 * 2 + 2) * stored,
-            block_results=peers_and_own, block_kv_grads=0, q_chunks=3 + stored, acc_q_chunks=1,
-            lses=1 + peers_and_own, acc_kv=0,
-            per_chunk_kv=2 * resident, per_chunk_q=2 * resident, per_chunk_lse=resident, per_chunk_acc_kv=0)
-        backward = WorkingSet(
-            gathered_ahead=2, kv_per_peer=2 * (2 + 2), acc_kv_per_peer=2 * (2 + 2), own_kv=(2 * 2 + 2) * stored,
-            block_results=1, block_kv_grads=2 * 2, q_chunks=2 * 2 * stored + 1 + 2, acc_q_chunks=1,
-            lses=2 * stored, acc_kv=2 * stored + 2 + 2 * stored,
-            per_chunk_kv=2 * resident, per_chunk_q=2 * resident, per_chunk_lse=resident,
-            per_chunk_acc_kv=2 * resident)
-        return forward, backward
+        u = 1 if self.ulysses > 1 else 0
+        n = self.chunks
+        if offload:
+            forward = [Buffers(q=3 + 7 * u, acc_q=4, kv=6 + 4 * u, acc_kv=0, lse=4)]
+            backward = [Buffers(q=8 + 7 * u, acc_q=2, kv=10, acc_kv=8, lse=3)]
+        else:
+            forward = [Buffers(q=4 * u, acc_q=4, kv=2 * u, acc_kv=0, lse=2 - u, per_chunk_q=1 + u,
+                               per_chunk_kv=2 * u, per_chunk_lse=1)]
+            # kept from the forward: every chunk's out, lse (and with Ulysses its q and K/V)
+            kept = dict(per_chunk_q=1 + u, per_chunk_kv=2 * u, per_chunk_lse=1)
+            backward = [Buffers(q=2 + 3 * u, acc_q=2, kv=4, acc_kv=0, lse=0, per_chunk_acc_kv=2, **kept)]
+            if u and n >= 3:  # chunk n - 3, the last with two dout chunks ahead: 2 (n - 3) stored sums, a new one
+                backward.append(Buffers(q=2 + 7 * u, acc_q=2, kv=4, acc_kv=-4, lse=0, per_chunk_acc_kv=2, **kept))
+        if self.ring > 1:  # received rows and sent copies of two K/V steps per peer, a block's output per peer
+            forward = [m._replace(kv_per_peer=2 * (2 + 2), q_per_peer=1) for m in forward]
+            backward = [m._replace(kv_per_peer=2 * (2 + 2), acc_kv_per_peer=2 * (2 + 2), q_per_peer=1)
+                        for m in backward]
+        return WorkingSet(tuple(forward)), WorkingSet(tuple(backward))
 
 
-__all__ = ["ChunkGeometry", "ChunkSchedule", "RingTransfer", "WorkingSet"]
+#: With offload the working set is the same for every chunk count from this one (fewer chunks use the stores'
+#: resident chunks more often, and hold less).
+OFFLOAD_STEADY_CHUNKS = 6
+
+
+__all__ = ["OFFLOAD_STEADY_CHUNKS", "Buffers", "ChunkGeometry", "ChunkSchedule", "RingTransfer", "WorkingSet"]

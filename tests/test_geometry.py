@@ -8,8 +8,10 @@ import sys
 import pytest
 import torch
 
-from ds_longctx.geometry import ChunkGeometry, ChunkSchedule
+from ds_longctx.geometry import OFFLOAD_STEADY_CHUNKS, ChunkGeometry, ChunkSchedule
 from ds_longctx.layout import EVERY, LayoutError, RingBlock, ZigzagLayout, ring_source
+from tests import geometry_cases as tests_geometry_cases
+from tests.geometry_cases import measured_working_set
 
 
 def _rows(sl: slice, size: int) -> list:
@@ -98,6 +100,66 @@ def test_with_offload_the_working_set_is_independent_of_the_sequence_and_grows_w
     assert _nbytes(wider, wider.working_set(True)[1]) > _nbytes(long, long.working_set(True)[1])
     forward, backward = long.working_set(True)
     assert forward.per_chunk_kv == forward.per_chunk_q == backward.per_chunk_acc_kv == 0
+
+
+def _predicted(g: ChunkGeometry, offload: bool, batch: int, heads: int, kv_heads: int, head_dim: int):
+    return [ws.nbytes(batch=batch, chunk_tokens=g.chunk_tokens, heads=heads // g.ulysses,
+                      kv_heads=max(1, kv_heads // g.ulysses), head_dim=head_dim, chunks=g.chunks, ring=g.ring,
+                      itemsize=2) for ws in g.working_set(offload)]
+
+
+# (batch, heads, kv_heads, chunks, offload): GQA and MHA, without offload from 2 chunks, with offload from the
+# chunk count where every middle chunk's K/V and saved chunks come back from the host
+ONE_RANK = [(1, 6, 2, 2, False), (2, 4, 4, 5, False), (1, 6, 2, OFFLOAD_STEADY_CHUNKS, True),
+            (2, 4, 4, OFFLOAD_STEADY_CHUNKS + 1, True)]
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,chunks,offload", ONE_RANK,
+                         ids=[f"b{b}-h{h}-kv{k}-n{n}-{'offload' if o else 'device'}" for b, h, k, n, o in ONE_RANK])
+def test_the_working_set_is_the_peak_of_the_buffers_chunked_attention_holds(batch, heads, kv_heads, chunks,
+                                                                           offload):
+    """Forward and backward peaks of the tensors the code allocates beside its inputs and outputs (bf16, the
+    kernel's workspace hidden), byte for byte: the counts cannot drift from the code."""
+    C, D = 16, 8
+    g = ChunkGeometry(seq_len=C * chunks, ulysses=1, ring=1, chunk_size=C)
+    forward, backward, pool_allocations = measured_working_set(
+        1, 1, batch=batch, seq_len=C * chunks, heads=heads, kv_heads=kv_heads, head_dim=D, chunk_size=C,
+        offload=offload)
+    assert pool_allocations == 0  # a warm pool: the host buffers are not counted
+    assert [forward, backward] == _predicted(g, offload, batch, heads, kv_heads, D)
+
+
+def test_with_offload_fewer_chunks_hold_less_than_the_steady_working_set():
+    C, D = 16, 8
+    for chunks in (2, OFFLOAD_STEADY_CHUNKS - 1):
+        g = ChunkGeometry(seq_len=C * chunks, ulysses=1, ring=1, chunk_size=C)
+        measured = measured_working_set(1, 1, batch=1, seq_len=C * chunks, heads=6, kv_heads=2, head_dim=D,
+                                        chunk_size=C, offload=True)[:2]
+        assert all(m <= p for m, p in zip(measured, _predicted(g, True, 1, 6, 2, D))), chunks
+
+
+SPLIT = [(2, 1), (1, 2)]
+
+
+@pytest.mark.parametrize("ulysses,ring", SPLIT, ids=[f"u{u}-r{r}" for u, r in SPLIT])
+def test_on_two_ranks_the_working_set_holds_the_measured_peaks(dist_pools, ulysses, ring):
+    """Ulysses: the all-to-all buffers are counted exactly; gloo may release a finished all-to-all's buffers
+    a moment after the code drops them, so a rank may measure up to two query chunks more. Ring: each peer's
+    blocks are counted as whole chunks (upper bounds), so the measured peaks are at most the counted ones."""
+    C, D, H, Hkv = 16, 8, 6, 2
+    configs = [(1, C * n * ring, H, Hkv, D, C, offload) for n, offload in
+               ((4, False), (8, False), (OFFLOAD_STEADY_CHUNKS, True))]
+    per_rank = dist_pools(2).run(tests_geometry_cases.measured_working_sets, ulysses, ring, configs)
+    for (B, S, _, _, _, _, offload), *measured in zip(configs, *per_rank):
+        g = ChunkGeometry(seq_len=S, ulysses=ulysses, ring=ring, chunk_size=C)
+        predicted = _predicted(g, offload, B, H, Hkv, D)
+        q_chunk = B * C * (H // ulysses) * D * 2
+        for rank, (forward, backward, _) in enumerate(measured):
+            for phase, got, want in (("forward", forward, predicted[0]), ("backward", backward, predicted[1])):
+                if ulysses > 1:
+                    assert 0 <= got - want <= 2 * q_chunk, (rank, S, offload, phase, got, want)
+                else:
+                    assert got <= want, (rank, S, offload, phase, got, want)
 
 
 def test_the_geometry_needs_no_process_group_or_topology():

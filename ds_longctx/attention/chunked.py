@@ -29,9 +29,11 @@ moves ``2 * Hkv`` fp32 accumulator heads per pair where the K/V-outer order (FPD
 it mirrors the forward, so the ring transfers are the forward's. The accumulators go home at the end.
 
 GPU working set beyond the caller's tensors, with offload: ``O(R)`` chunks (two K/V steps in flight, each
-with the fetched own chunk and a K/V pair per ring peer, one query chunk's ``q``/``out``/``lse``/``dq``/
-``dout``, two dK/dV accumulators), independent of ``S``; without offload the stores keep every chunk on
-the device. :meth:`ChunkGeometry.working_set <ds_longctx.geometry.ChunkGeometry.working_set>` counts it.
+with the fetched own chunk and a K/V pair per ring peer, two query chunks' saved ``q``/``out``/``lse``, the
+``dq`` of this chunk and the last, the dK/dV sums of two steps), independent of ``S``; without offload the
+stores keep every chunk on the device. :meth:`ChunkGeometry.working_set
+<ds_longctx.geometry.ChunkGeometry.working_set>` counts it, checked against the tensors this code holds
+(tests/test_geometry.py): a change here that holds a buffer longer shows there.
 """
 from __future__ import annotations
 

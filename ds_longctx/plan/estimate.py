@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict
 
+from ..geometry import ChunkGeometry
 from .machine import GIB
 from .model_spec import ModelSpec
 from .rates import Rates, resolve_kernel
@@ -125,22 +126,24 @@ def _stored(run: Run, settings: Settings, w: _Widths, tokens: int) -> Dict[str, 
 
 
 def _attention_state(settings: Settings, w: _Widths, tokens: int) -> int:
-    """q, k, v (after RoPE) that the attention keeps for its backward on the GPU (the host holds them with
-    FPDT offload)."""
-    if settings.fpdt_offload:
+    """q, k, v (after RoPE) that the attention keeps for its backward on the GPU. FPDT's chunk stores hold
+    them instead (:func:`_fpdt_buffers`), as views of these very tensors with one Ulysses rank and no
+    offload (an all-to-all of one rank is a slice): then they stay whole."""
+    if settings.chunk_size is not None and (settings.fpdt_offload or settings.ulysses > 1):
         return 0
     return tokens * BF16 * (w.q + 2 * w.kv)
 
 
-def _fpdt_buffers(settings: Settings, w: _Widths) -> int:
-    """FPDT's GPU chunk buffers in backward: two K/V chunks per ring peer in flight and two fetched own ones,
-    one query chunk's q/out/dout and fp32 dq and lse, two fp32 dK/dV accumulators (attention/chunked.py)."""
-    c, d = settings.chunk_size, w.d
-    kv_chunk = 2 * c * w.kv_heads_per_rank * d * BF16
-    in_flight = 2 * (settings.ring - 1) * kv_chunk + 2 * kv_chunk
-    query = c * w.heads_per_rank * (d * (3 * BF16 + FP32) + 2 * FP32)
-    accumulators = 2 * 2 * c * w.kv_heads_per_rank * d * FP32
-    return in_flight + query + accumulators
+def _fpdt_buffers(run: Run, settings: Settings, w: _Widths) -> int:
+    """FPDT's device buffers at the larger of its forward and backward peaks, as the chunk geometry counts
+    them (:meth:`ds_longctx.geometry.ChunkGeometry.working_set`): the chunks in flight, and without offload
+    every chunk's saved q/out/K/V/lse and dK/dV accumulators."""
+    geometry = ChunkGeometry(seq_len=run.seq_len, ulysses=settings.ulysses, ring=settings.ring,
+                             chunk_size=settings.chunk_size)
+    return max(ws.nbytes(batch=run.micro_batch, chunk_tokens=geometry.chunk_tokens, heads=w.heads_per_rank,
+                         kv_heads=w.kv_heads_per_rank, head_dim=w.d, chunks=geometry.chunks, ring=settings.ring,
+                         itemsize=BF16, acc_itemsize=FP32)
+               for ws in geometry.working_set(settings.fpdt_offload))
 
 
 def _ring_buffers(settings: Settings, w: _Widths, tokens: int) -> int:
@@ -153,15 +156,21 @@ def _ring_buffers(settings: Settings, w: _Widths, tokens: int) -> int:
     return 2 * kv * BF16 + 2 * kv * FP32
 
 
+def _norm_saved(settings: Settings, w: _Widths, tokens: int) -> int:
+    """What one RMSNorm saves besides its input: its output (the next projections' input) and 1/rms (or,
+    without lean norms, the fp32 copy too)."""
+    norm_extra = FP32 if settings.lean_rms_norm else FP32 * w.h + FP32
+    return tokens * (norm_extra + BF16 * w.h)
+
+
 def _layer_saved(settings: Settings, w: _Widths, tokens: int, recompute: bool) -> int:
     """What one layer's graph saves besides its input (under checkpointing: its recompute's graph)."""
-    norm_extra = FP32 if settings.lean_rms_norm else FP32 * w.h + FP32  # 1/rms, or the fp32 copy too
-    per_token = (
-        norm_extra + BF16 * w.h  # input norm; the q/k/v projections' input
-        + norm_extra + BF16 * w.h  # the residual sum saved by the post-attention norm
-        + BF16 * w.h  # the MLP's input
+    saved = (
+        _norm_saved(settings, w, tokens)  # input norm: the q/k/v projections' input
+        + tokens * BF16 * w.h  # the residual sum saved by the post-attention norm
+        + _norm_saved(settings, w, tokens)  # post-attention norm: the MLP's input
+        + _attention_state(settings, w, tokens)
     )
-    saved = tokens * per_token + _attention_state(settings, w, tokens)
     if not (recompute and settings.keep_attention_output):
         saved += _kept_bytes(tokens, w)  # the attention output the o-projection saves
     if settings.mlp_tile_tokens is None:
@@ -180,17 +189,24 @@ def _layer_backward(run: Run, settings: Settings, w: _Widths, tokens: int) -> Di
     # saved input is already freed (net two intermediate-wide tensors over the saved ones), plus the
     # output's and the input's gradients
     mlp_phase = tile + mlp_tokens * 2 * BF16 * w.i + tokens * 2 * BF16 * w.h
-    # attention phase: d(out), dq/dk/dv, the kernel's fp32 dq accumulator, the residual gradient
-    attention_phase = tokens * (BF16 * (2 * w.q + 2 * w.kv) + FP32 * w.q + 2 * BF16 * w.h)
-    if settings.chunk_size is not None:
-        attention_phase = tokens * (BF16 * (2 * w.q + 2 * w.kv) + 2 * BF16 * w.h) + _fpdt_buffers(settings, w)
-    attention_phase += _ring_buffers(settings, w, tokens) if settings.chunk_size is None else 0
     mlp_saved = tokens * BF16 * w.h + (0 if settings.mlp_tile_tokens else tokens * 4 * BF16 * w.i)
+    if settings.chunk_size is None:
+        # attention phase: d(out), dq/dk/dv, the kernel's fp32 dq accumulator, the residual gradient
+        attention_phase = tokens * (BF16 * (2 * w.q + 2 * w.kv) + FP32 * w.q + 2 * BF16 * w.h)
+        attention_phase += _ring_buffers(settings, w, tokens)
+        released = mlp_saved
+    else:
+        # FPDT's backward (its buffers: tests/test_geometry.py): d(out), the dq/dk/dv it returns, the residual
+        # stream's gradient and the chunk buffers; the MLP's saved activations (its input among them) and
+        # what the post-attention norm saved (the residual sum, 1/rms) were freed by their backwards
+        attention_phase = tokens * (BF16 * (2 * w.q + 2 * w.kv) + BF16 * w.h) + _fpdt_buffers(run, settings, w)
+        # the kernel's fp32 dq accumulator, as the unchunked one's, for one block of a chunk's queries
+        attention_phase += run.micro_batch * settings.chunk_size * w.heads_per_rank * w.d * FP32
+        released = mlp_saved + _norm_saved(settings, w, tokens)
     return {
         "layer_saved": saved,
         "mlp_working_set": mlp_phase,
-        "attention_working_set": max(0, attention_phase - mlp_phase - mlp_saved) if attention_phase > mlp_phase
-        + mlp_saved else 0,
+        "attention_working_set": max(0, attention_phase - mlp_phase - released),
     }
 
 
