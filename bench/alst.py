@@ -152,8 +152,16 @@ def _tiled_loss_forward(model, input_ids, position_ids, shift_labels, *, sp_grou
                                shift_labels=y)
 
     tiles = loss_tiles(shift_labels.numel(), vocab, tile_gib)
-    loss = TiledFusedLogitsLoss.apply(tile_loss, model, hidden, shift_labels, None, tiles, [model.lm_head.weight],
+    head = model.lm_head.weight
+    # A tied head's weight also gets the embedding's gradient, later, in backward: ZeRO-3 reduces a gradient
+    # once per step, so the tiles' part waits in .grad until then instead of being reduced after the last tile.
+    tied = head is model.get_input_embeddings().weight
+    if tied:
+        head.ds_grad_is_ready = False
+    loss = TiledFusedLogitsLoss.apply(tile_loss, model, hidden, shift_labels, None, tiles, [] if tied else [head],
                                       "sum")
+    if tied:
+        head.ds_grad_is_ready = True
     mean = loss.detach().clone()
     if sp > 1:
         dist.all_reduce(mean, group=sp_group)

@@ -84,7 +84,7 @@ def parse_args(argv=None):
     ap.add_argument("--model", choices=sorted(PRESETS), default=None,
                     help="a real model's shape at full depth (the shape flags below override its fields)")
     for flag in SHAPE_FLAGS:  # default: the preset's value, or bench.models.DEFAULT_SHAPE's
-        ap.add_argument(f"--{flag}", type=int, default=None)
+        ap.add_argument(f"--{flag}", type=int, default=None, **({"choices": [0, 1]} if flag.startswith("tie") else {}))
     ap.add_argument("--ulysses", type=int, default=0, help="default: all ranks / ring")
     ap.add_argument("--ring", type=int, default=1)
     ap.add_argument("--kernel", default="auto")
@@ -118,7 +118,6 @@ def parse_args(argv=None):
     shape = resolve_shape(args.model, **{k: getattr(args, k) for k in SHAPE_FLAGS})
     for k in SHAPE_FLAGS:  # the JSON records the shape that ran
         setattr(args, k, getattr(shape, k))
-    args.tie_word_embeddings = shape.tie_word_embeddings
     args.label = args.label or args.mode
     if args.mode == "alst" and not args.checkpointing:
         ap.error("--mode alst is gradient checkpointing with the checkpoints in host memory: add --checkpointing")

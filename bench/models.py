@@ -38,10 +38,10 @@ PRESETS: Dict[str, ModelShape] = {
 }
 # The bench's shape before presets existed: 4 layers of Llama-3-8B's width, bytes for tokens.
 DEFAULT_SHAPE = ModelShape(layers=4, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=256)
-SHAPE_FLAGS = ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab")
+SHAPE_FLAGS = ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "tie_word_embeddings")
 
 
-def resolve_shape(model: Optional[str], **overrides: Optional[int]) -> ModelShape:
+def resolve_shape(model: Optional[str], **overrides) -> ModelShape:
     """The preset named ``model`` (or the default shape), with every override that is not None replacing
     its field (the keys of ``SHAPE_FLAGS``). An unknown preset raises ``ValueError`` naming the choices."""
     if model is not None and model not in PRESETS:
@@ -50,7 +50,10 @@ def resolve_shape(model: Optional[str], **overrides: Optional[int]) -> ModelShap
     unknown = set(overrides) - set(SHAPE_FLAGS)
     if unknown:
         raise ValueError(f"not shape fields: {sorted(unknown)}")
-    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "tie_word_embeddings" in given:
+        given["tie_word_embeddings"] = bool(given["tie_word_embeddings"])
+    return dataclasses.replace(base, **given)
 
 
 def llama_config(shape: ModelShape, max_positions: int):
