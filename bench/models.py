@@ -75,3 +75,12 @@ def matmul_params(model: torch.nn.Module) -> int:
     head = model.get_output_embeddings()
     n = sum(p.numel() for p in model.parameters() if p is not embedding)
     return n + (embedding.numel() if head is not None and head.weight is embedding else 0)
+
+
+def run_model_name(record: Dict) -> str:
+    """The model of a bench JSON record: its preset (with the depth when a slice), else depth x width."""
+    preset = record.get("model")
+    if preset in PRESETS:
+        layers = record.get("layers", PRESETS[preset].layers)
+        return preset if layers == PRESETS[preset].layers else f"{preset}, {layers} layers"
+    return f"{record['layers']} layers x {record['hidden']}"
