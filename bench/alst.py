@@ -145,13 +145,12 @@ def _tiled_loss_forward(model, input_ids, position_ids, shift_labels, *, sp_grou
     # ZeRO averages the gradients of the sequence's ranks, whose parts of the loss add up: each part is
     # scaled by their number, and the tile function returns it whole (see the module's docstring).
     items = labelled.clamp(min=1).float() / sp
-    vocab = model.config.vocab_size
+    def tile_loss(m, x, y):  # x [n, hidden], y [n]; in fp32 at least, as transformers' causal-LM loss
+        logits = m.lm_head(x)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return torch.nn.functional.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum") / items
 
-    def tile_loss(m, x, y):
-        return m.loss_function(logits=m.lm_head(x), labels=None, vocab_size=vocab, num_items_in_batch=items,
-                               shift_labels=y)
-
-    tiles = loss_tiles(shift_labels.numel(), vocab, tile_gib)
+    tiles = loss_tiles(shift_labels.numel(), model.config.vocab_size, tile_gib)
     head = model.lm_head.weight
     # A tied head's weight also gets the embedding's gradient, later, in backward: ZeRO-3 reduces a gradient
     # once per step, so the tiles' part waits in .grad until then instead of being reduced after the last tile.
