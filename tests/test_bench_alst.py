@@ -3,6 +3,7 @@ sweep driver of the comparison: on the CPU, against float64 references where the
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
@@ -145,6 +146,7 @@ def launch(nproc: int, out: str, *args: str) -> dict:
         return json.load(f)
 
 
+@functools.lru_cache(maxsize=None)
 def reference_losses(steps: int = 3):
     """The bench's model, data and optimizer (SGD, clipping at 1, constant rate) in one float64 process."""
     from examples.train import load_corpus, sample_batch
@@ -246,3 +248,19 @@ def test_sweep_stops_a_variant_after_its_out_of_memory_and_skips_runs_predicted_
     last = recs[-1]
     assert last["predicted_s"] == pytest.approx(510.0) and last["left_s"] == pytest.approx(130.0)
     assert predict_s(RunResult("ok", 100.0, [10.0, 20.0], None), 1000, 2000, 3) == pytest.approx(70 + 20 * 4 * 3)
+
+
+def test_report_lists_each_length_and_the_longest_trained_per_run():
+    from bench.report import long_sequence_tables
+
+    rows = []
+    for i, d in enumerate([_record("alst", 65536, 900.0, 40.0), _record("alst", 131072, oom_peak=120.0),
+                           _record("ds_longctx", 65536, 1300.0, 20.0), _record("ds_longctx", 131072, 1100.0, 35.0)]):
+        d.update(params=3.2e9, vocab=128256, world_size=1, steps=[{"loss": 5.5}], date="d", command="c", commit="x",
+                 versions={"torch": "t"})
+        rows.append((f"alstcmp_{i}.json", d))
+    text = "\n".join(long_sequence_tables(rows))
+    assert "**llama3.2-3b** (3.20B parameters, vocabulary 128256, 1 GPU)" in text
+    assert "| alst | 131072 | OOM (gpu, step 0, 120.0 GiB) |" in text
+    assert "| ds_longctx | 131072 | 1,100 | 1.0 | 35.0 |" in text
+    assert "| alst | 65536 | 131072 |" in text and "| ds_longctx | 131072 | none run |" in text
