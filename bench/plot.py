@@ -58,7 +58,8 @@ def plot(points: List[Point], out: str, title: str = "") -> List[str]:
     for p in sorted(points, key=lambda p: p.seq_len):
         by_label[f"{p.model}: {p.label}" if several_models else p.label].append(p)
     written = []
-    for key, ylabel, suffix in (("tokens_per_s", "tokens/s", "tokens_per_s"), ("peak_gib", "GPU peak, GiB", "gpu_peak")):
+    for key, ylabel, suffix in (("tokens_per_s", "tokens/s", "tokens_per_s"),
+                                ("peak_gib", "GPU peak, GiB", "gpu_peak")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, pts in by_label.items():
             ok = [p for p in pts if p.tokens_per_s is not None]

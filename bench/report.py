@@ -219,9 +219,11 @@ def long_sequence_tables(rows=None):
                 continue
             longest[label] = max(longest.get(label, 0), d["seq_len"])
             host = s.get("steady_host_pinned_gib", s.get("steady_host_pool_gib"))
+            gpu = s.get("steady_peak_gib", s.get("peak_gib"))  # one step: no steady state, its own peak
+            pinned = s.get("steady_host_pinned_allocator_gib")
             out.append(f"| {label} | {d['seq_len']} | {f(s.get('tokens_per_s'), ',.0f')} | "
-                       f"{f(s.get('tflops_per_gpu'), '.1f')} | {f(s.get('steady_peak_gib', s.get('peak_gib')), '.1f')} | "
-                       f"{f(host, '.1f')} | {f(s.get('steady_host_pinned_allocator_gib'), '.1f')} | {losses} | `{name}` |")
+                       f"{f(s.get('tflops_per_gpu'), '.1f')} | {f(gpu, '.1f')} | {f(host, '.1f')} | "
+                       f"{f(pinned, '.1f')} | {losses} | `{name}` |")
         out.append("\n| run | longest trained | first out of memory |")
         out.append("|---|---|---|")
         for label in sorted(set(longest) | set(first_oom)):
