@@ -70,6 +70,8 @@ def plot(points: List[Point], out: str, title: str = "") -> List[str]:
                 ax.plot([p.seq_len for p in oom], ys, linestyle="none", marker="x", markersize=10,
                         color=line.get_color(), label=f"{label}: out of memory")
         ax.set_xscale("log", base=2)
+        lengths = sorted({p.seq_len for p in points})
+        ax.set_xticks(lengths, [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
         ax.set_xlabel("sequence length, tokens")
         ax.set_ylabel(ylabel)
         ax.set_ylim(bottom=0)
