@@ -145,7 +145,8 @@ def _tiled_loss_forward(model, input_ids, position_ids, shift_labels, *, sp_grou
     # ZeRO averages the gradients of the sequence's ranks, whose parts of the loss add up: each part is
     # scaled by their number, and the tile function returns it whole (see the module's docstring).
     items = labelled.clamp(min=1).float() / sp
-    def tile_loss(m, x, y):  # x [n, hidden], y [n]; in fp32 at least, as transformers' causal-LM loss
+
+    def tile_part(m, x, y):  # x [n, hidden], y [n]; in fp32 at least, as transformers' causal-LM loss
         logits = m.lm_head(x)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return torch.nn.functional.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum") / items
@@ -157,7 +158,7 @@ def _tiled_loss_forward(model, input_ids, position_ids, shift_labels, *, sp_grou
     tied = head is model.get_input_embeddings().weight
     if tied:
         head.ds_grad_is_ready = False
-    loss = TiledFusedLogitsLoss.apply(tile_loss, model, hidden, shift_labels, None, tiles, [] if tied else [head],
+    loss = TiledFusedLogitsLoss.apply(tile_part, model, hidden, shift_labels, None, tiles, [] if tied else [head],
                                       "sum")
     if tied:
         head.ds_grad_is_ready = True
