@@ -25,8 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench.common import record_header, write_json  # noqa: E402
 
 LLAMA_8B_WIDTHS = ["--hidden", "4096", "--intermediate", "14336", "--heads", "32", "--kv_heads", "8"]
-LLAMA_3B = ["--hidden", "3072", "--intermediate", "8192", "--heads", "24", "--kv_heads", "8", "--layers", "28",
-            "--vocab", "128256", "--tie_embeddings"]
+LLAMA_3B = ["--model", "llama3.2-3b"]  # 28 layers, hidden 3072, 24/8 heads, 128,256 tokens, tied head
 TILES = ["--mlp_tile_tokens", "16384"]
 
 #: name -> bench_train arguments (every run: --checkpointing, bf16, cuDNN attention)
@@ -62,7 +61,7 @@ def predict(record: dict, gpu_name: str) -> dict:
     a = record
     model = ModelSpec(layers=a["layers"], hidden=a["hidden"], intermediate=a["intermediate"], heads=a["heads"],
                       kv_heads=a["kv_heads"], head_dim=a["hidden"] // a["heads"], vocab=a["vocab"],
-                      tied_embeddings=bool(a.get("tie_embeddings", False)))
+                      tied_embeddings=bool(a.get("tie_word_embeddings") or a.get("tie_embeddings")))
     offload = a.get("checkpoint_offload") or 0
     settings = Settings(ulysses=a.get("ulysses") or record["world_size"] // a["ring"], ring=a["ring"],
                         kernel=a["kernel"], chunk_size=a["chunk_size"], fpdt_offload=bool(a["offload"]),
@@ -86,7 +85,8 @@ def measured(record: dict) -> dict:
     steady = [r for r in record.get("steps", []) if r["step"] >= 1]
     if not steady:
         return {"oom": record.get("oom")}
-    process_pinned = max(r.get("pinned_host_gib", 0.0) for r in steady)
+    # torch's pinned host allocator at its most in the step (older records: its current bytes at the step's end)
+    process_pinned = max(r.get("host_pinned_allocator_gib", r.get("pinned_host_gib", 0.0)) for r in steady)
     pool = max(r.get("host_pool_gib", 0.0) for r in steady)
     # the first runs (commit 37a9fca) read a stat key that does not exist: only the offload pool was measured
     source = "process" if process_pinned > 0 or pool == 0 else "pool"

@@ -15,6 +15,14 @@ plus the causal attention's 3.5 x 2 x S^2 x H x D per layer; no recompute counte
 an out-of-memory is a result. The text is the Python standard library's source read as bytes, as in
 ``examples/train.py``; ``--vocab`` sizes the embedding and LM head (e.g. Llama 3's 128256) for the loss's
 memory, and ``--loss_tile_tokens`` has ds_longctx compute the loss from the hidden states tile by tile.
+
+``--mode alst`` is DeepSpeed's own long-sequence recipe (ALST, ``bench/alst.py``): gradient checkpointing
+with each layer's input in pinned host memory, DeepSpeed's TiledMLP and TiledFusedLogitsLoss, and its
+Ulysses attention over more than one rank, with the SDPA backend of ``--ds_sdpa``. ``--model llama3.2-3b`` or
+``--model llama3.1-8b`` builds that model's shape (``bench/models.py``; ``--layers`` etc. override a field).
+The summary's ``steady_peak_gib`` is the largest GPU peak of the steps after the first (the first optimizer
+step allocates the optimizer's state); host memory per step: the offloaded checkpoints' bytes (alst), the
+offload pool's (ds_longctx), the pinned memory torch's host allocator holds (CUDA) and the process's RSS.
 """
 from __future__ import annotations
 
@@ -30,25 +38,30 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench.common import OOM, Memory, record_header, write_json  # noqa: E402
+from bench.common import Memory, out_of_memory_kind, record_header, write_json  # noqa: E402
+from bench.models import PRESETS, SHAPE_FLAGS, llama_config, matmul_params, resolve_shape  # noqa: E402
 
 
 def ds_config(args, world):
     cfg = {
         "train_micro_batch_size_per_gpu": 1,
-        # warmup: a random-init model at full learning rate from step 0 makes the per-step losses jump
-        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-4,
-                                                     "warmup_num_steps": 20, "warmup_type": "linear"}},
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
-        "bf16": {"enabled": True},
-        # torch's AdamW: DeepSpeed's fused Adam would have to be compiled on the machine first.
-        "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.1,
-                                                  "torch_adam": True}},
+        "bf16": {"enabled": args.dtype == "bfloat16"},  # float32: the CPU runs that compare modes exactly
+        # torch's AdamW: DeepSpeed's fused Adam would have to be compiled on the machine first. SGD is for exact
+        # comparisons of modes: its update is linear in the gradient, where Adam's first update is sign(gradient).
+        "optimizer": ({"type": "AdamW", "params": {"lr": args.lr, "betas": [0.9, 0.95], "weight_decay": 0.1,
+                                                   "torch_adam": True}} if args.optimizer == "adamw" else
+                      {"type": "SGD", "params": {"lr": args.lr, "momentum": 0.9}}),
         "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
                               "stage3_param_persistence_threshold": 100000},
         "steps_per_print": 1000000,
+        "zero_allow_untested_optimizer": args.optimizer == "sgd",
     }
+    if args.lr_warmup_steps:  # a random-init model at full learning rate from step 0 makes the losses jump
+        cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": args.lr,
+                                                          "warmup_num_steps": args.lr_warmup_steps,
+                                                          "warmup_type": "linear"}}
     if args.offload_optimizer:  # fp32 master weights and Adam states in host memory, the step on the CPU
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if args.mode == "ds_longctx":
@@ -63,16 +76,16 @@ def ds_config(args, world):
     return cfg
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--local_rank", type=int, default=-1)
-    ap.add_argument("--mode", choices=["ds_longctx", "deepspeed"], default="ds_longctx")
+    ap.add_argument("--mode", choices=["ds_longctx", "deepspeed", "alst"], default="ds_longctx")
+    ap.add_argument("--label", default=None, help="the run's name in plots and tables (default: the mode)")
     ap.add_argument("--seq_len", type=int, default=131072)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--intermediate", type=int, default=14336)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv_heads", type=int, default=8)
+    ap.add_argument("--model", choices=sorted(PRESETS), default=None,
+                    help="a real model's shape at full depth (the shape flags below override its fields)")
+    for flag in SHAPE_FLAGS:  # default: the preset's value, or bench.models.DEFAULT_SHAPE's
+        ap.add_argument(f"--{flag}", type=int, default=None, **({"choices": [0, 1]} if flag.startswith("tie") else {}))
     ap.add_argument("--ulysses", type=int, default=0, help="default: all ranks / ring")
     ap.add_argument("--ring", type=int, default=1)
     ap.add_argument("--kernel", default="auto")
@@ -87,25 +100,53 @@ def main():
     ap.add_argument("--checkpoint_offload", type=int, nargs="?", const=-1, default=0,
                     help="ds_longctx: the checkpointed layers' inputs and kept outputs wait in pinned host memory "
                          "(alone: every layer; N: the first N layers)")
-    ap.add_argument("--tie_embeddings", action="store_true", help="the LM head shares the input embedding")
-    ap.add_argument("--vocab", type=int, default=256, help="vocabulary (the text is bytes: ids < 256)")
     ap.add_argument("--loss_tile_tokens", type=int, default=None,
                     help="ds_longctx: loss from the model's hidden states over tiles of this many tokens")
+    ap.add_argument("--alst_loss_tile_gib", type=float, default=1.0,
+                    help="alst: GiB of fp32 logits per TiledFusedLogitsLoss tile (ArcticTraining's 1)")
     ap.add_argument("--ds_sdpa", default="cudnn", choices=["cudnn", "flash", "efficient", "default"],
-                    help="SDPA backend of the plain DeepSpeed run (default: PyTorch's own choice)")
+                    help="SDPA backend of the plain DeepSpeed and ALST runs (default: PyTorch's own choice)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    ap.add_argument("--lr_warmup_steps", type=int, default=20,
+                    help="linear warmup of the learning rate (DeepSpeed's WarmupLR; 0: constant from step 0)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the rates")
     ap.add_argument("--dist_timeout_s", type=int, default=300, help="collective timeout")
     ap.add_argument("--commit", default="")
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    shape = resolve_shape(args.model, **{k: getattr(args, k) for k in SHAPE_FLAGS})
+    for k in SHAPE_FLAGS:  # the JSON records the shape that ran
+        setattr(args, k, getattr(shape, k))
+    args.label = args.label or args.mode
+    if args.mode == "alst" and not args.checkpointing:
+        ap.error("--mode alst is gradient checkpointing with the checkpoints in host memory: add --checkpointing")
+    return args, shape
+
+
+def sdpa_backend(args, cuda):
+    """The SDPA backend context of the plain DeepSpeed and ALST runs."""
+    if not cuda or args.ds_sdpa == "default" or args.mode == "ds_longctx":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}[args.ds_sdpa]
+    return lambda: sdpa_kernel([backend])
+
+
+def main():
+    args, shape = parse_args()
 
     import deepspeed
-    import transformers
+    import transformers  # noqa: F401
 
     import ds_longctx
     from ds_longctx.memory import default_pool
     from examples.train import load_corpus, sample_batch
+
+    from bench import alst
 
     cuda = torch.cuda.is_available()
     # A rank out of memory leaves the others waiting in a collective: the timeout ends the run rather than
@@ -119,37 +160,43 @@ def main():
     dev = torch.device("cuda") if cuda else torch.device("cpu")
     peak = lambda: Memory.peak() / 2 ** 30  # noqa: E731
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq_len,
-        rope_theta=500000.0, tie_word_embeddings=args.tie_embeddings, attn_implementation="sdpa")
     with dev:  # built on the device (fast random init), then partitioned by ZeRO-3 at initialize
-        model = transformers.LlamaForCausalLM(config)
+        model = transformers.LlamaForCausalLM(llama_config(shape, args.seq_len))
     n_params = sum(p.numel() for p in model.parameters())
-    # an embedding lookup is no matmul: the FLOP count leaves the input embedding out (the LM head stays in)
-    flops_params = n_params - model.get_input_embeddings().weight.numel()
+    flops_params = matmul_params(model)
     if args.checkpointing:
         model.gradient_checkpointing_enable()
+    ledger, mpu, alst_info = alst.HostLedger(), None, {}
+    if args.mode == "alst":
+        alst_info = {"checkpoints_offloaded": alst.offload_checkpoints(model, ledger),
+                     "tiled_mlps": alst.tile_mlps(model),
+                     "mlp_tiles": -(-(args.seq_len // world) // shape.hidden),
+                     "loss_tiles": alst.loss_tiles(args.seq_len // world, shape.vocab, args.alst_loss_tile_gib),
+                     "ulysses": world > 1}
+        if world == 1:
+            alst_info["ulysses_note"] = "one rank holds the whole sequence: UlyssesSPAttentionHF has nothing to do"
+        mpu = alst.register_ulysses(model, world, args.seq_len)
     init = ds_longctx.initialize if args.mode == "ds_longctx" else deepspeed.initialize
-    engine, _, _, _ = init(model=model, model_parameters=model.parameters(), config=ds_config(args, world))
+    engine, _, _, _ = init(model=model, model_parameters=model.parameters(), config=ds_config(args, world),
+                           **({"mpu": mpu} if mpu is not None else {}))
     lc = getattr(engine, "long_context", None)
-    dp = lc.topology.dp if lc else world
+    if args.mode == "alst":
+        alst.tile_loss(engine.module, alst.sequence_group(mpu), args.alst_loss_tile_gib)
+    dp = lc.topology.dp if lc else 1 if args.mode == "alst" else world
 
     payload = record_header(world, args.commit)
     payload.update(vars(args), params=n_params, flops_params=flops_params, ds_config=ds_config(args, world), dp=dp)
+    if alst_info:
+        payload["alst"] = alst_info
     if lc is not None:
         from ds_longctx.kernels import get_kernel
         probe = torch.empty(1, 8, args.heads // lc.topology.ulysses, args.hidden // args.heads, device=dev,
                             dtype=torch.bfloat16 if cuda else torch.float32)
         payload["kernel_resolved"] = get_kernel(args.kernel, probe, probe).name
-    attn_ctx = contextlib.nullcontext
-    if lc is None and cuda and args.ds_sdpa != "default":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-                   "efficient": SDPBackend.EFFICIENT_ATTENTION}[args.ds_sdpa]
-        attn_ctx = lambda: sdpa_kernel([backend])  # noqa: E731
+    attn_ctx = sdpa_backend(args, cuda)
     corpus = load_corpus(8.0)
-    gen = torch.Generator().manual_seed(lc.topology.dp_rank if lc else rank)
+    # one sequence per sequence-parallel group: its ranks draw the same one
+    gen = torch.Generator().manual_seed(lc.topology.dp_rank if lc else 0 if args.mode == "alst" else rank)
     D = args.hidden // args.heads
     S = args.seq_len
     flops_step = dp * (6 * flops_params * S + 3.5 * 2 * S * S * args.heads * D * args.layers)
@@ -160,6 +207,8 @@ def main():
         Memory.sync()
         phases = {}
         Memory.reset_peak()  # per-step peaks; the summary takes the largest
+        Memory.reset_host_pinned_peak()
+        ledger.reset_peak()
         t0 = time.perf_counter()
         try:
             with attn_ctx():
@@ -172,30 +221,34 @@ def main():
                         logits = engine(input_ids=ids, position_ids=pos).logits
                         loss = lc.loss(logits, labels)
                         del logits
+                    reported = loss
+                elif args.mode == "alst":
+                    b = {k: v.to(dev) for k, v in alst.shard_sequence(batch["input_ids"], rank, world).items()}
+                    out = engine(**b)
+                    loss, reported = out.loss, out.mean_loss
                 else:
                     loss = engine(input_ids=batch["input_ids"].to(dev), labels=batch["labels"].to(dev)).loss
+                    reported = loss
                 # where the memory goes: what the forward leaves for backward, and each phase's peak
                 phases = {"forward_peak_gib": peak(), "after_forward_gib": alloc()}
                 engine.backward(loss)
                 phases["backward_peak_gib"] = peak()
             engine.step()
             Memory.sync()
-        except OOM as exc:
-            payload["oom"] = {"step": step, "error": str(exc).split("\n")[0][:400],
+        except Exception as exc:  # noqa: BLE001 - an out-of-memory is a result, anything else a bug
+            kind = out_of_memory_kind(exc)
+            if kind is None:
+                raise
+            payload["oom"] = {"step": step, "kind": kind, "error": str(exc).split("\n")[0][:400],
                               "peak_gib": peak()}
             print(f"rank {rank} OOM:", payload["oom"], flush=True)
             break
         dt = time.perf_counter() - t0
-        row = {"step": step, "loss": loss.item(), "seconds": dt, "tokens_per_s": S * dp / dt,
+        row = {"step": step, "loss": reported.item(), "seconds": dt, "tokens_per_s": S * dp / dt,
                "tflops_per_gpu": flops_step / world / dt / 1e12,
-               "peak_gib": peak(), **phases}
-        if lc is not None:  # pinned host memory held by the offload pool (FPDT chunks, checkpoints)
-            row["host_pool_gib"] = default_pool().held_bytes / 2 ** 30
-        if cuda:  # every pinned host allocation of the process (the pool's and DeepSpeed's optimizer offload)
-            stats = torch.cuda.host_memory_stats()
-            pinned = [v for k, v in stats.items() if "allocated_bytes" in k and k.endswith("current")]
-            row["pinned_host_gib"] = max(pinned, default=0) / 2 ** 30
-            row["host_memory_stats"] = {k: v for k, v in stats.items() if "bytes" in k}
+               "peak_gib": peak(), **phases, **host_memory(ledger, default_pool() if lc is not None else None)}
+        if args.mode == "alst":
+            row["host_pinned_held_after_step_gib"] = ledger.held / 2 ** 30  # 0: backward gave every copy back
         steps.append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)
@@ -204,6 +257,7 @@ def main():
     if timed:
         payload["summary"] = {k: sum(r[k] for r in timed) / len(timed) for k in ("tokens_per_s", "tflops_per_gpu")}
         payload["summary"]["peak_gib"] = max(r["peak_gib"] for r in steps)
+        payload["summary"].update(steady_state(steps))
     if rank == 0 or "oom" in payload:  # a rank that ran out of memory alone still leaves its record
         write_json(args.out if rank == 0 else f"{args.out}.rank{rank}", payload)
         print("summary:", payload.get("summary"), "oom:", "oom" in payload, flush=True)
@@ -211,6 +265,32 @@ def main():
         # Leave together: a rank that exits while another still talks to it brings that one down (gloo aborts).
         dist.barrier()
         dist.destroy_process_group()
+
+
+def host_memory(ledger, pool) -> dict:
+    """A step's host memory, GiB: the offloaded checkpoints at their most (alst), the offload pool (ds_longctx),
+    the pinned memory torch's host allocator held at its most (CUDA; 0 on CPU), the process's resident set."""
+    import psutil
+    row = {"host_pinned_allocator_gib": Memory.host_pinned_peak() / 2 ** 30,
+           "host_rss_gib": psutil.Process().memory_info().rss / 2 ** 30}
+    if pool is not None:  # pinned host memory held by the offload pool (FPDT chunks, checkpoints)
+        row["host_pool_gib"] = pool.held_bytes / 2 ** 30
+    if ledger.peak:
+        row["host_pinned_gib"] = ledger.peak / 2 ** 30
+    return row
+
+
+def steady_state(steps) -> dict:
+    """The steps after the first (whose optimizer step allocates the optimizer state): the largest GPU peak and
+    host memory of any of them."""
+    later = steps[1:]
+    if not later:
+        return {}
+    out = {"steady_peak_gib": max(r["peak_gib"] for r in later)}
+    for k in ("host_pinned_gib", "host_pool_gib", "host_pinned_allocator_gib", "host_rss_gib"):
+        if k in later[0]:
+            out[f"steady_{k}"] = max(r[k] for r in later)
+    return out
 
 
 if __name__ == "__main__":

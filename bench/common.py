@@ -64,6 +64,12 @@ class Memory:
     peak = staticmethod(torch.cuda.max_memory_allocated if cuda else lambda: 0)
     reset_peak = staticmethod(torch.cuda.reset_peak_memory_stats if cuda else lambda: None)
     empty_cache = staticmethod(torch.cuda.empty_cache if cuda else lambda: None)
+    # pinned host memory held by torch's caching host allocator (torch.empty(pin_memory=True), .pin_memory())
+    _host_stats = getattr(torch.cuda, "host_memory_stats", None) if cuda else None
+    host_pinned_peak = staticmethod((lambda: Memory._host_stats().get("allocated_bytes.peak", 0)) if _host_stats
+                                    else lambda: 0)
+    reset_host_pinned_peak = staticmethod(getattr(torch.cuda, "reset_peak_host_memory_stats", lambda: None)
+                                          if _host_stats else lambda: None)
 
     @classmethod
     def total(cls, device) -> int:
@@ -72,6 +78,19 @@ class Memory:
 
 # What running out of device memory raises; nothing on CPU is caught as such.
 OOM = torch.cuda.OutOfMemoryError
+
+
+def out_of_memory_kind(exc: BaseException):
+    """How ``exc`` ran out of memory: ``"gpu"`` (the CUDA caching allocator), ``"host"`` (Python's
+    ``MemoryError``, ds_longctx's ``HostMemoryError``), ``"runtime"`` (another RuntimeError saying "out of
+    memory": CUDA reports a failed pinned host allocation so); None when it is no out-of-memory (a bug: raise)."""
+    if isinstance(exc, OOM):
+        return "gpu"
+    if isinstance(exc, MemoryError):
+        return "host"
+    if isinstance(exc, RuntimeError) and "out of memory" in str(exc):
+        return "runtime"
+    return None
 
 
 def versions() -> Dict[str, str]:

@@ -1,0 +1,200 @@
+"""Plain ZeRO-3, DeepSpeed's ALST recipe and ds_longctx side by side at growing sequence lengths, in one
+device call: each (length, variant) is one ``bench_train.py`` launch writing its JSON under ``--out-dir``.
+
+    python bench/run_alst_compare.py --model llama3.2-3b --lengths 65536,131072,262144 --budget-s 540 \\
+        --out-dir $OUT --commit $(git rev-parse --short HEAD)
+    python bench/run_alst_compare.py --model llama3.1-8b --layers 4 --lengths 131072,262144,524288,1048576 ...
+
+Lengths run in increasing order, every variant at a length before the next length. A variant that runs out
+of memory (or fails, or is stopped by the budget) is not launched at longer lengths. Before a launch the
+driver predicts its time from the variant's previous length: the seconds outside the steps (start, model
+build, DeepSpeed's initialize) plus its slowest step x (S / S_prev)^2 (attention dominates) x steps; a run
+predicted past the time left of ``--budget-s`` is skipped, and a launch never runs past it (it is killed,
+and recorded so). ``<prefix>_summary.json`` lists every (length, variant): its status, the predicted and
+the measured seconds, and the JSON written.
+
+Variants (``--variants``; ``--variant NAME='flags'`` adds or replaces one): ``deepspeed`` (plain ZeRO-3 with
+transformers' gradient checkpointing and cuDNN SDPA), ``alst`` (``--mode alst``, cuDNN SDPA),
+``ds_longctx`` (cuDNN kernel, FPDT chunks offloaded, checkpoints offloaded, tiled MLP and loss) and
+``ds_longctx_fa4`` (the same with the ``auto`` kernel: FlashAttention-4 where installed). ``{chunk}`` in
+flags is the FPDT chunk: ``min(65536, S)``. Every run gets ``PYTORCH_CUDA_ALLOC_CONF`` of ``--alloc-conf``
+(expandable segments, as ALST's authors run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+DS_LONGCTX = ("--mode ds_longctx --checkpointing --mlp_tile_tokens 16384 --loss_tile_tokens 4096 --offload "
+              "--checkpoint_offload --chunk_size {chunk}")
+VARIANTS: Dict[str, str] = {
+    "deepspeed": "--mode deepspeed --checkpointing --ds_sdpa cudnn",
+    "alst": "--mode alst --checkpointing --ds_sdpa cudnn",
+    "ds_longctx": DS_LONGCTX + " --kernel sdpa_cudnn",
+    "ds_longctx_fa4": DS_LONGCTX + " --kernel auto",
+}
+STOPS = ("oom", "failed", "timeout", "over_budget")  # statuses after which a variant's longer lengths are skipped
+
+
+class RunResult(NamedTuple):
+    """What one launch gave: ``status`` ok / oom / failed / timeout, its wall time, its steps' seconds, the
+    JSON it wrote (None if none) and a note (the error or the out-of-memory message)."""
+
+    status: str
+    wall_s: float
+    step_seconds: List[float]
+    path: Optional[str]
+    note: str = ""
+
+
+def predict_s(prev: RunResult, prev_len: int, seq_len: int, steps: int) -> float:
+    """Seconds a run of ``steps`` steps at ``seq_len`` takes, from a finished run at ``prev_len``."""
+    outside = max(0.0, prev.wall_s - sum(prev.step_seconds))
+    return outside + max(prev.step_seconds) * (seq_len / prev_len) ** 2 * steps
+
+
+def sweep(lengths: List[int], variants: List[str], steps: int, budget_s: float,
+          launch: Callable[[str, int, float], RunResult], clock: Callable[[], float] = time.monotonic,
+          min_launch_s: float = 30.0) -> List[Dict]:
+    """Run ``launch(variant, seq_len, timeout_s)`` for every length (increasing) and variant within
+    ``budget_s`` seconds of ``clock``; returns one record per (length, variant), launched or not."""
+    start = clock()
+    stopped: Dict[str, str] = {}
+    last_ok: Dict[str, tuple] = {}
+    records = []
+    for seq_len in sorted(lengths):
+        for v in variants:
+            rec = {"variant": v, "seq_len": seq_len}
+            records.append(rec)
+            if v in stopped:
+                rec.update(status="skipped", reason=f"{stopped[v]} at a shorter length")
+                continue
+            left = budget_s - (clock() - start)
+            if v in last_ok:
+                prev_len, prev = last_ok[v]
+                rec["predicted_s"] = predict_s(prev, prev_len, seq_len, steps)
+                if rec["predicted_s"] > left:
+                    rec.update(status="over_budget", left_s=left)
+                    stopped[v] = "over_budget"
+                    continue
+            if left < min_launch_s:
+                rec.update(status="over_budget", left_s=left)
+                stopped[v] = "over_budget"
+                continue
+            res = launch(v, seq_len, left)
+            rec.update(status=res.status, wall_s=res.wall_s, json=res.path, note=res.note,
+                       step_seconds=res.step_seconds)
+            if res.status in STOPS:
+                stopped[v] = res.status
+            else:
+                last_ok[v] = (seq_len, res)
+    return records
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def variant_flags(spec: str, seq_len: int) -> List[str]:
+    return shlex.split(spec.format(chunk=min(65536, seq_len)))
+
+
+def make_launcher(args, variants: Dict[str, str]) -> Callable[[str, int, float], RunResult]:
+    """A ``launch`` for ``sweep`` running ``bench_train.py`` under torchrun with ``args.gpus`` ranks."""
+    model = args.model + (f"_{args.layers}l" if args.layers else "")
+
+    def launch(variant: str, seq_len: int, timeout_s: float) -> RunResult:
+        out = os.path.join(args.out_dir, f"{args.prefix}_{variant}_{model}_{seq_len}.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.gpus),
+               "--master_port", str(free_port()), os.path.join(HERE, "bench_train.py"),
+               "--model", args.model, "--seq_len", str(seq_len), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--label", variant, "--commit", args.commit, "--out", out,
+               *(["--layers", str(args.layers)] if args.layers else []),
+               *variant_flags(variants[variant], seq_len), *shlex.split(args.extra)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if args.alloc_conf:
+            env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
+        print("+", " ".join(cmd), flush=True)
+        if args.dry_run:
+            return RunResult("ok", 0.0, [0.0], None, "dry run")
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout_s, capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            return RunResult("timeout", time.monotonic() - t0, [], out if os.path.exists(out) else None,
+                             f"killed after {timeout_s:.0f} s: the budget's end")
+        wall = time.monotonic() - t0
+        sys.stdout.write(proc.stdout[-3000:])
+        if not os.path.exists(out):  # a rank out of memory alone writes its own record
+            others = [f"{out}.rank{r}" for r in range(1, args.gpus) if os.path.exists(f"{out}.rank{r}")]
+            if not others:
+                return RunResult("failed", wall, [], None, f"rc {proc.returncode}: {proc.stderr[-1500:]}")
+            out = others[0]
+        d = json.load(open(out))
+        seconds = [r["seconds"] for r in d.get("steps", [])]
+        if "oom" in d:
+            return RunResult("oom", wall, seconds, out, f"{d['oom'].get('kind')}: {d['oom']['error'][:300]}")
+        if proc.returncode != 0:
+            return RunResult("failed", wall, seconds, out, f"rc {proc.returncode}: {proc.stderr[-1500:]}")
+        return RunResult("ok", wall, seconds, out)
+    return launch
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="a bench/models.py preset")
+    ap.add_argument("--layers", type=int, default=None, help="a slice of this many layers (default: full depth)")
+    ap.add_argument("--lengths", required=True, help="comma-separated sequence lengths")
+    ap.add_argument("--variants", default="deepspeed,alst,ds_longctx,ds_longctx_fa4")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                    help="add or replace a variant: bench_train.py flags ({chunk}: the FPDT chunk)")
+    ap.add_argument("--extra", default="", help="flags for every run, e.g. --offload_optimizer")
+    ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--budget-s", dest="budget_s", type=float, required=True,
+                    help="seconds for the whole sweep (a device call's limit less a margin)")
+    ap.add_argument("--out-dir", dest="out_dir", default=os.environ.get("OUT", "."))
+    ap.add_argument("--prefix", default="alstcmp")
+    ap.add_argument("--commit", default="")
+    ap.add_argument("--alloc-conf", dest="alloc_conf", default="expandable_segments:True")
+    ap.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the commands, run nothing")
+    args = ap.parse_args(argv)
+    variants = dict(VARIANTS)
+    for spec in args.variant:
+        name, _, flags = spec.partition("=")
+        variants[name] = flags
+    chosen = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in chosen if v not in variants]
+    if unknown:
+        ap.error(f"unknown variants {unknown}: known {sorted(variants)}")
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    os.makedirs(args.out_dir, exist_ok=True)
+    records = sweep(lengths, chosen, args.steps, args.budget_s, make_launcher(args, variants))
+    summary = {"model": args.model, "layers": args.layers, "gpus": args.gpus, "steps": args.steps,
+               "budget_s": args.budget_s, "variants": {v: variants[v] for v in chosen}, "extra": args.extra,
+               "command": " ".join(sys.argv), "runs": records}
+    path = os.path.join(args.out_dir, f"{args.prefix}_summary.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
+    for r in records:
+        print(f"{r['seq_len']:>9} {r['variant']:<16} {r['status']:<12} "
+              f"{r.get('wall_s', 0):7.0f} s  predicted {r.get('predicted_s', float('nan')):7.0f} s  "
+              f"{r.get('note', r.get('reason', ''))[:120]}", flush=True)
+    print("summary:", path)
+
+
+if __name__ == "__main__":
+    main()
