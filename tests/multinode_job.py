@@ -1,7 +1,9 @@
 """Run by torchrun as one of two "nodes" on this machine (tests/test_multinode.py): every rank writes what it
 saw to ``<out>/rank<R>.json``: its node, the groups of a Ulysses 2 x ring 2 topology and that topology's
 attention against the float64 reference, then what a Ulysses group of 4 (spanning both nodes) raised, and
-that it runs, warned, when the user insists."""
+that it runs, warned, when the user insists; then a few steps of ZeRO-3 training of a tiny Llama through
+``ds_longctx.initialize`` on the Ulysses 2 x ring 2 layout: its losses, and on rank 0 the final parameters
+(``<out>/params.pt``), for the test to compare with one process."""
 from __future__ import annotations
 
 import json
@@ -14,7 +16,10 @@ import torch.distributed as dist
 
 from ds_longctx.nodes import this_node
 from ds_longctx.topology import Topology, TopologyError
-from tests import dist_cases
+from tests import deepspeed_cases, dist_cases
+
+# the training of tests/test_multinode.py's single-process reference
+TRAIN_STEPS, TRAIN_SEQ, TRAIN_BATCH = 4, 48, 2
 
 
 def main(out_dir: str) -> None:
@@ -38,6 +43,10 @@ def main(out_dir: str) -> None:
     seen["insisted_ranks"] = insisted.ulysses_ranks
     insisted.destroy()
     dist_cases.release_topologies()
+    trained = deepspeed_cases.train_with_deepspeed("llama", 2, 2, TRAIN_STEPS, TRAIN_SEQ, TRAIN_BATCH)
+    seen["losses"], seen["trained_dp"] = trained["losses"], trained["info"]["dp"]
+    if rank == 0:
+        torch.save(trained["params"], os.path.join(out_dir, "params.pt"))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(seen, f)
     dist.barrier()

@@ -1,6 +1,7 @@
 """Two "nodes" on one machine (``torchrun --nnodes 2 --nproc_per_node 2``, CPU, gloo): the node layout comes
 from the launcher's environment, Ulysses groups stay inside a node while rings span them, the attention equals
-the float64 reference, and a Ulysses group across nodes raises on every rank (warns when the user insists)."""
+the float64 reference, ZeRO-3 training through ``ds_longctx.initialize`` equals one process, and a Ulysses group
+across nodes raises on every rank (warns when the user insists)."""
 from __future__ import annotations
 
 import json
@@ -11,8 +12,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ds_longctx.nodes import cross_node_ulysses
+from tests import deepspeed_cases
+from tests.multinode_job import TRAIN_BATCH, TRAIN_SEQ, TRAIN_STEPS
+
+RTOL = 1e-5  # fp32, as tests/test_deepspeed_integration.py: relative to each tensor's norm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,6 +58,22 @@ def test_two_nodes_under_torchrun_keep_ulysses_inside_a_node_and_rings_across(tm
         assert "choose ulysses_degree dividing 2 and raise ring_degree" in s["spanning"]
         assert "spans nodes" in s["insisted_warning"] and s["insisted_ranks"] == [0, 1, 2, 3]
     assert len({s["spanning"] for s in seen}) == 1  # word for word on every rank
+
+    # training across the two nodes (ZeRO-3, U 2 inside a node x R 2 across) equals one process
+    reference = deepspeed_cases.train_single_process("llama", 1, TRAIN_STEPS, TRAIN_SEQ, TRAIN_BATCH)
+    want = [step[0] for step in reference["losses"]]
+    for s in seen:
+        assert s["trained_dp"] == 1 and s["losses"] == pytest.approx(want, rel=RTOL), (s["losses"], want)
+    final = torch.load(tmp_path / "params.pt")
+    initial = deepspeed_cases.build_model("llama", TRAIN_SEQ).state_dict()
+    assert set(final) == set(reference["params"])
+    for name, ref in reference["params"].items():
+        assert _rel(initial[name], ref) > 100 * RTOL, name  # training moved it far beyond the tolerance
+        assert _rel(final[name], ref) < RTOL, f"{name}: rel error {_rel(final[name], ref):.2e}"
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.mark.parametrize("nodes,groups,spanning", [
