@@ -1,16 +1,21 @@
 """Bad data (token ids outside the vocabulary, ranks of a sequence-parallel group given different batches,
 position ids out of order) raises a clear error on every rank before any collective of the model, and the
-run can go on: nothing hangs and the process groups still work (4 gloo ranks, dp 2 x ring 2)."""
+run can go on: nothing hangs and the process groups still work (4 gloo ranks, dp 2 x ring 2); nothing of a
+DeepSpeed run is lost: its last checkpoint, saved before the bad batch, loads and continues it exactly."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from ds_longctx.integration.batch_checks import position_problem, value_problem
+from ds_longctx.integration.checkpoints import complete_steps, load_newest_complete, save_complete
 from tests import dist_cases
 
 VOCAB, SEQ = 96, 32
+TRAIN_SEQ = 48  # the DeepSpeed run's sequence (its model's vocabulary is tests/deepspeed_cases.py's)
 
 
 def _batch(seed: int, seq: int = SEQ) -> dict:
@@ -63,6 +68,58 @@ CASES = {
     "zigzag_positions": "position_ids jump from 7 to 24 at row 0, index 8",
     "negative_positions": "position_ids hold negative values (min -1)",
 }
+
+
+def bad_batch_after_a_checkpoint(save_dir: str) -> dict:
+    """Every rank: ZeRO-3 training of a tiny Llama (dp 2 x ring 2) saves a complete checkpoint after step 2
+    and trains step 3; a batch with a token outside the vocabulary on rank 3 then raises; a fresh engine of
+    other initial weights loads the newest complete checkpoint and trains step 3 again."""
+    import ds_longctx
+    from tests import deepspeed_cases as cases
+
+    os.environ.setdefault("LOCAL_RANK", "0")
+
+    def engine_for(seed):
+        model = cases.build_model("llama", TRAIN_SEQ, seed)
+        config = cases.ds_config(1, 2, 1, optim="adamw")
+        return ds_longctx.initialize(model=model, model_parameters=model.parameters(), config=config)[0]
+
+    def train_step(engine, step, poison=False):
+        lc = engine.long_context
+        batch = cases.full_batch(step, lc.topology.dp_rank, 1, TRAIN_SEQ)
+        if poison and lc.topology.rank == 3:
+            batch["input_ids"][0, 5] = cases.VOCAB
+        batch = lc.shard_batch(batch)
+        loss = lc.loss(engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits,
+                       batch["shift_labels"])
+        engine.backward(loss)
+        engine.step()
+        return loss.item()
+
+    engine = engine_for(seed=0)
+    for step in range(2):
+        train_step(engine, step)
+    save_complete(engine, save_dir, 2)
+    uninterrupted = train_step(engine, 2)
+    try:
+        train_step(engine, 3, poison=True)
+        raised = "no error"
+    except Exception as exc:  # noqa: BLE001 - returned to the test
+        raised = f"{type(exc).__name__}: {exc}"
+    engine.destroy()
+    engine = engine_for(seed=1)
+    resumed = load_newest_complete(engine, save_dir)
+    again = train_step(engine, 2)
+    engine.destroy()
+    return {"raised": raised, "resumed_step": resumed.step, "uninterrupted": uninterrupted, "again": again}
+
+
+def test_after_a_bad_batch_the_last_checkpoint_loads_and_continues_the_run_exactly(dist_pools, tmp_path):
+    results = dist_pools(4).run(bad_batch_after_a_checkpoint, str(tmp_path / "ckpt"), timeout=240)
+    assert all(r["raised"].startswith("BatchError") and "outside the model's vocabulary" in r["raised"]
+               for r in results), [r["raised"] for r in results]
+    assert all(r["resumed_step"] == 2 and r["again"] == r["uninterrupted"] for r in results), results
+    assert complete_steps(str(tmp_path / "ckpt")) == [2]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
