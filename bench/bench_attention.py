@@ -135,6 +135,32 @@ def error_growth(topos, kernel, device, seq):
     return {"seq": seq, "errors": errors, "max_ratio_to_single": ratio}
 
 
+def chunk_error_growth(kernel, device, seq, counts):
+    """bf16 relative error of out, dq, dk, dv against the float64 reference on one rank with the sequence cut
+    into ``count`` FPDT chunks (chunk ``seq / count``), for each count, and each count's largest error ratio
+    to the unchunked call's. A chunked call computes each key block with the kernel and merges the blocks
+    through their lse (``merge_``), as a ring of ``count`` ranks does, so on one GPU this is the ring's
+    arithmetic without its transfers: the error must not grow with the number of blocks merged."""
+    single = Topology(1, 1)
+    q, k, v, do = (t.double() for t in make_inputs(seq, device, seed=2, dtype=torch.bfloat16))
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out = attention(*ref, single, causal=True, kernel="reference")
+    ref_out.backward(do)
+    want = [ref_out.detach()] + [t.grad for t in ref]
+    errors = {}
+    for count in counts:
+        chunk = None if count == 1 else seq // count
+        loc = [shard(t.bfloat16(), single, chunk_size=chunk).detach().requires_grad_() for t in (q, k, v)]
+        out = attention(*loc, single, causal=True, kernel=kernel, chunk_size=chunk)
+        out.backward(shard(do.bfloat16(), single, chunk_size=chunk))
+        got = [unshard(out.detach(), single, chunk_size=chunk)] + [unshard(t.grad, single, chunk_size=chunk)
+                                                                   for t in loc]
+        errors[str(count)] = {n: rel(a.double(), b) for n, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
+    base = errors[str(counts[0])]
+    ratio = {c: max(e[n] / base[n] for n in e) for c, e in errors.items() if c != str(counts[0])}
+    return {"seq": seq, "chunk_counts": list(counts), "errors": errors, "max_ratio_to_unchunked": ratio}
+
+
 def parse_impl(impl):
     """``"ring:sdpa_cudnn#2"`` -> ("ring", "sdpa_cudnn"): the topology (``_pN`` for a pipelined all-to-all)
     and the kernel when it is not --kernel (a peer in the same run; "" otherwise). After ``#`` comes a tag
@@ -160,6 +186,9 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     ap.add_argument("--error-seq", type=int, default=4096,
                     help="total tokens of the bf16-vs-float64 error check of every topology (0: skip)")
+    ap.add_argument("--error-chunks", default="",
+                    help="comma-separated FPDT chunk counts (1 first) of a one-rank bf16-vs-float64 error check at "
+                         "--error-seq tokens: the ring's block-merge arithmetic on one GPU (empty: skip)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--commit", default="", help="git commit of the code measured (recorded in the JSON)")
     args = ap.parse_args()
@@ -186,6 +215,11 @@ def main():
         payload["bf16_error_vs_float64"] = growth = error_growth(topos, args.kernel, device, args.error_seq)
         if rank == 0:
             print("bf16 error vs float64:", growth["max_ratio_to_single"], flush=True)
+    if args.error_chunks and rank == 0:
+        counts = [int(c) for c in args.error_chunks.split(",") if c]
+        payload["bf16_error_vs_float64_chunks"] = cg = chunk_error_growth(args.kernel, device, args.error_seq,
+                                                                           counts)
+        print("bf16 error vs float64 by chunk count:", cg["max_ratio_to_unchunked"], flush=True)
 
     ds_attn = None
     impls = args.impls.split(",")

@@ -73,6 +73,8 @@ def ds_config(args, world):
                                "checkpoint_offload": (True if args.checkpoint_offload < 0
                                                       else args.checkpoint_offload or False),
                                "lean_rms_norm": bool(args.lean_rms_norm)}
+        if args.block_seq_len:  # the pre-flight check of initialize runs for this length
+            cfg["long_context"]["seq_len"] = args.seq_len
     return cfg
 
 
@@ -113,6 +115,14 @@ def parse_args(argv=None):
                     help="linear warmup of the learning rate (DeepSpeed's WarmupLR; 0: constant from step 0)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the rates")
+    ap.add_argument("--block_seq_len", type=int, default=0, choices=[0, 1],
+                    help="1: --seq_len in the long_context block, so initialize's pre-flight check runs for it; "
+                         "a refusal is recorded (preflight_refused) and the run ends")
+    ap.add_argument("--gpu_memory_gib", type=float, default=None,
+                    help="a smaller GPU: the caching allocator may hold no more than this (the rest of the GPU "
+                         "is out of reach), and initialize's plan is told so")
+    ap.add_argument("--host_memory_gib", type=float, default=None,
+                    help="with --gpu_memory_gib: the host memory initialize's plan is told the process may use")
     ap.add_argument("--dist_timeout_s", type=int, default=300, help="collective timeout")
     ap.add_argument("--commit", default="")
     ap.add_argument("--out", required=True)
@@ -158,6 +168,8 @@ def main():
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     dev = torch.device("cuda") if cuda else torch.device("cpu")
+    if args.gpu_memory_gib is not None:
+        emulate_machine(args, cuda)
     peak = lambda: Memory.peak() / 2 ** 30  # noqa: E731
     torch.manual_seed(0)
     with dev:  # built on the device (fast random init), then partitioned by ZeRO-3 at initialize
@@ -177,8 +189,21 @@ def main():
             alst_info["ulysses_note"] = "one rank holds the whole sequence: UlyssesSPAttentionHF has nothing to do"
         mpu = alst.register_ulysses(model, world, args.seq_len)
     init = ds_longctx.initialize if args.mode == "ds_longctx" else deepspeed.initialize
-    engine, _, _, _ = init(model=model, model_parameters=model.parameters(), config=ds_config(args, world),
-                           **({"mpu": mpu} if mpu is not None else {}))
+    try:
+        engine, _, _, _ = init(model=model, model_parameters=model.parameters(), config=ds_config(args, world),
+                               **({"mpu": mpu} if mpu is not None else {}))
+    except ds_longctx.LongContextConfigError as exc:
+        if not args.block_seq_len:
+            raise
+        # the pre-flight check refused the configuration on every rank, before any step: the result
+        payload = record_header(world, args.commit)
+        payload.update(vars(args), ds_config=ds_config(args, world), preflight_refused=str(exc))
+        if rank == 0:
+            write_json(args.out, payload)
+            print("pre-flight refused:", str(exc)[:2000], flush=True)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     lc = getattr(engine, "long_context", None)
     if args.mode == "alst":
         alst.tile_loss(engine.module, alst.sequence_group(mpu), args.alst_loss_tile_gib)
@@ -265,6 +290,26 @@ def main():
         # Leave together: a rank that exits while another still talks to it brings that one down (gloo aborts).
         dist.barrier()
         dist.destroy_process_group()
+
+
+def emulate_machine(args, cuda) -> None:
+    """Run as on a GPU of ``--gpu_memory_gib`` and a host of ``--host_memory_gib``: the caching allocator is
+    capped (an allocation past the cap raises out-of-memory, as on the smaller GPU), and initialize's plan
+    reads both facts from ``DS_LONGCTX_MACHINE``."""
+    from ds_longctx.plan.machine import GIB, MACHINE_ENV
+
+    if args.host_memory_gib is None:
+        raise SystemExit("--gpu_memory_gib needs --host_memory_gib (the host the plan may use)")
+    name = "NVIDIA H200"
+    if cuda:
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        if args.gpu_memory_gib * GIB > total:
+            raise SystemExit(f"--gpu_memory_gib {args.gpu_memory_gib} is more than this GPU has "
+                             f"({total / GIB:.1f} GiB)")
+        torch.cuda.set_per_process_memory_fraction(args.gpu_memory_gib * GIB / total)
+        name = torch.cuda.get_device_name()
+    os.environ[MACHINE_ENV] = json.dumps({"gpu_memory_gib": args.gpu_memory_gib,
+                                          "host_memory_gib": args.host_memory_gib, "gpu_name": name})
 
 
 def host_memory(ledger, pool) -> dict:
