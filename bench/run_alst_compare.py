@@ -16,7 +16,9 @@ the measured seconds, and the JSON written.
 Variants (``--variants``; ``--variant NAME='flags'`` adds or replaces one): ``deepspeed`` (plain ZeRO-3 with
 transformers' gradient checkpointing and cuDNN SDPA), ``alst`` (``--mode alst``, cuDNN SDPA),
 ``ds_longctx`` (cuDNN kernel, FPDT chunks offloaded, checkpoints offloaded, tiled MLP and loss) and
-``ds_longctx_fa4`` (the same with the ``auto`` kernel: FlashAttention-4 where installed). ``{chunk}`` in
+``ds_longctx_fa4`` (the same with the ``auto`` kernel: FlashAttention-4 where installed), ``ds_longctx_plan``
+(the configuration ``ds-longctx plan`` chooses for the length on this machine, cuDNN kernel; its plan JSON is
+kept) and ``ds_longctx_plan_fa4`` (the same with the ``auto`` kernel). ``{chunk}`` in
 flags is the FPDT chunk: ``min(65536, S)``. Every run gets ``PYTORCH_CUDA_ALLOC_CONF`` of ``--alloc-conf``
 (expandable segments, as ALST's authors run).
 """
@@ -29,19 +31,25 @@ import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
 
 DS_LONGCTX = ("--mode ds_longctx --checkpointing --mlp_tile_tokens 16384 --loss_tile_tokens 4096 --offload "
               "--checkpoint_offload --chunk_size {chunk}")
+# {plan}: the configuration ``ds-longctx plan`` chooses for the model at the length on this machine
+PLANNED = "--mode ds_longctx --checkpointing {plan}"
 VARIANTS: Dict[str, str] = {
     "deepspeed": "--mode deepspeed --checkpointing --ds_sdpa cudnn",
     "alst": "--mode alst --checkpointing --ds_sdpa cudnn",
     "ds_longctx": DS_LONGCTX + " --kernel sdpa_cudnn",
     "ds_longctx_fa4": DS_LONGCTX + " --kernel auto",
+    "ds_longctx_plan": PLANNED + " --kernel sdpa_cudnn",
+    "ds_longctx_plan_fa4": PLANNED + " --kernel auto",
 }
 STOPS = ("oom", "failed", "timeout", "over_budget")  # statuses after which a variant's longer lengths are skipped
 
@@ -107,22 +115,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def variant_flags(spec: str, seq_len: int) -> List[str]:
-    return shlex.split(spec.format(chunk=min(65536, seq_len)))
+def variant_flags(spec: str, seq_len: int, planned: Optional[Callable[[int], List[str]]] = None) -> List[str]:
+    """A variant's bench_train flags at ``seq_len``: ``{chunk}`` the FPDT chunk, ``{plan}`` the flags of
+    ``planned(seq_len)`` (later flags override the plan's, e.g. its kernel)."""
+    plan = shlex.join(planned(seq_len)) if "{plan}" in spec and planned is not None else ""
+    return shlex.split(spec.format(chunk=min(65536, seq_len), plan=plan))
+
+
+def make_planner(args) -> Callable[[int], List[str]]:
+    """``ds-longctx plan`` for the sweep's model at a length on this machine (pynvml, the host's available
+    memory): its JSON is kept under ``--out-dir``, its configuration returned as bench_train flags. Raises
+    ``RuntimeError`` with the plan's reason when nothing fits."""
+    from bench.bench_plan_max import train_flags
+    from bench.models import llama_config, resolve_shape
+
+    def planned(seq_len: int) -> List[str]:
+        model_dir = tempfile.mkdtemp(prefix="alstcmp_model_")
+        llama_config(resolve_shape(args.model, layers=args.layers), seq_len).save_pretrained(model_dir)
+        cmd = [sys.executable, "-m", "ds_longctx.cli", "plan", "--model", model_dir, "--seq-len", str(seq_len),
+               "--gpus", str(args.gpus), "--json", *shlex.split(args.plan_flags)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ds-longctx plan: {proc.stderr.strip()[-600:]}")
+        plan = json.loads(proc.stdout)
+        model = args.model + (f"_{args.layers}l" if args.layers else "")
+        with open(os.path.join(args.out_dir, f"{args.prefix}_plan_{model}_{seq_len}.json"), "w") as f:
+            json.dump(plan, f, indent=1)
+        return train_flags(plan["ds_config"])
+    return planned
 
 
 def make_launcher(args, variants: Dict[str, str]) -> Callable[[str, int, float], RunResult]:
     """A ``launch`` for ``sweep`` running ``bench_train.py`` under torchrun with ``args.gpus`` ranks."""
     model = args.model + (f"_{args.layers}l" if args.layers else "")
+    planned = make_planner(args) if not args.dry_run else lambda seq_len: [f"<plan at {seq_len}>"]
 
     def launch(variant: str, seq_len: int, timeout_s: float) -> RunResult:
         out = os.path.join(args.out_dir, f"{args.prefix}_{variant}_{model}_{seq_len}.json")
+        t0 = time.monotonic()
+        try:
+            flags = variant_flags(variants[variant], seq_len, planned)
+        except RuntimeError as exc:  # the planner found nothing that fits: the variant stops here
+            return RunResult("oom", time.monotonic() - t0, [], None, str(exc))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.gpus),
                "--master_port", str(free_port()), os.path.join(HERE, "bench_train.py"),
                "--model", args.model, "--seq_len", str(seq_len), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--label", variant, "--commit", args.commit, "--out", out,
                *(["--layers", str(args.layers)] if args.layers else []),
-               *variant_flags(variants[variant], seq_len), *shlex.split(args.extra)]
+               *flags, *shlex.split(args.extra)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if args.alloc_conf:
             env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
@@ -162,6 +202,8 @@ def main(argv=None):
                     help="add or replace a variant: bench_train.py flags ({chunk}: the FPDT chunk)")
     ap.add_argument("--extra", default="", help="flags for every run, e.g. --offload_optimizer")
     ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--plan-flags", dest="plan_flags", default="",
+                    help="more ds-longctx plan flags for the {plan} variants, e.g. --host-memory-gib 100")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--budget-s", dest="budget_s", type=float, required=True,

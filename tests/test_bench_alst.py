@@ -264,3 +264,27 @@ def test_report_lists_each_length_and_the_longest_trained_per_run():
     assert "| alst | 131072 | OOM (gpu, step 0, 120.0 GiB) |" in text
     assert "| ds_longctx | 131072 | 1,100 | 1.0 | 35.0 |" in text
     assert "| alst | 65536 | 131072 |" in text and "| ds_longctx | 131072 | none run |" in text
+
+
+def test_planned_variants_train_the_configuration_the_planner_chooses_for_each_length(tmp_path):
+    import argparse
+
+    from bench.run_alst_compare import VARIANTS, make_planner, variant_flags
+
+    args = argparse.Namespace(model="llama3.2-3b", layers=None, gpus=1, out_dir=str(tmp_path), prefix="t",
+                              plan_flags="--gpu-memory-gib 139.8 --host-memory-gib 120")
+    planned = make_planner(args)
+    flags = variant_flags(VARIANTS["ds_longctx_plan"], 262144, planned)
+
+    with open(tmp_path / "t_plan_llama3.2-3b_262144.json") as f:
+        plan = json.load(f)
+    block = plan["ds_config"]["long_context"]
+    assert plan["fits"] and plan["seq_len"] == 262144
+    assert flags[:3] == ["--mode", "ds_longctx", "--checkpointing"] and flags[-2:] == ["--kernel", "sdpa_cudnn"]
+    if block["fpdt"]["chunk_size"]:
+        assert flags[flags.index("--chunk_size") + 1] == str(block["fpdt"]["chunk_size"])
+    assert ("--offload" in flags) == block["fpdt"]["offload"]
+    assert flags[flags.index("--keep_attention_output") + 1] == str(int(block["keep_attention_output"]))
+    args.plan_flags = "--gpu-memory-gib 8 --host-memory-gib 8"  # a 3B model's states alone need more
+    with pytest.raises(RuntimeError, match="ds-longctx plan"):
+        planned(262144)
