@@ -106,14 +106,18 @@ def test_the_search_returns_the_fastest_configuration_that_fits_and_validates():
     assert cfg.ulysses_degree * cfg.ring_degree == 8 and cfg.ulysses_degree <= 8
 
 
-def test_the_longest_sequence_fits_and_a_tenth_more_does_not():
+@pytest.mark.parametrize("gpu_gib,host_gib", [(None, None), (40.0, 48.0)])
+def test_the_longest_sequence_fits_and_a_tenth_more_does_not_with_any_configuration(gpu_gib, host_gib):
+    machine = H200 if gpu_gib is None else Machine(gpus=1, gpu_memory=int(gpu_gib * GIB),
+                                                   host_memory=int(host_gib * GIB), gpu_name="NVIDIA H200")
     model = ModelSpec.from_config(LLAMA_3B)
     run = Run(model=model, world=1, seq_len=1)
-    margins = Margins.default(H200)
-    longest_fit = longest(run, H200, margins)
+    margins = Margins.default(machine)
+    longest_fit = longest(run, machine, margins)
     assert longest_fit is not None and longest_fit.fits
-    longer = run.with_seq_len(int(longest_fit.run.seq_len * 1.1) // 65536 * 65536 + 65536)
-    assert best(longer, H200, margins)[0] is None
+    # the first length of the search's finest step at or past 1.1x: nothing fits there, whatever the settings
+    longer = run.with_seq_len(-(-int(longest_fit.run.seq_len * 1.1) // 1024) * 1024)
+    assert best(longer, machine, margins)[0] is None
 
 
 def test_auto_values_resolve_to_the_searched_configuration():

@@ -159,22 +159,36 @@ def best(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dict] = N
 
 
 def longest(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dict] = None,
-            base: Settings = Settings(), granule: int = 32768, limit: int = 1 << 27) -> Optional[Verdict]:
-    """The fitting configuration of the longest sequence (a multiple of ``granule`` tokens), or None."""
-    granule = math.lcm(granule, 2 * run.world)
-    fits = lambda n: best(run.with_seq_len(n * granule), machine, margins, fixed, base)[0]  # noqa: E731
-    if fits(1) is None:
+            base: Settings = Settings(), granule: int = 32768, fine: int = 1024,
+            limit: int = 1 << 27) -> Optional[Verdict]:
+    """The fitting configuration of the longest sequence, or None when not even ``granule`` tokens fit.
+
+    The length is found in multiples of ``granule`` tokens, then refined between the longest fitting and the
+    shortest failing multiple in steps of ``fine`` tokens, so 1.1x the answer does not fit (lengths that FPDT
+    chunks do not divide are planned without chunks)."""
+    granule, fine = math.lcm(granule, 2 * run.world), math.lcm(fine, 2 * run.world)
+    fits = lambda tokens: best(run.with_seq_len(tokens), machine, margins, fixed, base)[0]  # noqa: E731
+    if fits(granule) is None:
         return None
     low, high = 1, 2
-    while high * granule <= limit and fits(high) is not None:
+    while high * granule <= limit and fits(high * granule) is not None:
         low, high = high, high * 2
     while high - low > 1:
         mid = (low + high) // 2
-        if fits(mid) is not None:
+        if fits(mid * granule) is not None:
             low = mid
         else:
             high = mid
-    return fits(low)
+    if high * granule > limit:
+        return fits(low * granule)
+    low, high = low * granule // fine, high * granule // fine  # granule is a multiple of fine
+    while high - low > 1:
+        mid = (low + high) // 2
+        if fits(mid * fine) is not None:
+            low = mid
+        else:
+            high = mid
+    return fits(low * fine)
 
 
 __all__ = ["CHUNK_SIZES", "Margins", "Verdict", "best", "candidates", "factorizations", "judge", "longest",
