@@ -85,13 +85,19 @@ def measured(record: dict) -> dict:
     steady = [r for r in record.get("steps", []) if r["step"] >= 1]
     if not steady:
         return {"oom": record.get("oom")}
-    # torch's pinned host allocator at its most in the step (older records: its current bytes at the step's end)
-    process_pinned = max(r.get("host_pinned_allocator_gib", r.get("pinned_host_gib", 0.0)) for r in steady)
     pool = max(r.get("host_pool_gib", 0.0) for r in steady)
-    # the first runs (commit 37a9fca) read a stat key that does not exist: only the offload pool was measured
-    source = "process" if process_pinned > 0 or pool == 0 else "pool"
+    if all("host_pinned_total_gib" in r for r in steady):
+        # the pool locks its own pages (not through torch's allocator): the allocator's peak plus the pool's bytes
+        pinned, source = max(r["host_pinned_total_gib"] for r in steady), "process+pool"
+    else:
+        # older records: the pool's buffers came from torch's pinned host allocator, whose peak in the step counts
+        # them (older still: its current bytes at the step's end)
+        process_pinned = max(r.get("host_pinned_allocator_gib", r.get("pinned_host_gib", 0.0)) for r in steady)
+        # the first runs (commit 37a9fca) read a stat key that does not exist: only the offload pool was measured
+        source = "process" if process_pinned > 0 or pool == 0 else "pool"
+        pinned = process_pinned if source == "process" else pool
     return {"gpu_peak_gib": max(r["peak_gib"] for r in steady),
-            "host_pinned_gib": process_pinned if source == "process" else pool, "host_pinned_source": source,
+            "host_pinned_gib": pinned, "host_pinned_source": source,
             "host_pool_gib": max(r.get("host_pool_gib", 0.0) for r in steady),
             "step_seconds": sum(r["seconds"] for r in steady) / len(steady),
             "losses": [r["loss"] for r in record["steps"]], "oom": record.get("oom")}
