@@ -57,6 +57,7 @@ CONFIGS = {
 def predict(record: dict, gpu_name: str) -> dict:
     """The planner's GPU peak, pinned host and step time for a bench_train record's configuration."""
     from ds_longctx.plan import ModelSpec, Run, Settings, ZeroSettings, estimate, rates_for
+    from ds_longctx.plan.estimate import estimate_host
 
     a = record
     model = ModelSpec(layers=a["layers"], hidden=a["hidden"], intermediate=a["intermediate"], heads=a["heads"],
@@ -73,7 +74,11 @@ def predict(record: dict, gpu_name: str) -> dict:
     run = Run(model=model, world=record["world_size"], seq_len=a["seq_len"], checkpointing=bool(a["checkpointing"]))
     est = estimate(run, settings, rates_for(gpu_name), gpu_name)
     gib = 2 ** 30
+    # what torch's pinned allocator held when the pool's buffers went through it (records before the pool
+    # page-locked its own): every buffer rounded to a power of two
+    as_then = sum(estimate_host(run, settings, pool_in_torch_allocator=True).values())
     return {"gpu_peak_gib": est.gpu_peak / gib, "host_pinned_gib": est.host_pinned / gib,
+            "host_pinned_pool_in_torch_allocator_gib": as_then / gib,
             "step_seconds": est.step_seconds, "peak_moment": est.peak_moment,
             "components_gib": {k: v / gib for k, v in est.gpu_components.items()},
             "host_components_gib": {k: v / gib for k, v in est.host_components.items()},
@@ -85,13 +90,19 @@ def measured(record: dict) -> dict:
     steady = [r for r in record.get("steps", []) if r["step"] >= 1]
     if not steady:
         return {"oom": record.get("oom")}
-    # torch's pinned host allocator at its most in the step (older records: its current bytes at the step's end)
-    process_pinned = max(r.get("host_pinned_allocator_gib", r.get("pinned_host_gib", 0.0)) for r in steady)
     pool = max(r.get("host_pool_gib", 0.0) for r in steady)
-    # the first runs (commit 37a9fca) read a stat key that does not exist: only the offload pool was measured
-    source = "process" if process_pinned > 0 or pool == 0 else "pool"
+    if all("host_pinned_total_gib" in r for r in steady):
+        # the pool locks its own pages (not through torch's allocator): the allocator's peak plus the pool's bytes
+        pinned, source = max(r["host_pinned_total_gib"] for r in steady), "process+pool"
+    else:
+        # older records: the pool's buffers came from torch's pinned host allocator, whose peak in the step counts
+        # them (older still: its current bytes at the step's end)
+        process_pinned = max(r.get("host_pinned_allocator_gib", r.get("pinned_host_gib", 0.0)) for r in steady)
+        # the first runs (commit 37a9fca) read a stat key that does not exist: only the offload pool was measured
+        source = "process" if process_pinned > 0 or pool == 0 else "pool"
+        pinned = process_pinned if source == "process" else pool
     return {"gpu_peak_gib": max(r["peak_gib"] for r in steady),
-            "host_pinned_gib": process_pinned if source == "process" else pool, "host_pinned_source": source,
+            "host_pinned_gib": pinned, "host_pinned_source": source,
             "host_pool_gib": max(r.get("host_pool_gib", 0.0) for r in steady),
             "step_seconds": sum(r["seconds"] for r in steady) / len(steady),
             "losses": [r["loss"] for r in record["steps"]], "oom": record.get("oom")}
@@ -100,6 +111,9 @@ def measured(record: dict) -> dict:
 def compare(row: dict) -> None:
     """Ratios predicted / measured, and whether each is within its target (10% memory, 20% time)."""
     p, m = dict(row["predicted"]), row["measured"]
+    if m.get("host_pinned_source") in ("process", "pool") and "host_pinned_pool_in_torch_allocator_gib" in p:
+        # measured when the pool's buffers came from torch's allocator, rounded to powers of two
+        p["host_pinned_gib"] = p["host_pinned_pool_in_torch_allocator_gib"]
     if m.get("host_pinned_source") == "pool":  # DeepSpeed's pinned optimizer was not measured: the pool alone
         p["host_pinned_gib"] -= p["host_components_gib"].get("optimizer_offload", 0.0)
     for key, tol in (("gpu_peak_gib", 0.10), ("host_pinned_gib", 0.10), ("step_seconds", 0.20)):

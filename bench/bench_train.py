@@ -314,12 +314,20 @@ def emulate_machine(args, cuda) -> None:
 
 def host_memory(ledger, pool) -> dict:
     """A step's host memory, GiB: the offloaded checkpoints at their most (alst), the offload pool (ds_longctx),
-    the pinned memory torch's host allocator held at its most (CUDA; 0 on CPU), the process's resident set."""
+    the pinned memory torch's host allocator held at its most (CUDA; 0 on CPU), the process's resident set.
+
+    The pool page-locks its buffers itself (``cudaHostRegister``), outside torch's host allocator, so the pinned
+    total is the allocator's peak (DeepSpeed's optimizer offload, ALST's copies) plus the pool's locked bytes
+    (the pool never shrinks within a step: its bytes at the step's end are its peak)."""
     import psutil
     row = {"host_pinned_allocator_gib": Memory.host_pinned_peak() / 2 ** 30,
            "host_rss_gib": psutil.Process().memory_info().rss / 2 ** 30}
-    if pool is not None:  # pinned host memory held by the offload pool (FPDT chunks, checkpoints)
+    locked = 0
+    if pool is not None:  # host memory held by the offload pool (FPDT chunks, checkpoints); locked with CUDA
         row["host_pool_gib"] = pool.held_bytes / 2 ** 30
+        locked = pool.locked_bytes
+        row["host_pool_locked_gib"] = locked / 2 ** 30
+    row["host_pinned_total_gib"] = row["host_pinned_allocator_gib"] + locked / 2 ** 30
     if ledger.peak:
         row["host_pinned_gib"] = ledger.peak / 2 ** 30
     return row
@@ -332,7 +340,8 @@ def steady_state(steps) -> dict:
     if not later:
         return {}
     out = {"steady_peak_gib": max(r["peak_gib"] for r in later)}
-    for k in ("host_pinned_gib", "host_pool_gib", "host_pinned_allocator_gib", "host_rss_gib"):
+    for k in ("host_pinned_gib", "host_pool_gib", "host_pinned_allocator_gib", "host_pinned_total_gib",
+              "host_rss_gib"):
         if k in later[0]:
             out[f"steady_{k}"] = max(r[k] for r in later)
     return out

@@ -200,7 +200,8 @@ def long_sequence_tables(rows=None):
         by_model.setdefault(run_model_name(d), []).append((name, d))
     out = ["Every row a measured run (none predicted); GPU peak: the largest of the steps after the first; host "
            "memory: the offloaded checkpoints (alst), the offload pool (ds_longctx), the pinned memory torch's "
-           "host allocator held (all).\n"]
+           "host allocator held plus the pool's page-locked bytes (all; earlier runs: the allocator alone, which then "
+           "held the pool's buffers).\n"]
     for model, runs in by_model.items():
         out.append(f"**{model}** ({runs[0][1]['params'] / 1e9:.2f}B parameters, vocabulary {runs[0][1]['vocab']}, "
                    f"{runs[0][1]['world_size']} GPU)\n")
@@ -220,7 +221,9 @@ def long_sequence_tables(rows=None):
             longest[label] = max(longest.get(label, 0), d["seq_len"])
             host = s.get("steady_host_pinned_gib", s.get("steady_host_pool_gib"))
             gpu = s.get("steady_peak_gib", s.get("peak_gib"))  # one step: no steady state, its own peak
-            pinned = s.get("steady_host_pinned_allocator_gib")
+            # the pool page-locks its own buffers: torch's allocator plus the pool (older runs: the allocator alone,
+            # which then held the pool's buffers)
+            pinned = s.get("steady_host_pinned_total_gib", s.get("steady_host_pinned_allocator_gib"))
             out.append(f"| {label} | {d['seq_len']} | {f(s.get('tokens_per_s'), ',.0f')} | "
                        f"{f(s.get('tflops_per_gpu'), '.1f')} | {f(gpu, '.1f')} | {f(host, '.1f')} | "
                        f"{f(pinned, '.1f')} | {losses} | `{name}` |")

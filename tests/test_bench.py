@@ -111,6 +111,25 @@ def test_training_bench_trains_on_two_ranks_and_reports_each_step(tmp_path, mode
     if mode == "ds_longctx":
         assert d["kernel_resolved"] and d["ds_config"]["long_context"]["ulysses_degree"] == 2
         assert all(r["host_pool_gib"] > 0 for r in d["steps"])  # FPDT chunks and checkpoints went to the pool
+        for r in d["steps"]:  # the pool locks its own pages, outside torch's allocator: both count
+            assert r["host_pinned_total_gib"] == r["host_pinned_allocator_gib"] + r["host_pool_locked_gib"]
+        assert "steady_host_pinned_total_gib" in d["summary"]
+
+
+def test_measured_pinned_host_is_the_allocator_peak_plus_the_pool_and_older_records_keep_their_meaning():
+    from bench.bench_plan import measured
+
+    def record(*rows):
+        return {"steps": [{"step": i, "peak_gib": 1.0, "seconds": 1.0, "loss": 5.0, **r} for i, r in enumerate(rows)]}
+
+    now = record({}, {"host_pinned_allocator_gib": 12.0, "host_pool_gib": 69.0, "host_pool_locked_gib": 69.0,
+                      "host_pinned_total_gib": 81.0})
+    assert measured(now)["host_pinned_gib"] == 81.0 and measured(now)["host_pinned_source"] == "process+pool"
+    # before the pool locked its own pages, torch's allocator peak already held the pool's (rounded) buffers
+    before = record({}, {"host_pinned_allocator_gib": 91.0, "host_pool_gib": 69.0})
+    assert measured(before)["host_pinned_gib"] == 91.0 and measured(before)["host_pinned_source"] == "process"
+    first_runs = record({}, {"host_pinned_allocator_gib": 0.0, "host_pool_gib": 69.0})
+    assert measured(first_runs)["host_pinned_source"] == "pool"
 
 
 def test_implementations_are_timed_in_rounds_and_one_out_of_memory_leaves_the_others_timed():

@@ -6,6 +6,11 @@ and the next layer (or the next step's same layer) leases the same buffers again
 grows to the peak of simultaneously leased bytes (all layers' saved chunks of one step) during the first
 step and stays there. :meth:`HostPool.release` (or leaving a ``with pool:`` block, or interpreter exit)
 frees every idle buffer. Without CUDA the buffers are ordinary host tensors: the same schedule runs on CPU.
+
+With CUDA, pinned buffers are page-locked exactly (:mod:`.pinned`: whole pages, registered with
+``cudaHostRegister``), not taken from torch's host allocator, which would round each one up to a power of two
+(a 1.5 GiB checkpoint would lock 2 GiB). The pool counts the bytes it locks, so ``limit_bytes`` bounds what the
+process really pins for offload.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from . import pinned as pinned_memory
 
 Key = Tuple[Tuple[int, ...], torch.dtype, bool]
 
@@ -30,6 +37,8 @@ def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
 class HostPool:
     """Buffers keyed by ``(shape, dtype, pinned)``; idle ones are handed out again before anything is allocated.
 
+    Byte counts are what the buffers occupy: for a page-locked buffer the locked bytes (whole pages).
+
     Args:
         limit_bytes: refuse to hold more than this many bytes in all (``None``: whatever the allocator gives).
     """
@@ -37,6 +46,7 @@ class HostPool:
     def __init__(self, limit_bytes: Optional[int] = None):
         self.limit_bytes = limit_bytes
         self._idle: Dict[Key, List[torch.Tensor]] = {}
+        self._locked: Dict[int, pinned_memory.PinnedBuffer] = {}  # by data_ptr: the registered buffers held
         self.held_bytes = 0        # allocated and not yet released, idle or leased
         self.leased_bytes = 0
         self.allocations = 0       # number of host allocations ever made (stays flat once warm)
@@ -47,38 +57,60 @@ class HostPool:
 
         Raises :class:`HostMemoryError` naming the bytes needed when the limit or the allocator refuses."""
         key = (tuple(int(d) for d in shape), dtype, bool(pin))
-        nbytes = _nbytes(key[0], dtype)
         idle = self._idle.get(key)
         if idle:
             buf = idle.pop()
         else:
-            what = "pinned host" if pin else "host"
-            if self.limit_bytes is not None and self.held_bytes + nbytes > self.limit_bytes:
-                raise HostMemoryError(
-                    f"offload needs {nbytes} more bytes ({nbytes / 2**30:.3f} GiB) of {what} memory for a "
-                    f"{list(key[0])} {dtype} buffer, but the pool is limited to {self.limit_bytes} bytes and "
-                    f"already holds {self.held_bytes}; raise the limit, shorten the sequence per rank (more "
-                    f"ulysses/ring ranks), or use offload=False")
-            try:
-                buf = torch.empty(key[0], dtype=dtype, pin_memory=bool(pin))
-            except (RuntimeError, MemoryError) as exc:
-                raise HostMemoryError(
-                    f"could not allocate {nbytes} bytes ({nbytes / 2**30:.3f} GiB) of {what} memory for a "
-                    f"{list(key[0])} {dtype} offload buffer (the pool already holds {self.held_bytes} bytes, "
-                    f"{self.leased_bytes} of them in use): free host memory, shorten the sequence per rank "
-                    f"(more ulysses/ring ranks), or use offload=False. Allocator said: {exc}") from exc
-            self.allocations += 1
-            self.held_bytes += nbytes
-        self.leased_bytes += nbytes
+            buf = self._allocate(key)
+        self.leased_bytes += self._occupied(buf)
         return buf
+
+    def _allocate(self, key: Key) -> torch.Tensor:
+        shape, dtype, pin = key
+        exact = pin and pinned_memory.can_register()
+        nbytes = _nbytes(shape, dtype)
+        needed = pinned_memory.page_round(nbytes) if exact else nbytes
+        what = "pinned host" if pin else "host"
+        if self.limit_bytes is not None and self.held_bytes + needed > self.limit_bytes:
+            raise HostMemoryError(
+                f"offload needs {needed} more bytes ({needed / 2**30:.3f} GiB) of {what} memory for a "
+                f"{list(shape)} {dtype} buffer, but the pool is limited to {self.limit_bytes} bytes and "
+                f"already holds {self.held_bytes}; raise the limit, shorten the sequence per rank (more "
+                f"ulysses/ring ranks), or use offload=False")
+        try:
+            if exact:
+                record = pinned_memory.pin_exact(shape, dtype)
+                buf = record.tensor
+                self._locked[buf.data_ptr()] = record
+            else:
+                buf = torch.empty(shape, dtype=dtype, pin_memory=pin)
+        except (RuntimeError, MemoryError) as exc:
+            raise HostMemoryError(
+                f"could not allocate {needed} bytes ({needed / 2**30:.3f} GiB) of {what} memory for a "
+                f"{list(shape)} {dtype} offload buffer (the pool already holds {self.held_bytes} bytes, "
+                f"{self.leased_bytes} of them in use): free host memory, shorten the sequence per rank "
+                f"(more ulysses/ring ranks), or use offload=False. Allocator said: {exc}") from exc
+        self.allocations += 1
+        self.held_bytes += needed
+        return buf
+
+    def _occupied(self, buf: torch.Tensor) -> int:
+        record = self._locked.get(buf.data_ptr())
+        return record.locked_bytes if record is not None else buf.numel() * buf.element_size()
+
+    def _drop(self, buf: torch.Tensor) -> None:
+        """Stop holding ``buf`` (no copy may still use it): unlock its pages if it was registered."""
+        self.held_bytes -= self._occupied(buf)
+        record = self._locked.pop(buf.data_ptr(), None)
+        if record is not None:
+            record.unregister()
 
     def give_back(self, buffers: Sequence[torch.Tensor], pinned: Sequence[bool]) -> None:
         """Return leased buffers (their last device copies must be complete: callers pass ordered events)."""
         for buf, pin in zip(buffers, pinned):
-            nbytes = buf.numel() * buf.element_size()
-            self.leased_bytes -= nbytes
+            self.leased_bytes -= self._occupied(buf)
             if self._released:
-                self.held_bytes -= nbytes  # released while leased: drop it now instead of keeping it idle
+                self._drop(buf)  # released while leased: drop it now instead of keeping it idle
                 continue
             self._idle.setdefault((tuple(buf.shape), buf.dtype, pin), []).append(buf)
 
@@ -91,13 +123,18 @@ class HostPool:
         """Free every idle buffer; buffers still leased are freed when their lease ends."""
         for bufs in self._idle.values():
             for buf in bufs:
-                self.held_bytes -= buf.numel() * buf.element_size()
+                self._drop(buf)
         self._idle.clear()
         self._released = True
 
     @property
     def idle_bytes(self) -> int:
         return self.held_bytes - self.leased_bytes
+
+    @property
+    def locked_bytes(self) -> int:
+        """Bytes of the held buffers that are page-locked through :mod:`.pinned` (0 without CUDA)."""
+        return sum(r.locked_bytes for r in self._locked.values())
 
     def __enter__(self) -> "HostPool":
         return self

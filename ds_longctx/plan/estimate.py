@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, List, NamedTuple
 
 from ..geometry import ChunkGeometry
 from .machine import GIB
 from .model_spec import ModelSpec
+from .offload_optimizer import offload_optimizer_host, power_of_two_ceil
 from .rates import Rates, resolve_kernel
 from .settings import Run, Settings
 
@@ -46,7 +47,7 @@ class Estimate:
     moments: Dict[str, int]  # forward / loss_backward / layer_backward totals
     host_pinned: int
     host_components: Dict[str, int]
-    host_other: int
+    host_other: int  # host memory besides the pinned buffers (the process, pageable optimizer states)
     step_seconds: float
     time_components: Dict[str, float] = field(default_factory=dict)
 
@@ -257,28 +258,59 @@ def estimate_memory(run: Run, settings: Settings) -> Dict[str, Dict[str, int]]:
     return {"forward": forward, "loss_backward": loss, "layer_backward": layer}
 
 
-def estimate_host(run: Run, settings: Settings) -> Dict[str, int]:
-    """Pinned host memory per rank: FPDT's pool, checkpoint offload, the offloaded optimizer."""
+class HostBuffer(NamedTuple):
+    """``count`` pinned host buffers of ``nbytes`` each, part of the host component ``component``."""
+
+    component: str
+    nbytes: int
+    count: int
+
+
+def pool_buffers(run: Run, settings: Settings) -> List[HostBuffer]:
+    """The offload pool's buffers per rank: FPDT's chunks, offloaded checkpoints, kept attention outputs."""
     m = run.model
     w = _Widths(m, settings)
     tokens = run.micro_batch * run.seq_len // settings.sp
-    parts: Dict[str, int] = {}
+    buffers: List[HostBuffer] = []
     if settings.fpdt_offload:
-        # one layer's chunks (built by its recompute under checkpointing, every layer's without):
-        # q, k, v, out, lse and the fp32 dK/dV accumulators
-        layer_chunks = tokens * (BF16 * (2 * w.q + 2 * w.kv) + FP32 * w.heads + FP32 * 2 * w.kv)
-        parts["fpdt_chunks"] = layer_chunks if run.checkpointing else m.layers * layer_chunks
+        # one layer's chunks (built by its recompute under checkpointing, every layer's without), one buffer
+        # per kind: q, k, v, out, lse and the fp32 dK/dV accumulators
+        sets = 1 if run.checkpointing else m.layers
+        for width in (BF16 * w.q, BF16 * w.kv, BF16 * w.kv, BF16 * w.q, FP32 * w.heads, FP32 * w.kv, FP32 * w.kv):
+            buffers.append(HostBuffer("fpdt_chunks", tokens * width, sets))
     if run.checkpointing:
         offloaded = settings.checkpoint_offload_layers
-        parts["checkpoint_offload"] = offloaded * tokens * BF16 * w.h
+        buffers.append(HostBuffer("checkpoint_offload", tokens * BF16 * w.h, offloaded))
         kept_layers = 0
         if settings.keep_attention_output:
             kept_layers = m.layers if settings.fpdt_offload else offloaded
-        parts["kept_attention"] = kept_layers * _kept_bytes(tokens, w)
+        buffers += [HostBuffer("kept_attention", tokens * BF16 * w.q, kept_layers),
+                    HostBuffer("kept_attention", tokens * FP32 * w.heads, kept_layers)]
+    return buffers
+
+
+def estimate_host(run: Run, settings: Settings, pool_in_torch_allocator: bool = False) -> Dict[str, int]:
+    """Pinned host memory per rank: the offload pool (FPDT's chunks, checkpoint offload, kept outputs), which
+    page-locks exactly its buffers' bytes, and the offloaded optimizer's pinned gradients, which torch's pinned
+    allocator rounds to powers of two (:mod:`.offload_optimizer`).
+
+    ``pool_in_torch_allocator``: round the pool's buffers to powers of two too, as torch's allocator did before
+    the pool locked its own pages (to compare with measurements of that time)."""
+    parts: Dict[str, int] = {}
+    for buf in pool_buffers(run, settings):
+        each = power_of_two_ceil(buf.nbytes) if pool_in_torch_allocator else buf.nbytes
+        parts[buf.component] = parts.get(buf.component, 0) + buf.count * each
     if settings.zero.optimizer_offload:
-        # DeepSpeed pins the fp32 master weights and Adam's moments (its fp32 gradients are not pinned)
-        parts["optimizer_offload"] = 3 * FP32 * m.params // run.world
+        parts["optimizer_offload"] = offload_optimizer_host(run.model, run.world, settings.zero).pinned
     return parts
+
+
+def host_pageable(run: Run, settings: Settings) -> int:
+    """Host memory per rank besides pinned buffers: the process itself and the offloaded optimizer's pageable
+    fp32 master weights and Adam moments."""
+    extra = offload_optimizer_host(run.model, run.world, settings.zero).pageable if settings.zero.optimizer_offload \
+        else 0
+    return PROCESS_HOST_BYTES + extra
 
 
 def estimate_time(run: Run, settings: Settings, rates: Rates, gpu_name: str) -> Dict[str, float]:
@@ -338,8 +370,9 @@ def estimate(run: Run, settings: Settings, rates: Rates, gpu_name: str = "NVIDIA
     times = estimate_time(run, settings, rates, gpu_name)
     return Estimate(gpu_peak=totals[peak_moment], gpu_components={k: v for k, v in moments[peak_moment].items() if v},
                     peak_moment=peak_moment, moments=totals, host_pinned=sum(host.values()),
-                    host_components={k: v for k, v in host.items() if v}, host_other=PROCESS_HOST_BYTES,
+                    host_components={k: v for k, v in host.items() if v}, host_other=host_pageable(run, settings),
                     step_seconds=sum(times.values()), time_components=times)
 
 
-__all__ = ["Estimate", "estimate", "estimate_host", "estimate_memory", "estimate_time"]
+__all__ = ["Estimate", "HostBuffer", "estimate", "estimate_host", "estimate_memory", "estimate_time", "host_pageable",
+           "pool_buffers"]

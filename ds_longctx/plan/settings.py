@@ -12,21 +12,30 @@ from .model_spec import ModelSpec
 ZERO_REDUCE_BUCKET = 500_000_000
 ZERO_PREFETCH_BUCKET = 50_000_000
 ZERO_PERSISTENCE_THRESHOLD = 100_000
+ZERO_SUB_GROUP_SIZE = 1_000_000_000
+#: bytes of a gradient-accumulation element per ``data_types.grad_accum_dtype`` (unset: the model's, bf16)
+GRAD_ACCUM_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
 class ZeroSettings:
-    """The ZeRO-3 knobs that move memory: optimizer offload and the communication buckets."""
+    """The ZeRO-3 knobs that move memory: optimizer offload (its pinning, sub-groups and gradient dtype) and the
+    communication buckets."""
 
     optimizer_offload: bool = False
     reduce_bucket: int = ZERO_REDUCE_BUCKET
     prefetch_bucket: int = ZERO_PREFETCH_BUCKET
     persistence_threshold: int = ZERO_PERSISTENCE_THRESHOLD
+    sub_group_size: int = ZERO_SUB_GROUP_SIZE
+    optimizer_pin_memory: bool = True
+    grad_accum_bytes: int = 2
 
     @classmethod
     def from_ds_config(cls, ds: Mapping[str, Any]) -> "ZeroSettings":
         zero = ds.get("zero_optimization") or {}
-        offload = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
+        offload_block = zero.get("offload_optimizer") or {}
+        offload = offload_block.get("device", "none") in ("cpu", "nvme")
+        accum = str((ds.get("data_types") or {}).get("grad_accum_dtype") or "bf16").lower()
 
         def number(key, default):
             value = zero.get(key, default)
@@ -34,7 +43,10 @@ class ZeroSettings:
 
         return cls(optimizer_offload=offload, reduce_bucket=number("reduce_bucket_size", ZERO_REDUCE_BUCKET),
                    prefetch_bucket=number("stage3_prefetch_bucket_size", ZERO_PREFETCH_BUCKET),
-                   persistence_threshold=number("stage3_param_persistence_threshold", ZERO_PERSISTENCE_THRESHOLD))
+                   persistence_threshold=number("stage3_param_persistence_threshold", ZERO_PERSISTENCE_THRESHOLD),
+                   sub_group_size=number("sub_group_size", ZERO_SUB_GROUP_SIZE),
+                   optimizer_pin_memory=bool(offload_block.get("pin_memory", True)),  # DeepSpeed's default
+                   grad_accum_bytes=GRAD_ACCUM_BYTES.get(accum, 2))
 
 
 @dataclass(frozen=True)
