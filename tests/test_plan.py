@@ -110,7 +110,7 @@ def test_the_search_returns_the_fastest_configuration_that_fits_and_validates():
     assert cfg.ulysses_degree * cfg.ring_degree == 8 and cfg.ulysses_degree <= 8
 
 
-@pytest.mark.parametrize("gpu_gib,host_gib", [(None, None), (40.0, 48.0)])
+@pytest.mark.parametrize("gpu_gib,host_gib", [(None, None), (40.0, 96.0)])
 def test_the_longest_sequence_fits_and_a_tenth_more_does_not_with_any_configuration(gpu_gib, host_gib):
     machine = H200 if gpu_gib is None else Machine(gpus=1, gpu_memory=int(gpu_gib * GIB),
                                                    host_memory=int(host_gib * GIB), gpu_name="NVIDIA H200")
