@@ -142,9 +142,9 @@ class LongContextConfig(BaseModel):
         default=None,
         description="Global tokens per sequence of the run, for the planner: ds_longctx.initialize resolves the "
                     "\"auto\" values and runs the pre-flight memory check for it. null: the training_data's first "
-                    "sample's length, else the first batch through engine.long_context.shard_batch (every rank's "
-                    "the same length) resolves them and is checked. A later batch longer than any before is "
-                    "checked again.")
+                    "sample's length, else (with \"auto\" values) the first batch through "
+                    "engine.long_context.shard_batch, of one length on every rank, resolves and checks them. A "
+                    "later batch longer than the length planned for is checked again.")
     preflight: StrictBool = Field(
         default=True,
         description="Before the first step, predict the step's GPU peak and pinned host memory (ds_longctx.plan) "

@@ -108,7 +108,11 @@ def agree_on_length(length: Optional[int], what: str, fix: str) -> int:
     lengths = [int(t.item()) for t in gathered]
     if len(set(lengths)) == 1 and lengths[0] >= 0:
         return lengths[0]
-    shown = ", ".join(f"rank {r}: {'none' if n < 0 else n}" for r, n in enumerate(lengths))
+    missing = [r for r, n in enumerate(lengths) if n < 0]
+    if missing:
+        raise LongContextConfigError(f"{what}: rank(s) {missing} hold no [batch, seq] input_ids or inputs_embeds; "
+                                     f"{fix}")
+    shown = ", ".join(f"rank {r}: {n}" for r, n in enumerate(lengths))
     raise LongContextConfigError(f"{what}: the ranks' sequence lengths differ ({shown}); {fix}")
 
 

@@ -93,7 +93,8 @@ class LongContext:
         batch's own check raises it on every rank); None when it fits or nothing is checked."""
         from .planning import fit_problem
 
-        if self.planning is None or (self.planned_len is not None and seq_len <= self.planned_len):
+        # Nothing planned (no seq_len, no "auto"): no check at all, as before the first step without a length.
+        if self.planning is None or self.planned_len is None or seq_len <= self.planned_len:
             return None
         problem = fit_problem(self.config, self.planning, seq_len)
         if problem is None:
