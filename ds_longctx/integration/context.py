@@ -113,6 +113,8 @@ class LongContext:
         block's ``loss_tile_tokens``, else 4096): ``[B, S_local, hidden]``, LM head, ``[B, S_local]`` -> scalar."""
         from .loss import tiled_causal_lm_loss
 
+        if tile_tokens is None:
+            self.config.require_resolved()
         tile = tile_tokens or self.config.loss_tile_tokens or 4096
         return tiled_causal_lm_loss(hidden, head, shift_labels, self.topology, tile)
 
