@@ -66,6 +66,12 @@ def _validate(args: argparse.Namespace) -> int:
         from .integration.deepspeed_hook import how_the_block_is_read
 
         print(how_the_block_is_read(), file=sys.stderr)
+    if cfg.auto_fields:
+        when = (f"for {BLOCK_KEY}.seq_len = {cfg.seq_len}" if cfg.seq_len else
+                f"from {BLOCK_KEY}.seq_len, the training_data's first sample or, without either, the first batch "
+                f"through engine.long_context.shard_batch (of one length on every rank)")
+        print(f"note: {', '.join(cfg.auto_fields)} are \"auto\": ds_longctx.initialize resolves them for a "
+              f"transformers model on the machine {when}; ds-longctx plan suggests values", file=sys.stderr)
     print(json.dumps(out, indent=2))
     if args.world_size is not None:
         print(f"world {args.world_size} = data-parallel {args.world_size // cfg.sp_degree} x ring "

@@ -140,9 +140,11 @@ class LongContextConfig(BaseModel):
                     "sequence so that causal work is equal on every rank.")
     seq_len: Optional[PositiveInt] = Field(
         default=None,
-        description="Global tokens per sequence of the run, for the planner: the \"auto\" values and the pre-flight "
-                    "memory check use it (without it, ds_longctx.initialize takes the training_data's first "
-                    "sample's length, or resolves auto values and checks memory when the first batch arrives).")
+        description="Global tokens per sequence of the run, for the planner: ds_longctx.initialize resolves the "
+                    "\"auto\" values and runs the pre-flight memory check for it. null: the training_data's first "
+                    "sample's length, else (with \"auto\" values) the first batch through "
+                    "engine.long_context.shard_batch, of one length on every rank, resolves and checks them. A "
+                    "later batch longer than the length planned for is checked again.")
     preflight: StrictBool = Field(
         default=True,
         description="Before the first step, predict the step's GPU peak and pinned host memory (ds_longctx.plan) "
@@ -181,11 +183,14 @@ class LongContextConfig(BaseModel):
         return fields + [k for k, v in self.model_dump(exclude={"fpdt", "kernel"}).items() if v == AUTO]
 
     def require_resolved(self) -> None:
-        """Raise when a value is still ``"auto"``: only :func:`ds_longctx.initialize` (or the planner) resolves it."""
+        """Raise when a value is still ``"auto"``: only :func:`ds_longctx.initialize` (from ``seq_len``), the
+        engine's first ``shard_batch`` (from the batch's length) or the planner resolves it."""
         if self.auto_fields:
             raise LongContextConfigError(
                 f"{BLOCK_KEY}: {', '.join(self.auto_fields)} still \"auto\"; ds_longctx.initialize resolves auto "
-                f"values from the model, the world and the sequence length (set {BLOCK_KEY}.seq_len); with the "
+                f"values from the model, the world and {BLOCK_KEY}.seq_len, or, without it, "
+                f"engine.long_context.shard_batch(batch) resolves them from the first batch's global sequence "
+                f"length: pass batches through shard_batch before the model, or set {BLOCK_KEY}.seq_len; with the "
                 f"functional API give them explicitly (ds-longctx plan suggests values)")
 
     def resolve(self, values: Mapping[str, Any]) -> "LongContextConfig":

@@ -7,6 +7,7 @@ process, without DeepSpeed or sequence parallelism, on the model's own attention
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Dict, List, Optional
 
@@ -434,7 +435,7 @@ def initialize_error(case: str) -> str:
     elif case == "preflight_does_not_fit":  # a 64 KiB "GPU": the step's parameters alone do not fit
         os.environ["DS_LONGCTX_MACHINE"] = '{"gpu_memory_gib": 0.0000625, "host_memory_gib": 64}'
         config["long_context"]["seq_len"] = seq_len
-    elif case == "auto_without_seq_len":
+    elif case == "auto_without_seq_len_or_gpu":  # no machine to plan for: no batch can resolve it later
         config["long_context"]["mlp_tile_tokens"] = "auto"
     else:
         raise ValueError(case)
@@ -585,3 +586,130 @@ def sliding_window_error(ulysses: int, ring: int) -> str:
     except Exception as exc:  # noqa: BLE001 - reported to the test
         return f"{type(exc).__name__}: {exc}"
     return "no error"
+
+
+# ---- "auto" values resolved at the first batch -----------------------------------------------------------
+
+#: Every value of the block the planner chooses, "auto".
+ALL_AUTO = {"fpdt": {"chunk_size": "auto", "offload": "auto"}, "keep_attention_output": "auto",
+            "checkpoint_offload": "auto", "mlp_tile_tokens": "auto", "loss_tile_tokens": "auto"}
+AUTO_WORLD, AUTO_HOST_GIB = 4, 64
+
+
+def auto_config(ulysses: int, ring: int, batch_size: int, seq_len: Optional[int] = None) -> dict:
+    """:func:`ds_config` with every planner value "auto" (and ``seq_len`` in the block when given)."""
+    config = ds_config(ulysses, ring, batch_size)
+    config["long_context"].update(ALL_AUTO)
+    if seq_len is not None:
+        config["long_context"]["seq_len"] = seq_len
+    return config
+
+
+def planned_block(ulysses: int, ring: int, batch_size: int, seq_len: int, gpu_kib: int) -> Optional[dict]:
+    """In this process: the planner's block for the checkpointed tiny Llama on :data:`AUTO_WORLD` GPUs of
+    ``gpu_kib`` KiB (hosts of :data:`AUTO_HOST_GIB` GiB) at ``seq_len`` tokens, or None when nothing fits."""
+    from ds_longctx.config import LongContextConfig
+    from ds_longctx.plan.machine import GIB, Machine
+    from ds_longctx.plan.preflight import PlanError, prepare
+
+    config = auto_config(ulysses, ring, batch_size)
+    machine = Machine(gpus=AUTO_WORLD, gpu_memory=gpu_kib * 1024, host_memory=AUTO_HOST_GIB * GIB,
+                      gpus_per_node=AUTO_WORLD)
+    model = build_model("llama", seq_len)
+    try:
+        cfg = prepare(LongContextConfig.from_block(config["long_context"]), model.config, config, AUTO_WORLD,
+                      seq_len, machine, micro_batch=batch_size, checkpointing=True)
+    except PlanError:
+        return None
+    return cfg.model_dump(mode="json")
+
+
+def smallest_gpu_kib(ulysses: int, ring: int, batch_size: int, seq_len: int) -> int:
+    """The smallest GPU (KiB) on which the planner fits the tiny Llama at ``seq_len`` tokens: there the
+    fastest fitting configuration is the leanest one (values other than the defaults), and longer
+    sequences do not fit."""
+    lo, hi = 1, 1 << 22  # 4 GiB fits; fitting is monotonic in the GPU's memory
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if planned_block(ulysses, ring, batch_size, seq_len, mid) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+class _Resolved:
+    """Log handler counting the "auto values resolved" records of ds_longctx's logger."""
+
+    def __init__(self):
+        import logging
+
+        self.count = 0
+        outer = self
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                outer.count += "auto values resolved" in record.getMessage()
+
+        self.handler = Handler()
+        self.logger = logging.getLogger("ds_longctx")
+        self.logger.addHandler(self.handler)
+
+    def close(self):
+        self.logger.removeHandler(self.handler)
+
+
+def auto_from_first_batch(ulysses: int, ring: int, gpu_kib: int, lengths: List[List[int]],
+                          seq_len_in_block: Optional[int] = None, batch_size: int = 2,
+                          without_shard_batch: bool = False) -> dict:
+    """Every rank: ZeRO-3 training of the checkpointed tiny Llama whose block leaves every planner value
+    "auto", on GPUs of ``gpu_kib`` KiB (``DS_LONGCTX_MACHINE``), through ``engine.long_context.shard_batch``.
+
+    ``lengths[step][dp_rank]``: the global sequence length of each step's batch on each replica.
+    ``seq_len_in_block``: also set ``long_context.seq_len`` (initialize resolves the values then).
+    ``without_shard_batch``: the first step calls the model on a slice of the batch instead.
+    Returns the block after initialize and after the last step, losses and kernel forwards per step, the
+    first error raised (``"Type: message"``, training stops there) and how many times this rank logged the
+    resolved values."""
+    import ds_longctx
+    from tests.dist_cases import counted_kernel_forwards
+
+    os.environ.setdefault("LOCAL_RANK", "0")
+    _quiet()
+    model = build_model("llama", max(max(step) for step in lengths))
+    model.gradient_checkpointing_enable()
+    config = auto_config(ulysses, ring, batch_size, seq_len_in_block)
+    os.environ["DS_LONGCTX_MACHINE"] = json.dumps({"gpu_memory_gib": gpu_kib / 2 ** 20,
+                                                   "host_memory_gib": AUTO_HOST_GIB})
+    logged = _Resolved()
+    try:
+        engine, _, _, _ = ds_longctx.initialize(model=model, model_parameters=model.parameters(), config=config)
+    finally:
+        os.environ.pop("DS_LONGCTX_MACHINE", None)
+    lc = engine.long_context
+    after_initialize = lc.config.model_dump(mode="json")
+    losses: List[float] = []
+    forwards: List[int] = []
+    error = None
+    try:
+        for step, per_replica in enumerate(lengths):
+            full = full_batch(step, lc.topology.dp_rank, batch_size, per_replica[lc.topology.dp_rank])
+            if without_shard_batch:
+                local = full["input_ids"][:, :full["input_ids"].shape[1] // lc.topology.sp]
+                engine(input_ids=local)
+            batch = lc.shard_batch(full)
+            with counted_kernel_forwards() as counted:
+                out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+                loss = lc.loss(out.logits, batch["shift_labels"])
+                engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            forwards.append(counted.forwards)
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        logged.close()
+    result = {"after_initialize": after_initialize, "block": lc.config.model_dump(mode="json"), "losses": losses,
+              "forwards": forwards, "error": error, "logged": logged.count, "dp_rank": lc.topology.dp_rank}
+    engine.destroy()
+    return result

@@ -52,6 +52,16 @@ def test_a_valid_block_says_which_calls_read_it(capsys, monkeypatch):
     assert "DS_LONGCTX_DEEPSPEED_HOOK=0 is set here: deepspeed.initialize leaves the block to DeepSpeed" in err
 
 
+def test_auto_values_are_said_to_resolve_from_seq_len_or_the_first_batch(capsys, tmp_path):
+    code, out, err = run(capsys, "validate", write(tmp_path, {"long_context": {"mlp_tile_tokens": "auto"}}))
+    assert code == 0 and json.loads(out)["long_context"]["mlp_tile_tokens"] == "auto"
+    assert "note: mlp_tile_tokens are \"auto\"" in err
+    assert "without either, the first batch through engine.long_context.shard_batch" in err
+    code, out, err = run(capsys, "validate", write(tmp_path, {"long_context": {"mlp_tile_tokens": "auto",
+                                                                                "seq_len": 4096}}))
+    assert code == 0 and "for long_context.seq_len = 4096" in err and "first batch" not in err
+
+
 def test_defaults_are_filled_in_and_a_missing_block_is_pointed_out(capsys, tmp_path):
     code, out, err = run(capsys, "validate", write(tmp_path, {"train_micro_batch_size_per_gpu": 1}))
     assert code == 0

@@ -262,7 +262,7 @@ ERROR_CASES = {
     "deepspeed_sequence_parallel_key": "remove sequence_parallel_size",
     "config_given_twice": "both in args.deepspeed_config and as config=",
     "preflight_does_not_fit": "pre-flight: this step would not fit: GPU peak",
-    "auto_without_seq_len": "mlp_tile_tokens are \"auto\", which needs long_context.seq_len",
+    "auto_without_seq_len_or_gpu": "mlp_tile_tokens are \"auto\", which needs a GPU",
 }
 
 
@@ -329,3 +329,72 @@ def test_model_labels_under_sequence_parallelism_are_refused_with_what_to_pass(p
 def test_sliding_window_shorter_than_the_sequence_is_refused_on_every_rank(pool):
     raised = pool.run(cases.sliding_window_error, 2, 2, timeout=120)
     assert len(set(raised)) == 1 and raised[0].startswith("HFModelError") and "sliding window of 16" in raised[0]
+
+
+# "auto" values resolved at the first batch: the checkpointed tiny Llama, 1 x 2 (two replicas), every planner
+# value "auto", on the smallest GPU the planner fits 48 tokens on (its leanest configuration: not the defaults).
+AUTO_TOPOLOGY = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def auto_gpu_kib():
+    return cases.smallest_gpu_kib(*AUTO_TOPOLOGY, BATCH, SEQ)
+
+
+def _without_seq_len(block: dict) -> dict:
+    return {k: v for k, v in block.items() if k != "seq_len"}
+
+
+def test_auto_values_resolve_at_the_first_batch_as_from_seq_len_and_train_alike(pool, auto_gpu_kib):
+    at_batch = pool.run(cases.auto_from_first_batch, *AUTO_TOPOLOGY, auto_gpu_kib, [[SEQ, SEQ]] * 3, timeout=300)
+    at_init = pool.run(cases.auto_from_first_batch, *AUTO_TOPOLOGY, auto_gpu_kib, [[SEQ, SEQ]] * 3,
+                       seq_len_in_block=SEQ, timeout=300)
+    planned = cases.planned_block(*AUTO_TOPOLOGY, BATCH, SEQ, auto_gpu_kib)
+    defaults = cases.planned_block(*AUTO_TOPOLOGY, BATCH, SEQ, 1 << 22)
+    assert planned != defaults  # the resolution has something to get right
+    ref = reference("llama", WORLD // 2)
+    for lazy, eager in zip(at_batch, at_init):
+        assert lazy["error"] is None and eager["error"] is None, (lazy["error"], eager["error"])
+        # initialize left every value "auto"; the first shard_batch resolved the same block as seq_len does
+        assert lazy["after_initialize"]["keep_attention_output"] == "auto"
+        assert eager["after_initialize"] == eager["block"]
+        assert _without_seq_len(lazy["block"]) == _without_seq_len(eager["block"]) == _without_seq_len(planned)
+        # the resolved values reached the layers before the first forward: the same kernel calls, the same losses
+        assert lazy["forwards"] == eager["forwards"]
+        assert lazy["losses"] == eager["losses"]
+        expected = [step[lazy["dp_rank"]] for step in ref["losses"][:3]]
+        assert lazy["losses"] == pytest.approx(expected, rel=RTOL)
+    # logged once, on rank 0
+    assert [r["logged"] for r in at_batch] == [1, 0, 0, 0] == [r["logged"] for r in at_init]
+
+
+@pytest.mark.parametrize("case,lengths,expect", [
+    ("ranks_disagree", [[SEQ, SEQ // 2]],
+     "LongContextConfigError: the first batch: the ranks' sequence lengths differ (rank 0: 48, rank 1: 48, "
+     "rank 2: 24, rank 3: 24)"),
+    ("too_long", [[2 * SEQ, 2 * SEQ]], "LongContextConfigError: no configuration of model (2 layers) at 96 tokens"),
+    ("longer_later_batch", [[SEQ // 4] * 2, [SEQ // 2] * 2, [SEQ // 4] * 2, [SEQ] * 2],
+     "BatchError: a batch of sequence length 48, longer than any before: pre-flight: this step would not fit"),
+])
+def test_first_batch_auto_errors_raise_on_every_rank_alike(pool, auto_gpu_kib, case, lengths, expect):
+    results = pool.run(cases.auto_from_first_batch, *AUTO_TOPOLOGY, auto_gpu_kib, lengths, timeout=300)
+    errors = [r["error"] for r in results]
+    assert len(set(errors)) == 1 and errors[0].startswith(expect), errors
+    if case == "ranks_disagree":
+        assert "set long_context.seq_len" in errors[0]
+    if case == "longer_later_batch":
+        # resolved for 12 tokens; 24 (longer, checked: it fits) and 12 again ran; 48 would not fit with that block
+        assert all(len(r["losses"]) == 3 for r in results)
+        assert _without_seq_len(results[0]["block"]) == _without_seq_len(
+            cases.planned_block(*AUTO_TOPOLOGY, BATCH, SEQ // 4, auto_gpu_kib))
+    else:
+        assert all(r["losses"] == [] and r["block"]["keep_attention_output"] == "auto" for r in results)
+
+
+def test_a_model_call_before_shard_batch_with_auto_values_is_refused_naming_seq_len(pool, auto_gpu_kib):
+    results = pool.run(cases.auto_from_first_batch, *AUTO_TOPOLOGY, auto_gpu_kib, [[SEQ, SEQ]],
+                       without_shard_batch=True, timeout=300)
+    errors = [r["error"] for r in results]
+    assert len(set(errors)) == 1 and errors[0].startswith("LongContextConfigError"), errors
+    assert "still \"auto\"" in errors[0] and "engine.long_context.shard_batch(batch)" in errors[0]
+    assert "set long_context.seq_len" in errors[0]

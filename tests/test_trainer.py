@@ -69,6 +69,18 @@ def test_trainer_with_long_context_block_trains_like_one_process(pool, tmp_path,
     check_same_training(results, ref, sp, steps)
 
 
+def test_auto_values_without_seq_len_resolve_at_the_trainers_first_batch_and_train_like_one_process(pool, tmp_path):
+    """The Trainer builds the engine without a dataset length; its first sharded batch resolves the block."""
+    steps = 2
+    results = pool.run(cases.train_with_trainer, 1, 2, str(tmp_path / "dist"), steps=steps, evaluate=True,
+                       auto_on_gpu_gib=4.0, timeout=600)
+    ref = cases.train_single_process(WORLD // 2, str(tmp_path / "ref"), steps=steps, evaluate=True)
+    check_same_training(results, ref, 2, steps)
+    for res in results:
+        assert "auto" not in (res["block"]["keep_attention_output"], res["block"]["loss_tile_tokens"],
+                              res["block"]["fpdt"]["chunk_size"])
+
+
 def test_resume_from_checkpoint_under_another_factorization_continues_the_run(pool, tmp_path):
     """save_steps writes DeepSpeed checkpoints; resume_from_checkpoint under U x R = 2 x 1 of a run saved under
     1 x 2 (same world) logs the uninterrupted run's losses and ends with its weights."""

@@ -7,6 +7,7 @@ attention, the step's whole batch at once): the reference.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Dict, List, Optional
 
@@ -99,11 +100,14 @@ def _losses(trainer) -> dict:
 def train_with_trainer(ulysses: int, ring: int, out_dir: str, steps: int = 3, batch_size: int = 1,
                        grad_accum: int = 1, packed: bool = False, evaluate: bool = False,
                        save_steps: Optional[int] = None, resume_from: Optional[str] = None,
-                       sft: bool = False, seed: int = 0, memory: bool = False) -> dict:
+                       sft: bool = False, seed: int = 0, memory: bool = False,
+                       auto_on_gpu_gib: Optional[float] = None) -> dict:
     """Every rank: ``steps`` optimizer steps of a tiny Llama through the Trainer with ZeRO-3 and the block.
     ``memory``: the block's memory features (MLP and loss tiles, checkpoint offload) with the Trainer's
-    gradient checkpointing. Returns the logged per-step losses, eval losses, tokens seen, and (rank 0) the
-    final full parameters."""
+    gradient checkpointing. ``auto_on_gpu_gib``: every planner value of the block "auto" and no seq_len,
+    planned for GPUs of that size (``DS_LONGCTX_MACHINE``): the first batch resolves them. Returns the
+    logged per-step losses, eval losses, tokens seen, the engine's block at the end, and (rank 0) the final
+    full parameters."""
     import deepspeed
     import torch.distributed as dist
 
@@ -116,6 +120,11 @@ def train_with_trainer(ulysses: int, ring: int, out_dir: str, steps: int = 3, ba
     transformers.logging.set_verbosity_error()
     model = build_model("llama", SEQ, seed)
     block = dict(mlp_tile_tokens=4, loss_tile_tokens=4, checkpoint_offload=True) if memory else {}
+    if auto_on_gpu_gib is not None:
+        from tests.deepspeed_cases import ALL_AUTO
+
+        block.update(ALL_AUTO)
+        os.environ["DS_LONGCTX_MACHINE"] = json.dumps({"gpu_memory_gib": auto_on_gpu_gib, "host_memory_gib": 64})
     args = training_arguments(out_dir, batch_size, steps, grad_accum, ds_config(ulysses, ring, **block), save_steps,
                               sft, checkpointing=memory)
     if sft:
@@ -128,7 +137,10 @@ def train_with_trainer(ulysses: int, ring: int, out_dir: str, steps: int = 3, ba
         trainer = LongContextTrainer(model=model, args=args, train_dataset=samples(SAMPLES, SEQ, packed, seed=1),
                                      eval_dataset=samples(EVAL_SAMPLES, SEQ, packed, seed=2) if evaluate else None,
                                      data_collator=collator(packed))
-    trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        os.environ.pop("DS_LONGCTX_MACHINE", None)
     if evaluate:
         trainer.evaluate()
     engine = trainer.model_wrapped
@@ -143,7 +155,8 @@ def train_with_trainer(ulysses: int, ring: int, out_dir: str, steps: int = 3, ba
         assert all(isinstance(layer._gradient_checkpointing_func, StashingCheckpoint) for layer in layers)
     info = {"world": trainer.args.world_size, "dp": trainer.replicas.dp,
             "attn_impl": engine.module.config._attn_implementation, "sp": engine.long_context.topology.sp}
-    result = {**_losses(trainer), "params": params, "info": info}
+    result = {**_losses(trainer), "params": params, "info": info,
+              "block": engine.long_context.config.model_dump(mode="json")}
     engine.destroy()
     return result
 

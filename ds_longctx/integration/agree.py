@@ -93,6 +93,29 @@ def agree_on_block(outcome: Union[Dict[str, Any], BaseException], group=None, wh
             f"have {diff[1]}; give every rank the same DeepSpeed config")
 
 
+def agree_on_length(length: Optional[int], what: str, fix: str) -> int:
+    """Collective over the world (one all-gather of one integer): the sequence length every rank holds.
+
+    ``length``: this rank's, or None when its batch shows none. Raises :class:`LongContextConfigError` on
+    every rank alike, naming the ranks' lengths and ``fix``, when they differ or a rank has none."""
+    if not _distributed(None):
+        if length is None:
+            raise LongContextConfigError(f"{what}: the batch has no [batch, seq] input_ids or inputs_embeds; {fix}")
+        return length
+    mine = torch.tensor([-1 if length is None else int(length)], dtype=torch.int64, device=_flag_device())
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    lengths = [int(t.item()) for t in gathered]
+    if len(set(lengths)) == 1 and lengths[0] >= 0:
+        return lengths[0]
+    missing = [r for r, n in enumerate(lengths) if n < 0]
+    if missing:
+        raise LongContextConfigError(f"{what}: rank(s) {missing} hold no [batch, seq] input_ids or inputs_embeds; "
+                                     f"{fix}")
+    shown = ", ".join(f"rank {r}: {n}" for r, n in enumerate(lengths))
+    raise LongContextConfigError(f"{what}: the ranks' sequence lengths differ ({shown}); {fix}")
+
+
 def _describe_diff(a: Any, b: Any, path: str = "") -> Tuple[str, str]:
     """The first differing leaf of two nested dicts, as ``path=value`` for each."""
     if isinstance(a, Mapping) and isinstance(b, Mapping):
@@ -104,4 +127,4 @@ def _describe_diff(a: Any, b: Any, path: str = "") -> Tuple[str, str]:
     return f"{prefix}{a!r}", f"{prefix}{b!r}"
 
 
-__all__ = ["agree_on_block", "raise_together"]
+__all__ = ["agree_on_block", "agree_on_length", "raise_together"]

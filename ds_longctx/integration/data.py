@@ -16,7 +16,7 @@ does that for DeepSpeed's own dataloader).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -136,7 +136,8 @@ def _problem(batch: Mapping[str, Any], topo: Topology, chunk_size: Optional[int]
 
 
 def shard_batch(batch: Mapping[str, Any], topo: Topology, ignore_index: int = IGNORE_INDEX,
-                chunk_size: Optional[int] = None, vocab_size: Optional[int] = None) -> Dict[str, Any]:
+                chunk_size: Optional[int] = None, vocab_size: Optional[int] = None,
+                length_problem: Optional[Callable[[int], Optional[str]]] = None) -> Dict[str, Any]:
     """This rank's part of a full batch, in the zigzag layout. Collective over the world (one tiny all-reduce
     that makes a bad batch on any rank, or ranks of a sequence-parallel group holding different batches,
     raise on every rank).
@@ -160,8 +161,12 @@ def shard_batch(batch: Mapping[str, Any], topo: Topology, ignore_index: int = IG
     ``chunk_size``: the block's ``fpdt.chunk_size``; FPDT chunking takes its own (chunked) layout.
     ``vocab_size``: token ids and labels outside ``[0, vocab_size)`` (labels may be ``ignore_index``) raise.
     Position ids must count up by one and restart only at 0 (packed documents).
+    ``length_problem``: a further check of the global sequence length ``S`` (the engine's pre-flight memory
+    check of a longer batch), whose problem is raised on every rank like the batch's own.
     """
     problem, cu = _problem(batch, topo, chunk_size), None
+    if problem is None and length_problem is not None:
+        problem = length_problem(batch["input_ids" if "input_ids" in batch else "inputs_embeds"].shape[1])
     if problem is None:  # the shapes are right: read the values and the packing
         problem = value_problem(batch, vocab_size, ignore_index)
     if problem is None:

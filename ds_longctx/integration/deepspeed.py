@@ -14,11 +14,12 @@ import datetime
 import os
 import threading
 import types
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, NamedTuple, Optional
 
 from ..config import BLOCK_KEY, LongContextConfig, LongContextConfigError, load_ds_config, model_head_counts
 from .agree import agree_on_block
 from .context import LongContext
+from .planning import PlanInputs, plan_block
 from .watch import nccl_error_handling_env
 
 # Set while ds_longctx.initialize hands the engine to DeepSpeed: the deepspeed.initialize hook
@@ -100,7 +101,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         ``(engine, optimizer, training_dataloader, lr_scheduler)`` as ``deepspeed.initialize``; the engine
         carries ``engine.long_context`` (:class:`~ds_longctx.integration.context.LongContext`: topology,
         config, ``attention``, ``shard_batch``, ``loss``). Batches must be sharded
-        (``engine.long_context.shard_batch(batch)``) before the forward pass.
+        (``engine.long_context.shard_batch(batch)``) before the forward pass. "auto" values of the block
+        are resolved here from ``long_context.seq_len`` (else the training_data's first sample), else by
+        the first ``shard_batch`` from that batch's global sequence length.
     """
     import deepspeed
     import deepspeed.comm as ds_dist
@@ -151,14 +154,15 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
             "mesh_param builds DeepSpeed's own data x sequence-parallel mesh, which conflicts with long_context "
             f"(ulysses_degree x ring_degree = {cfg.sp_degree}); drop mesh_param")
 
-    cfg = _plan_block(cfg, model, load_ds_config(_config_source(args, config, config_params)), world,
-                      mine["sample_len"])
+    planned = _plan_block(cfg, model, load_ds_config(_config_source(args, config, config_params)), world,
+                          mine["sample_len"])
     topo = Topology(ulysses=cfg.ulysses_degree, ring=cfg.ring_degree, timeout_s=cfg.timeout_s)
     ours = None
     if cfg.sp_degree > 1:
         from .mpu import SequenceParallelMPU
         mpu = ours = SequenceParallelMPU(topo)
-    lc = LongContext(topo, cfg, mpu=ours, vocab_size=_vocab_size(model))
+    lc = LongContext(topo, planned.config, mpu=ours, vocab_size=_vocab_size(model), planning=planned.inputs,
+                     planned_len=planned.seq_len)
 
     from .context import attach
     from .hf import apply, is_hf_model
@@ -213,40 +217,33 @@ def _agreed_machine(world: int):
                    gpu_name=facts[0][2], gpus_per_node=min(f[3] for f in facts))
 
 
+class Planned(NamedTuple):
+    """The block as the first step will read it, and what a batch needs to plan or check it later."""
+
+    config: LongContextConfig  # "auto" values left when no sequence length was known (resolved at the first batch)
+    inputs: Optional[PlanInputs]  # None: no model or machine to plan for
+    seq_len: Optional[int]  # the length planned and checked for, if any
+
+
 def _plan_block(cfg: LongContextConfig, model, ds: Mapping[str, Any], world: int,
-                sample_len: Optional[int]) -> LongContextConfig:
-    """Resolve the block's "auto" values and run the pre-flight memory check (:mod:`ds_longctx.plan`) on the
+                sample_len: Optional[int]) -> Planned:
+    """Resolve the block's "auto" values and run the pre-flight check (:mod:`ds_longctx.plan`) on the
     agreed machine; every rank computes the same answer from shared values, so errors are raised everywhere.
+    Without a sequence length (``seq_len``, the dataset's first sample) the values stay "auto" until the
+    first batch passes through ``engine.long_context.shard_batch`` (:mod:`.planning`).
     Pinned host buffers of the offload pool are limited to the host memory each rank may use."""
     from ..memory.host_pool import default_pool
-    from ..plan.preflight import PlanError, prepare
 
     machine = _agreed_machine(world) if (cfg.auto_fields or cfg.preflight) else None
-    config = getattr(model, "config", None)
     micro = ds.get("train_micro_batch_size_per_gpu", 1)
-    try:
-        resolved = prepare(cfg, config if model_head_counts(model) is not None else None, ds, world,
-                           cfg.seq_len or sample_len, machine,
-                           micro_batch=micro if isinstance(micro, int) else 1,
-                           checkpointing=bool(getattr(model, "is_gradient_checkpointing", True)))
-    except PlanError as exc:
-        raise LongContextConfigError(str(exc)) from None
+    inputs = PlanInputs(model_config=getattr(model, "config", None) if model_head_counts(model) is not None else None,
+                        ds=ds, world=world, machine=machine, micro_batch=micro if isinstance(micro, int) else 1,
+                        checkpointing=bool(getattr(model, "is_gradient_checkpointing", True)))
     if machine is not None and machine.host_memory:
         default_pool().limit_bytes = machine.host_memory_per_gpu
-    if cfg.auto_fields:
-        import torch.distributed as dist
-        if dist.get_rank() == 0:
-            import logging
-            logging.getLogger("ds_longctx").warning("long_context: auto values resolved: %s",
-                                                    {k: _dotted(resolved, k) for k in cfg.auto_fields})
-    return resolved
-
-
-def _dotted(cfg: LongContextConfig, name: str):
-    value = cfg.model_dump(mode="json")
-    for part in name.split("."):
-        value = value[part]
-    return value
+    seq_len = cfg.seq_len or sample_len
+    planned = cfg if (seq_len is None and cfg.auto_fields and inputs.can_plan) else plan_block(cfg, inputs, seq_len)
+    return Planned(config=planned, inputs=inputs if inputs.can_plan else None, seq_len=seq_len)
 
 
 def _release_groups_on_destroy(engine, lc: LongContext) -> None:

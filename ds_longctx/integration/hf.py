@@ -45,7 +45,7 @@ from ..memory.norms import lean_rms_norms
 from .context import LongContext, attach
 from .hf_attention import ATTN_IMPLEMENTATION, HFModelError, hf_attention, register
 from .hf_call import prepare_call
-from .hf_layers import stash_checkpoints, tile_mlps
+from .hf_layers import configure_layers, stash_checkpoints, tile_mlps
 from .hf_loss import capture_hidden, finish_call
 
 _HOOK_ATTR = "_ds_longctx_hook"
@@ -79,8 +79,7 @@ def apply(model: torch.nn.Module, lc: LongContext) -> torch.nn.Module:
                            f"AttentionInterface, so its attention cannot be replaced; call "
                            f"engine.long_context.attention(q, k, v) from the model's attention instead")
     attach(model, lc)
-    stash_checkpoints(model, lc.config.keep_attention_output, lc.checkpoint_offload)
-    tile_mlps(model, lc.config.mlp_tile_tokens)
+    configure_layers(model, lc)
     lean_rms_norms(model, lc.config.lean_rms_norm)
     for old in getattr(model, _HOOK_ATTR, None) or ():
         old.remove()

@@ -1,8 +1,10 @@
 """The forward pre-hook of a transformers model on the distributed attention: each call's arguments made
 right for sequence parallelism, one job per function.
 
+* a block with "auto" values left (no ``shard_batch`` yet) is refused;
 * the layers' checkpoint functions go into attention stashes (``gradient_checkpointing_enable`` may run
-  at any time, so every call looks), and the checkpoint offload starts counting this forward's regions;
+  at any time, so every call looks) and the MLPs into tiles as the block sets them, and the checkpoint
+  offload starts counting this forward's regions;
 * ``attention_mask`` is refused (transformers builds no mask for this attention, so it would be dropped);
 * ``shift_labels`` is taken out of the call for the group loss (:mod:`~ds_longctx.integration.hf_loss`);
 * ``cu_seq_lens_q/_k`` (packed documents) become :class:`~ds_longctx.attention.documents.Documents` once
@@ -21,7 +23,7 @@ import torch
 from ..attention.documents import Documents
 from .context import LongContext, long_context_of
 from .hf_attention import HFModelError
-from .hf_layers import stash_checkpoints
+from .hf_layers import configure_layers
 from .hf_loss import loss_request, set_request
 
 
@@ -88,7 +90,10 @@ def prepare_call(model: torch.nn.Module, args, kwargs):
     rebuilt ``(args, kwargs)`` when anything changed."""
     lc = long_context_of(model)
     set_request(model, None)
-    stash_checkpoints(model, lc.config.keep_attention_output, lc.checkpoint_offload)
+    # "auto" values resolve at the first batch through shard_batch; a batch that skipped it has no length to
+    # resolve them from here that every rank would agree on (each sees only its shard)
+    lc.config.require_resolved()
+    configure_layers(model, lc)
     if lc.checkpoint_offload is not None:
         lc.checkpoint_offload.begin_forward()
     signature = inspect.signature(model.forward)

@@ -1,5 +1,7 @@
 """The layer changes :func:`~ds_longctx.integration.hf.apply` makes to a transformers model: checkpoint
-functions in attention stashes, and MLPs over sequence tiles."""
+functions in attention stashes, and MLPs over sequence tiles. Both follow the block the run's
+:class:`~ds_longctx.integration.context.LongContext` holds at each forward (:func:`configure_layers`), so
+"auto" values resolved at the first batch take effect before the first forward."""
 from __future__ import annotations
 
 from typing import Optional
@@ -9,6 +11,22 @@ import torch
 from ..memory.checkpoint_offload import CheckpointOffload
 from ..memory.remat import StashingCheckpoint
 from ..memory.tiling import tile_module, untile_module
+from .context import LongContext
+
+_TILES_ATTR = "_ds_longctx_mlp_tile_tokens"
+_UNSET = object()
+
+
+def configure_layers(model: torch.nn.Module, lc: LongContext) -> None:
+    """Checkpoint stashes and MLP tiles of ``model`` as ``lc.config`` sets them (cheap when they already are;
+    nothing while the block still has "auto" values: the forward pre-hook refuses to run then)."""
+    cfg = lc.config
+    if cfg.auto_fields:
+        return
+    stash_checkpoints(model, cfg.keep_attention_output, lc.checkpoint_offload)
+    if model.__dict__.get(_TILES_ATTR, _UNSET) != cfg.mlp_tile_tokens:
+        tile_mlps(model, cfg.mlp_tile_tokens)
+        object.__setattr__(model, _TILES_ATTR, cfg.mlp_tile_tokens)
 
 
 def stash_checkpoints(model: torch.nn.Module, keep_attention_output: bool,
@@ -47,4 +65,4 @@ def tile_mlps(model: torch.nn.Module, tile_tokens: Optional[int]) -> int:
     return n
 
 
-__all__ = ["stash_checkpoints", "tile_mlps"]
+__all__ = ["configure_layers", "stash_checkpoints", "tile_mlps"]

@@ -27,7 +27,7 @@ from typing import Any, Dict, Mapping
 
 import torch
 
-from ..config import BLOCK_KEY, LongContextConfig, LongContextConfigError
+from ..config import AUTO, BLOCK_KEY, LongContextConfig, LongContextConfigError
 from .data import IGNORE_INDEX, sequence_multiple, shift_labels
 from .replicas import Replicas, gather_over_replicas, prepare_loader_over_replicas, repair_cpu_deepspeed_state
 
@@ -215,7 +215,8 @@ class LongContextTrainerMixin:
         if "labels" not in inputs and "shift_labels" not in inputs:
             raise TrainerSetupError(f"the batch has no labels (keys {sorted(inputs)}); use a causal-LM collator "
                                     f"(e.g. DataCollatorForLanguageModeling(mlm=False), DataCollatorWithFlattening)")
-        full = pad_to_layout(inputs, sequence_multiple(lc.topology, lc.config.fpdt.chunk_size))
+        chunk = lc.config.fpdt.chunk_size  # "auto" resolves in shard_batch to chunks that divide this padding
+        full = pad_to_layout(inputs, sequence_multiple(lc.topology, None if chunk == AUTO else chunk))
         local = lc.shard_batch(full)
         outputs = model(**self._model_inputs(model, local), shift_labels=local["shift_labels"])
         loss = outputs.loss

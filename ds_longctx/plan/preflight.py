@@ -102,7 +102,8 @@ def check(cfg: LongContextConfig, run: Run, machine: Machine, margins: Margins, 
 def prepare(cfg: LongContextConfig, model_config: Any, ds: Mapping[str, Any], world: int,
             seq_len: Optional[int], machine: Optional[Machine], micro_batch: int = 1,
             checkpointing: bool = True) -> LongContextConfig:
-    """Resolve "auto" and run the pre-flight check (when ``cfg.preflight``) for ``ds_longctx.initialize``.
+    """Resolve "auto" and run the pre-flight check (when ``cfg.preflight``) for ``ds_longctx.initialize`` (or for
+    the first batch, :mod:`ds_longctx.integration.planning`).
 
     ``model_config``: the transformers config (None: not a transformers model, nothing to plan);
     ``machine``: the facts all ranks agreed on (None: no GPU, no check). Returns the resolved block."""
@@ -111,8 +112,8 @@ def prepare(cfg: LongContextConfig, model_config: Any, ds: Mapping[str, Any], wo
         if cfg.auto_fields:
             raise PlanError(f"{BLOCK_KEY}: {', '.join(cfg.auto_fields)} are \"auto\", which needs "
                             + ("a transformers model" if model_config is None else
-                               f"{BLOCK_KEY}.seq_len (the global sequence length)" if seq_len is None
-                               else "a GPU (the plan is made for GPUs)")
+                               "a GPU (the plan is made for GPUs; DS_LONGCTX_MACHINE states one's facts)"
+                               if machine is None else f"{BLOCK_KEY}.seq_len (the global sequence length)")
                             + "; set them explicitly (ds-longctx plan suggests values)")
         return cfg
     model = ModelSpec.from_config(model_config)
