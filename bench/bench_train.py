@@ -277,6 +277,8 @@ def main():
         steps.append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)
+            # a run killed later (a device call's end) still leaves the steps it finished
+            write_json(args.out, {**payload, "steps": steps, "partial": True})
     payload["steps"] = steps
     timed = steps[args.warmup:]
     if timed:

@@ -18,7 +18,7 @@ transformers' gradient checkpointing and cuDNN SDPA), ``alst`` (``--mode alst``,
 ``ds_longctx`` (cuDNN kernel, FPDT chunks offloaded, checkpoints offloaded, tiled MLP and loss) and
 ``ds_longctx_fa4`` (the same with the ``auto`` kernel: FlashAttention-4 where installed), ``ds_longctx_plan``
 (the configuration ``ds-longctx plan`` chooses for the length on this machine, cuDNN kernel; its plan JSON is
-kept) and ``ds_longctx_plan_fa4`` (the same with the ``auto`` kernel). ``{chunk}`` in
+kept as ``<prefix>plan_<model>_<S>.json``) and ``ds_longctx_plan_fa4`` (the same with the ``auto`` kernel). ``{chunk}`` in
 flags is the FPDT chunk: ``min(65536, S)``. Every run gets ``PYTORCH_CUDA_ALLOC_CONF`` of ``--alloc-conf``
 (expandable segments, as ALST's authors run).
 """
@@ -139,7 +139,7 @@ def make_planner(args) -> Callable[[int], List[str]]:
             raise RuntimeError(f"ds-longctx plan: {proc.stderr.strip()[-600:]}")
         plan = json.loads(proc.stdout)
         model = args.model + (f"_{args.layers}l" if args.layers else "")
-        with open(os.path.join(args.out_dir, f"{args.prefix}_plan_{model}_{seq_len}.json"), "w") as f:
+        with open(os.path.join(args.out_dir, f"{args.prefix}plan_{model}_{seq_len}.json"), "w") as f:
             json.dump(plan, f, indent=1)
         return train_flags(plan["ds_config"])
     return planned
@@ -173,8 +173,10 @@ def make_launcher(args, variants: Dict[str, str]) -> Callable[[str, int, float],
         try:
             proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout_s, capture_output=True, text=True)
         except subprocess.TimeoutExpired:
-            return RunResult("timeout", time.monotonic() - t0, [], out if os.path.exists(out) else None,
-                             f"killed after {timeout_s:.0f} s: the budget's end")
+            # the steps finished before the kill are in its JSON (bench_train writes it after every step)
+            done = json.load(open(out)).get("steps", []) if os.path.exists(out) else []
+            return RunResult("timeout", time.monotonic() - t0, [r["seconds"] for r in done],
+                             out if os.path.exists(out) else None, f"killed after {timeout_s:.0f} s: the budget's end")
         wall = time.monotonic() - t0
         sys.stdout.write(proc.stdout[-3000:])
         if not os.path.exists(out):  # a rank out of memory alone writes its own record

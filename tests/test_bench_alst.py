@@ -276,7 +276,7 @@ def test_planned_variants_train_the_configuration_the_planner_chooses_for_each_l
     planned = make_planner(args)
     flags = variant_flags(VARIANTS["ds_longctx_plan"], 262144, planned)
 
-    with open(tmp_path / "t_plan_llama3.2-3b_262144.json") as f:
+    with open(tmp_path / "tplan_llama3.2-3b_262144.json") as f:
         plan = json.load(f)
     block = plan["ds_config"]["long_context"]
     assert plan["fits"] and plan["seq_len"] == 262144
