@@ -73,3 +73,20 @@ def test_the_pool_is_predicted_to_the_byte_and_as_torch_rounded_it_before():
     assert then["checkpoint_offload"] == 14 * 2 * GIB
     # measured then: 91.03 GiB pinned (the lse buffers, 0.9 GiB here, stayed on the GPU)
     assert abs(sum(then.values()) / GIB - 91.03) < 0.03 * 91.03
+
+
+def test_the_offload_pool_may_pin_the_hosts_memory_less_what_the_offloaded_optimizer_pins():
+    from ds_longctx.integration.deepspeed import _pool_limit
+    from ds_longctx.integration.planning import PlanInputs
+    from ds_longctx.plan import Machine
+
+    config = {"num_hidden_layers": 28, "hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24,
+              "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True, "head_dim": 128}
+    machine = Machine(gpus=1, gpu_memory=int(139.8 * GIB), host_memory=120 * GIB, gpu_name="NVIDIA H200")
+    offloaded = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True}}}
+    inputs = lambda ds, model=config: PlanInputs(model_config=model, ds=ds, world=1, machine=machine,  # noqa: E731
+                                                 micro_batch=1, checkpointing=True)
+
+    assert _pool_limit(machine, inputs(offloaded)) == 120 * GIB - 21 * GIB  # the 3B's 21 GiB measured on an H200
+    assert _pool_limit(machine, inputs({"zero_optimization": {"stage": 3}})) == 120 * GIB
+    assert _pool_limit(machine, inputs(offloaded, model=None)) == 120 * GIB  # not a transformers model: no plan

@@ -240,10 +240,27 @@ def _plan_block(cfg: LongContextConfig, model, ds: Mapping[str, Any], world: int
                         ds=ds, world=world, machine=machine, micro_batch=micro if isinstance(micro, int) else 1,
                         checkpointing=bool(getattr(model, "is_gradient_checkpointing", True)))
     if machine is not None and machine.host_memory:
-        default_pool().limit_bytes = machine.host_memory_per_gpu
+        default_pool().limit_bytes = _pool_limit(machine, inputs)
     seq_len = cfg.seq_len or sample_len
     planned = cfg if (seq_len is None and cfg.auto_fields and inputs.can_plan) else plan_block(cfg, inputs, seq_len)
     return Planned(config=planned, inputs=inputs if inputs.can_plan else None, seq_len=seq_len)
+
+
+def _pool_limit(machine, inputs: PlanInputs) -> int:
+    """Bytes the offload pool may page-lock per rank: the host memory each GPU's process may use, less what
+    DeepSpeed's offloaded optimizer pins itself (its fp32 gradient sub-groups and bf16 gradient partitions), so
+    that the two together never pin more than the host has."""
+    limit = machine.host_memory_per_gpu
+    if inputs.model_config is None:
+        return limit
+    from ..plan import ModelSpec, ZeroSettings
+    from ..plan.offload_optimizer import offload_optimizer_host
+
+    zero = ZeroSettings.from_ds_config(inputs.ds)
+    if not zero.optimizer_offload:
+        return limit
+    pinned = offload_optimizer_host(ModelSpec.from_config(inputs.model_config), inputs.world, zero).pinned
+    return max(0, limit - pinned)
 
 
 def _release_groups_on_destroy(engine, lc: LongContext) -> None:
