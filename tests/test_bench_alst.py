@@ -288,3 +288,26 @@ def test_planned_variants_train_the_configuration_the_planner_chooses_for_each_l
     args.plan_flags = "--gpu-memory-gib 8 --host-memory-gib 8"  # a 3B model's states alone need more
     with pytest.raises(RuntimeError, match="ds-longctx plan"):
         planned(262144)
+
+
+def test_a_run_measured_earlier_is_not_launched_again(tmp_path):
+    import argparse
+
+    from bench.run_alst_compare import VARIANTS, make_launcher
+
+    have, out = tmp_path / "have", tmp_path / "out"
+    have.mkdir()
+    out.mkdir()
+    with open(have / "alstcmp_alst_llama3.2-3b_262144.json", "w") as f:
+        json.dump({"steps": [{"seconds": 120.0}, {"seconds": 100.0}]}, f)
+    with open(have / "alstcmp_deepspeed_llama3.2-3b_262144.json", "w") as f:  # stopped early: run again
+        json.dump({"steps": [{"seconds": 120.0}], "partial": True}, f)
+    args = argparse.Namespace(model="llama3.2-3b", layers=None, gpus=1, out_dir=str(out), prefix="alstcmp",
+                              plan_flags="", have=str(have), steps=2, warmup=1, commit="", extra="",
+                              alloc_conf="", dry_run=True)
+    launch = make_launcher(args, VARIANTS)
+
+    earlier = launch("alst", 262144, 100.0)
+    assert earlier.status == "ok" and earlier.note == "measured earlier" and earlier.step_seconds == [120.0, 100.0]
+    assert earlier.wall_s == 280.0 and earlier.path == str(have / "alstcmp_alst_llama3.2-3b_262144.json")
+    assert launch("deepspeed", 262144, 100.0).note == "dry run"
