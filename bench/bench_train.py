@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench.common import Memory, out_of_memory_kind, record_header, write_json  # noqa: E402
+from bench.fit_probe import FitProbe, ProbeStop, decoder_layers, probe_summary, step_plan  # noqa: E402
 from bench.models import PRESETS, SHAPE_FLAGS, llama_config, matmul_params, resolve_shape  # noqa: E402
 
 
@@ -123,6 +124,14 @@ def parse_args(argv=None):
                          "is out of reach), and initialize's plan is told so")
     ap.add_argument("--host_memory_gib", type=float, default=None,
                     help="with --gpu_memory_gib: the host memory initialize's plan is told the process may use")
+    ap.add_argument("--probe_layers", type=int, default=0,
+                    help="a fit probe (bench/fit_probe.py): the step at --seq_len stops after this many decoder "
+                         "layers' backward (counted from the last; its peak so far is the step's peak), no "
+                         "optimizer step; the run ends after it (--steps 1). 0: off")
+    ap.add_argument("--probe_warm_seq_len", type=int, default=0,
+                    help="with --probe_layers: one whole training step at this length first, so the optimizer's "
+                         "state exists during the probe (ds_longctx: rounded up to the block's sequence multiple, "
+                         "e.g. the FPDT chunk). 0: the probe alone")
     ap.add_argument("--dist_timeout_s", type=int, default=300, help="collective timeout")
     ap.add_argument("--commit", default="")
     ap.add_argument("--out", required=True)
@@ -133,6 +142,14 @@ def parse_args(argv=None):
     args.label = args.label or args.mode
     if args.mode == "alst" and not args.checkpointing:
         ap.error("--mode alst is gradient checkpointing with the checkpoints in host memory: add --checkpointing")
+    if args.probe_layers:
+        if not 1 <= args.probe_layers <= args.layers:
+            ap.error(f"--probe_layers {args.probe_layers}: between 1 and the model's {args.layers} layers")
+        if args.steps != 1:
+            ap.error("--probe_layers: a probe step stops its backward half-way and ends the run; pass --steps 1 "
+                     "(a warm-up step at another length: --probe_warm_seq_len)")
+    elif args.probe_warm_seq_len:
+        ap.error("--probe_warm_seq_len warms up a fit probe: add --probe_layers K")
     return args, shape
 
 
@@ -223,17 +240,25 @@ def main():
     # one sequence per sequence-parallel group: its ranks draw the same one
     gen = torch.Generator().manual_seed(lc.topology.dp_rank if lc else 0 if args.mode == "alst" else rank)
     D = args.hidden // args.heads
-    S = args.seq_len
-    flops_step = dp * (6 * flops_params * S + 3.5 * 2 * S * S * args.heads * D * args.layers)
+    fit = None
+    if args.probe_layers:
+        fit = FitProbe(decoder_layers(engine.module), args.probe_layers, peak_gib=peak, sync=Memory.sync)
+        payload["probe_layers"] = args.probe_layers  # the record is a fit probe: no step finished, no rates
     steps = []
     alloc = lambda: Memory.allocated() / 2 ** 30  # noqa: E731
-    for step in range(args.steps):
+    plan = step_plan(seq_len=args.seq_len, steps=args.steps, probe_layers=args.probe_layers,
+                     warm_seq_len=args.probe_warm_seq_len, multiple=lc.config.seq_multiple if lc is not None else 1)
+    for step, (S, kind) in enumerate(plan):
+        flops_step = dp * (6 * flops_params * S + 3.5 * 2 * S * S * args.heads * D * args.layers)
         batch = sample_batch(corpus, 1, S, gen)
         Memory.sync()
         phases = {}
         Memory.reset_peak()  # per-step peaks; the summary takes the largest
         Memory.reset_host_pinned_peak()
         ledger.reset_peak()
+        stopped = None
+        if kind == "probe":
+            fit.arm()
         t0 = time.perf_counter()
         try:
             with attn_ctx():
@@ -254,34 +279,62 @@ def main():
                 else:
                     loss = engine(input_ids=batch["input_ids"].to(dev), labels=batch["labels"].to(dev)).loss
                     reported = loss
+                if fit is not None:
+                    fit.forward_done()
                 # where the memory goes: what the forward leaves for backward, and each phase's peak
                 phases = {"forward_peak_gib": peak(), "after_forward_gib": alloc()}
-                engine.backward(loss)
+                try:
+                    engine.backward(loss)
+                except ProbeStop as stop:
+                    stopped = stop
                 phases["backward_peak_gib"] = peak()
-            engine.step()
+            if kind == "probe" and stopped is None:  # the hooks never fired: the probe would measure nothing
+                raise RuntimeError("the fit probe's hooks did not stop the backward (no decoder layer input "
+                                   "required a gradient?)")
+            if stopped is None:
+                engine.step()
             Memory.sync()
         except Exception as exc:  # noqa: BLE001 - an out-of-memory is a result, anything else a bug
-            kind = out_of_memory_kind(exc)
-            if kind is None:
+            kind_oom = out_of_memory_kind(exc)
+            if kind_oom is None:
                 raise
-            payload["oom"] = {"step": step, "kind": kind, "error": str(exc).split("\n")[0][:400],
-                              "peak_gib": peak()}
+            payload["oom"] = {"step": step, "kind": kind_oom, "error": str(exc).split("\n")[0][:400],
+                              "peak_gib": peak(), "seq_len": S}
+            if fit is not None:
+                payload["oom"]["phase"] = fit.phase() if kind == "probe" else "warm step"
             print(f"rank {rank} OOM:", payload["oom"], flush=True)
             break
+        finally:
+            if fit is not None:
+                fit.disarm()
         dt = time.perf_counter() - t0
-        row = {"step": step, "loss": reported.item(), "seconds": dt, "tokens_per_s": S * dp / dt,
-               "tflops_per_gpu": flops_step / world / dt / 1e12,
-               "peak_gib": peak(), **phases, **host_memory(ledger, default_pool() if lc is not None else None)}
-        if args.mode == "alst":
-            row["host_pinned_held_after_step_gib"] = ledger.held / 2 ** 30  # 0: backward gave every copy back
+        row = {"step": step, "seq_len": S, "loss": reported.item(), "seconds": dt}
+        if kind == "probe":  # a stopped step: no rate, the peaks so far (the step's: see bench/fit_probe.py)
+            row["probe"] = fit.record()
+            row["layer_backward_peaks_gib"] = [d["peak_gib"] for d in row["probe"]["layer_backwards"]]
+        else:
+            row.update(tokens_per_s=S * dp / dt, tflops_per_gpu=flops_step / world / dt / 1e12)
+            if kind == "warm":
+                row["probe_warm"] = True
+        row.update(peak_gib=peak(), **phases, **host_memory(ledger, default_pool() if lc is not None else None))
+        if args.mode == "alst":  # 0: backward gave every copy back (a probe's stopped backward holds the rest)
+            row["host_pinned_held_after_step_gib"] = ledger.held / 2 ** 30
         steps.append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)
             # a run killed later (a device call's end) still leaves the steps it finished
             write_json(args.out, {**payload, "steps": steps, "partial": True})
+        # a stopped backward leaves its half-run graph (and ALST's host copies) to the loss: let it go
+        loss = reported = out = b = stopped = None  # noqa: F841
     payload["steps"] = steps
-    timed = steps[args.warmup:]
-    if timed:
+    payload["optimizer_steps"] = engine.global_steps  # a probe's step has none: its backward was stopped
+    if fit is not None:
+        fit.remove()
+        summary = probe_summary(steps)
+        if summary is not None:
+            payload["summary"] = summary
+    elif steps[args.warmup:]:
+        timed = steps[args.warmup:]
         payload["summary"] = {k: sum(r[k] for r in timed) / len(timed) for k in ("tokens_per_s", "tflops_per_gpu")}
         payload["summary"]["peak_gib"] = max(r["peak_gib"] for r in steps)
         payload["summary"].update(steady_state(steps))

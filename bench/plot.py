@@ -31,7 +31,11 @@ class Point(NamedTuple):
     peak_gib: Optional[float]  # steady-state peak, or the peak when it ran out of memory
 
 
-def point(d: Dict) -> Point:
+def point(d: Dict) -> Optional[Point]:
+    """The run as a point, or None for a fit probe (``--probe_layers``: no step finished, so no rate; the
+    report's tables list it)."""
+    if d.get("probe_layers") and "oom" not in d:
+        return None
     s = d.get("summary") or {}
     label = d.get("label") or d["mode"]
     if "oom" in d:
@@ -44,7 +48,7 @@ def load_points(patterns: List[str]) -> List[Point]:
     paths = sorted({p for pat in patterns for p in glob.glob(pat)})
     if not paths:
         raise SystemExit(f"no JSON matches {patterns}")
-    return [point(json.load(open(p))) for p in paths]
+    return [p for p in (point(json.load(open(path))) for path in paths) if p is not None]
 
 
 def plot(points: List[Point], out: str, title: str = "") -> List[str]:

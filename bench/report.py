@@ -172,8 +172,10 @@ def train_tables():
         loss_tiles = (lc or {}).get("loss_tile_tokens") or "-"
         s = d.get("summary") or {}
         losses = ", ".join(format(r["loss"], ".3f") for r in d["steps"])
-        res = "OOM" if "oom" in d else f"{s.get('tokens_per_s', 0):,.0f}"
-        peak = f"{d['oom']['peak_gib']:.1f} at OOM" if "oom" in d else f(s.get("peak_gib"), ".1f")
+        res = ("OOM" if "oom" in d else f"fits (probe: {s['probe_layers']} layers' backward)" if "probe_peak_gib" in s
+               else f"{s.get('tokens_per_s', 0):,.0f}")
+        peak = (f"{d['oom']['peak_gib']:.1f} at OOM" if "oom" in d else
+                f(s.get("probe_peak_gib", s.get("peak_gib")), ".1f"))
         left = d["steps"][-1].get("after_forward_gib") if d["steps"] else None  # added to the bench later
         optim = "CPU" if d.get("offload_optimizer") else "GPU"
         out.append(f"| `{name}` | {d['mode']} | {d['world_size']} | {d['seq_len']} | {d['layers']} | "
@@ -202,21 +204,37 @@ def long_sequence_tables(rows=None):
            "memory: the offloaded checkpoints (alst), the offload pool (ds_longctx), the pinned memory torch's "
            "host allocator held plus the pool's page-locked bytes (all; earlier runs: the allocator alone, which then "
            "held the pool's buffers).\n"]
+    if any(d.get("probe_layers") for _, d in rows):
+        out.append("*fits (probe: K layers' backward)*: a fit probe (`bench_train.py --probe_layers K`), a step at "
+                   "the length stopped after its first K decoder layers' backward (after a whole step at a short "
+                   "length, so the optimizer's state is there): every layer's backward has the same working set and "
+                   "the first includes the loss's, so its GPU peak is the whole step's (docs/benchmarks.md). It "
+                   "trained nothing, so it has no rate and counts only under *longest that fits (probe)*.\n")
     for model, runs in by_model.items():
         out.append(f"**{model}** ({runs[0][1]['params'] / 1e9:.2f}B parameters, vocabulary {runs[0][1]['vocab']}, "
                    f"{runs[0][1]['world_size']} GPU)\n")
         out.append("| run | seq_len | tokens/s | model TFLOP/s/GPU | GPU peak GiB | offloaded host GiB | "
                    "pinned host GiB | loss per step | file |")
         out.append("|---|---|---|---|---|---|---|---|---|")
-        longest, first_oom = {}, {}
+        longest, first_oom, fits = {}, {}, {}
         for name, d in runs:
             label = d.get("label") or d["mode"]
             s = d.get("summary") or {}
             losses = ", ".join(format(r["loss"], ".3f") for r in d["steps"]) or "-"
             if "oom" in d:
                 first_oom.setdefault(label, d["seq_len"])
+                where = f", {d['oom']['phase']}" if d["oom"].get("phase") else ""
+                probe = ", probe" if d.get("probe_layers") else ""
                 out.append(f"| {label} | {d['seq_len']} | OOM ({d['oom'].get('kind', 'gpu')}, step "
-                           f"{d['oom']['step']}, {f(d['oom'].get('peak_gib'), '.1f')} GiB) |||||{losses} | `{name}` |")
+                           f"{d['oom']['step']}{where}{probe}, {f(d['oom'].get('peak_gib'), '.1f')} GiB) |||||"
+                           f"{losses} | `{name}` |")
+                continue
+            if d.get("probe_layers") and "probe_peak_gib" in s:
+                fits[label] = max(fits.get(label, 0), d["seq_len"])
+                host = s.get("probe_host_pinned_gib", s.get("probe_host_pool_gib"))
+                out.append(f"| {label} | {d['seq_len']} | fits (probe: {s['probe_layers']} layers' backward) | | "
+                           f"{f(s['probe_peak_gib'], '.1f')} | {f(host, '.1f')} | "
+                           f"{f(s.get('probe_host_pinned_total_gib'), '.1f')} | {losses} | `{name}` |")
                 continue
             if d.get("partial"):  # stopped from outside (a device call's end) after these steps
                 out.append(f"| {label} | {d['seq_len']} | stopped after {len(d['steps'])} step(s) of "
@@ -231,10 +249,11 @@ def long_sequence_tables(rows=None):
             out.append(f"| {label} | {d['seq_len']} | {f(s.get('tokens_per_s'), ',.0f')} | "
                        f"{f(s.get('tflops_per_gpu'), '.1f')} | {f(gpu, '.1f')} | {f(host, '.1f')} | "
                        f"{f(pinned, '.1f')} | {losses} | `{name}` |")
-        out.append("\n| run | longest trained | first out of memory |")
-        out.append("|---|---|---|")
-        for label in sorted(set(longest) | set(first_oom)):
-            out.append(f"| {label} | {longest.get(label, '-')} | {first_oom.get(label, 'none run')} |")
+        out.append("\n| run | longest trained | first out of memory | longest that fits (probe) |")
+        out.append("|---|---|---|---|")
+        for label in sorted(set(longest) | set(first_oom) | set(fits)):
+            out.append(f"| {label} | {longest.get(label, '-')} | {first_oom.get(label, 'none run')} | "
+                       f"{fits.get(label, '-')} |")
         out.append("")
     for name, d in rows:
         out.append(header(name, d))

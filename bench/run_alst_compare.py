@@ -21,6 +21,12 @@ transformers' gradient checkpointing and cuDNN SDPA), ``alst`` (``--mode alst``,
 kept as ``<prefix>plan_<model>_<S>.json``) and ``ds_longctx_plan_fa4`` (the same with the ``auto`` kernel). ``{chunk}`` in
 flags is the FPDT chunk: ``min(65536, S)``. Every run gets ``PYTORCH_CUDA_ALLOC_CONF`` of ``--alloc-conf``
 (expandable segments, as ALST's authors run).
+
+``--probe-layers K`` runs fit probes instead of training (``bench_train.py --probe_layers K``, see
+``bench/fit_probe.py``): each launch is one whole step at 4,096 tokens (the optimizer's state) and one step at
+the length stopped after K decoder layers' backward, whose GPU peak is the whole step's; so the sweep finds
+the longest length that fits at lengths where a whole step would outlast the device call. The prediction
+then scales the probe's seconds (the warm-up step counts as time outside the steps).
 """
 from __future__ import annotations
 
@@ -145,18 +151,37 @@ def make_planner(args) -> Callable[[int], List[str]]:
     return planned
 
 
+PROBE_WARM_SEQ_LEN = 4096  # a probe's whole warm-up step: short, so its time hardly counts
+
+
+def scaling_seconds(record: Dict) -> List[float]:
+    """The seconds of a bench_train record's steps that grow with the length: every step, except a fit probe's
+    warm-up step (at a fixed short length)."""
+    return [r["seconds"] for r in record.get("steps", []) if not r.get("probe_warm")]
+
+
+def probe_flags(probe_layers: int) -> List[str]:
+    """bench_train flags of a fit probe of ``probe_layers`` layers' backward (none for 0)."""
+    if not probe_layers:
+        return []
+    return ["--probe_layers", str(probe_layers), "--probe_warm_seq_len", str(PROBE_WARM_SEQ_LEN)]
+
+
 def make_launcher(args, variants: Dict[str, str]) -> Callable[[str, int, float], RunResult]:
     """A ``launch`` for ``sweep`` running ``bench_train.py`` under torchrun with ``args.gpus`` ranks."""
     model = args.model + (f"_{args.layers}l" if args.layers else "")
     planned = make_planner(args) if not args.dry_run else lambda seq_len: [f"<plan at {seq_len}>"]
+    probe_layers = getattr(args, "probe_layers", 0)
 
     def launch(variant: str, seq_len: int, timeout_s: float) -> RunResult:
         out = os.path.join(args.out_dir, f"{args.prefix}_{variant}_{model}_{seq_len}.json")
         have = os.path.join(args.have, os.path.basename(out)) if args.have else None
         if have and os.path.exists(have):  # measured in an earlier call: not run again
             d = json.load(open(have))
-            if not d.get("partial") and "oom" not in d and d.get("steps"):
-                seconds = [r["seconds"] for r in d["steps"]]
+            # a probe stands for a probe, a trained run for a trained run (their seconds differ)
+            same_kind = bool(d.get("probe_layers")) == bool(probe_layers)
+            if not d.get("partial") and "oom" not in d and d.get("steps") and same_kind:
+                seconds = scaling_seconds(d)
                 # its start is not recorded: a minute, about what a full-depth model's start and build take
                 return RunResult("ok", sum(seconds) + 60.0, seconds, have, "measured earlier")
         t0 = time.monotonic()
@@ -169,7 +194,7 @@ def make_launcher(args, variants: Dict[str, str]) -> Callable[[str, int, float],
                "--model", args.model, "--seq_len", str(seq_len), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--label", variant, "--commit", args.commit, "--out", out,
                *(["--layers", str(args.layers)] if args.layers else []),
-               *flags, *shlex.split(args.extra)]
+               *flags, *probe_flags(probe_layers), *shlex.split(args.extra)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if args.alloc_conf:
             env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
@@ -181,8 +206,8 @@ def make_launcher(args, variants: Dict[str, str]) -> Callable[[str, int, float],
             proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout_s, capture_output=True, text=True)
         except subprocess.TimeoutExpired:
             # the steps finished before the kill are in its JSON (bench_train writes it after every step)
-            done = json.load(open(out)).get("steps", []) if os.path.exists(out) else []
-            return RunResult("timeout", time.monotonic() - t0, [r["seconds"] for r in done],
+            done = scaling_seconds(json.load(open(out))) if os.path.exists(out) else []
+            return RunResult("timeout", time.monotonic() - t0, done,
                              out if os.path.exists(out) else None, f"killed after {timeout_s:.0f} s: the budget's end")
         wall = time.monotonic() - t0
         sys.stdout.write(proc.stdout[-3000:])
@@ -192,7 +217,7 @@ def make_launcher(args, variants: Dict[str, str]) -> Callable[[str, int, float],
                 return RunResult("failed", wall, [], None, f"rc {proc.returncode}: {proc.stderr[-1500:]}")
             out = others[0]
         d = json.load(open(out))
-        seconds = [r["seconds"] for r in d.get("steps", [])]
+        seconds = scaling_seconds(d)
         if "oom" in d:
             return RunResult("oom", wall, seconds, out, f"{d['oom'].get('kind')}: {d['oom']['error'][:300]}")
         if proc.returncode != 0:
@@ -224,8 +249,14 @@ def main(argv=None):
     ap.add_argument("--have", default="",
                     help="a folder of earlier results (e.g. bench/results): a run whose complete JSON is there is "
                          "not launched again, its steps count for the next length's prediction")
+    ap.add_argument("--probe-layers", dest="probe_layers", type=int, default=0,
+                    help="fit probes: each run a whole step at 4096 tokens, then a step at the length stopped after "
+                         "this many decoder layers' backward (its GPU peak is the step's); sets --steps 1 "
+                         "--warmup 0. 0: train")
     ap.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the commands, run nothing")
     args = ap.parse_args(argv)
+    if args.probe_layers:  # one probe step per run: its backward is stopped, so nothing follows it
+        args.steps, args.warmup = 1, 0
     variants = dict(VARIANTS)
     for spec in args.variant:
         name, _, flags = spec.partition("=")
@@ -238,6 +269,7 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     records = sweep(lengths, chosen, args.steps, args.budget_s, make_launcher(args, variants))
     summary = {"model": args.model, "layers": args.layers, "gpus": args.gpus, "steps": args.steps,
+               "probe_layers": args.probe_layers,
                "budget_s": args.budget_s, "variants": {v: variants[v] for v in chosen}, "extra": args.extra,
                "command": " ".join(sys.argv), "runs": records}
     path = os.path.join(args.out_dir, f"{args.prefix}_summary.json")
