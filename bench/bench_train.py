@@ -23,6 +23,17 @@ Ulysses attention over more than one rank, with the SDPA backend of ``--ds_sdpa`
 The summary's ``steady_peak_gib`` is the largest GPU peak of the steps after the first (the first optimizer
 step allocates the optimizer's state); host memory per step: the offloaded checkpoints' bytes (alst), the
 offload pool's (ds_longctx), the pinned memory torch's host allocator holds (CUDA) and the process's RSS.
+
+``--probe_layers K`` makes the run a fit probe (``bench/fit_probe.py``), for lengths where a whole step takes
+longer than a device call: after one whole step at ``--probe_warm_seq_len`` tokens (the optimizer's state
+allocated; ``"probe_warm": true``), the step at ``--seq_len`` stops once K decoder layers have finished their
+backward, with no optimizer step, and the run ends. Every decoder layer's backward has the same working set
+and the first (the last layer's) also runs the loss's, so the GPU peak so far is the whole step's. Its row has
+``probe`` (K, the layers' backwards in the order they finished, with the peak after each and which layers'
+parameters got gradients), ``layer_backward_peaks_gib`` (flat from the second on), ``forward_peak_gib``, the
+seconds, the host memory; no rates. The record has ``probe_layers`` and ``optimizer_steps`` (the warm-up's);
+its summary ``probe_peak_gib`` and the probe's host memory (``probe_host_*``), no tokens/s or TFLOP/s. An
+out-of-memory records its ``phase`` (``forward``, ``backward of layer i``, ``warm step``).
 """
 from __future__ import annotations
 
