@@ -10,6 +10,9 @@ cross-entropy, final norm) runs in it too; from the second on, the peak stays fl
 layers' backward (K >= 1, the loss included) is the whole step's peak, and K = 2 shows that the second
 layer's backward added nothing. The assumption: the layers are alike (one shape, one configuration; a
 mode that offloads only the first N layers' checkpoints breaks it, as does a slice of unlike layers).
+The one phase of a step the probe never reaches is the optimizer step; by then the activations are gone, so
+it is the same at every length, and the bench's warm-up step at a short length (``--probe_warm_seq_len``)
+runs it: the record's ``peak_gib`` (the larger of the two steps' peaks) bounds the whole step's.
 
 Mechanics: a forward pre-hook on each decoder layer (outside transformers' checkpoint, which wraps the
 layer's ``forward``, not its ``__call__``) puts a tensor hook on the layer's input hidden states while the

@@ -4,7 +4,8 @@
 
 writes ``<out>_tokens_per_s.png`` and ``<out>_gpu_peak.png``. A length that ran out of memory is an ``x``
 at the bottom of the rate plot and at the memory it had reached on the peak plot; a line stops at its
-last length that trained. Needs matplotlib (``pip install -e ".[plot]"``).
+last length that trained. A fit probe (``--probe_layers``: no step finished, so no rate) is left out; the
+report's tables list it. Needs matplotlib (``pip install -e ".[plot]"``).
 """
 from __future__ import annotations
 

@@ -208,7 +208,9 @@ def long_sequence_tables(rows=None):
         out.append("*fits (probe: K layers' backward)*: a fit probe (`bench_train.py --probe_layers K`), a step at "
                    "the length stopped after its first K decoder layers' backward (after a whole step at a short "
                    "length, so the optimizer's state is there): every layer's backward has the same working set and "
-                   "the first includes the loss's, so its GPU peak is the whole step's (docs/benchmarks.md). It "
+                   "the first includes the loss's, so its GPU peak is the whole step's forward and backward "
+                   "(docs/benchmarks.md); the peak shown is the larger of it and the warm-up step's, whose optimizer "
+                   "step (no activations left by then) is the one phase the probe never reaches. It "
                    "trained nothing, so it has no rate and counts only under *longest that fits (probe)*.\n")
     for model, runs in by_model.items():
         out.append(f"**{model}** ({runs[0][1]['params'] / 1e9:.2f}B parameters, vocabulary {runs[0][1]['vocab']}, "
@@ -232,8 +234,10 @@ def long_sequence_tables(rows=None):
             if d.get("probe_layers") and "probe_peak_gib" in s:
                 fits[label] = max(fits.get(label, 0), d["seq_len"])
                 host = s.get("probe_host_pinned_gib", s.get("probe_host_pool_gib"))
+                # the warm-up step's peak covers the optimizer step, which the probe never reaches
+                gpu = max(s["probe_peak_gib"], s.get("peak_gib", 0.0))
                 out.append(f"| {label} | {d['seq_len']} | fits (probe: {s['probe_layers']} layers' backward) | | "
-                           f"{f(s['probe_peak_gib'], '.1f')} | {f(host, '.1f')} | "
+                           f"{f(gpu, '.1f')} | {f(host, '.1f')} | "
                            f"{f(s.get('probe_host_pinned_total_gib'), '.1f')} | {losses} | `{name}` |")
                 continue
             if d.get("partial"):  # stopped from outside (a device call's end) after these steps
@@ -249,11 +253,13 @@ def long_sequence_tables(rows=None):
             out.append(f"| {label} | {d['seq_len']} | {f(s.get('tokens_per_s'), ',.0f')} | "
                        f"{f(s.get('tflops_per_gpu'), '.1f')} | {f(gpu, '.1f')} | {f(host, '.1f')} | "
                        f"{f(pinned, '.1f')} | {losses} | `{name}` |")
-        out.append("\n| run | longest trained | first out of memory | longest that fits (probe) |")
-        out.append("|---|---|---|---|")
+        probes = any(d.get("probe_layers") for _, d in runs)  # the probes' column only where there are probes
+        out.append("\n| run | longest trained | first out of memory |" + (" longest that fits (probe) |" if probes
+                                                                        else ""))
+        out.append("|---|---|---|" + ("---|" if probes else ""))
         for label in sorted(set(longest) | set(first_oom) | set(fits)):
-            out.append(f"| {label} | {longest.get(label, '-')} | {first_oom.get(label, 'none run')} | "
-                       f"{fits.get(label, '-')} |")
+            out.append(f"| {label} | {longest.get(label, '-')} | {first_oom.get(label, 'none run')} |"
+                       + (f" {fits.get(label, '-')} |" if probes else ""))
         out.append("")
     for name, d in rows:
         out.append(header(name, d))

@@ -204,7 +204,7 @@ def test_report_shows_probes_as_fitting_and_counts_them_apart_from_trained_lengt
     from bench.report import long_sequence_tables
 
     probe = {"probe_peak_gib": 120.4, "probe_layers": 2, "probe_host_pinned_gib": 60.0,
-             "probe_host_pinned_total_gib": 70.0}
+             "probe_host_pinned_total_gib": 70.0, "peak_gib": 120.4}
     rows = [("a.json", _run("alst", 524288, summary={"tokens_per_s": 900.0, "tflops_per_gpu": 1.0,
                                                        "steady_peak_gib": 80.0})),
             ("b.json", _run("alst", 1048576, probe_layers=2, summary=probe)),
@@ -216,6 +216,9 @@ def test_report_shows_probes_as_fitting_and_counts_them_apart_from_trained_lengt
     assert "OOM (gpu, step 1, backward of layer 3, probe, 139.0 GiB)" in text
     assert "| run | longest trained | first out of memory | longest that fits (probe) |" in text
     assert "| alst | 524288 | 2097152 | 1048576 |" in text  # trained 512K; the probe's 1M only in its column
+    # a warm-up step whose optimizer step peaked higher than the probe (a short probe): its peak is shown
+    rows[1][1]["summary"] = dict(probe, peak_gib=130.0)
+    assert "| fits (probe: 2 layers' backward) | | 130.0 |" in "\n".join(long_sequence_tables(rows))
 
 
 def test_sweep_driver_runs_probes_and_predicts_from_the_probes_seconds(tmp_path, capsys):
