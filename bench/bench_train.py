@@ -253,8 +253,8 @@ def main():
     D = args.hidden // args.heads
     fit = None
     if args.probe_layers:
+        # (the record's probe_layers, from the arguments, marks it a fit probe: no step finished, no rates)
         fit = FitProbe(decoder_layers(engine.module), args.probe_layers, peak_gib=peak, sync=Memory.sync)
-        payload["probe_layers"] = args.probe_layers  # the record is a fit probe: no step finished, no rates
     steps = []
     alloc = lambda: Memory.allocated() / 2 ** 30  # noqa: E731
     plan = step_plan(seq_len=args.seq_len, steps=args.steps, probe_layers=args.probe_layers,

@@ -20,7 +20,12 @@ probed forward runs. That hook fires when the gradient of the layer's input is c
 layer's backward has run and its weights' gradients were accumulated (autograd runs a ready
 ``AccumulateGrad`` before any other node). After the K-th it raises :class:`ProbeStop`, which ends
 ``loss.backward()``: the rest of the backward and the optimizer step never run. A stopped backward leaves
-ZeRO-3 mid-reduction (its epilogue never ran), so a probe step is the run's last.
+DeepSpeed's ZeRO-3 (0.19.8) mid-step: its epilogue (queued as an autograd callback, which an errored backward
+never runs) did not reduce the last gradient bucket, the stopped layer's gathered weights were not released
+(the hook fires before ZeRO's post-backward function on the layer's input), and its hook counters and
+prefetch trace are half-way. A next step would mix the probe's unreduced gradients into its own, so a probe
+step is the run's last: every rank stops at the same layer, having issued the same collectives, and the
+ranks leave together.
 """
 from __future__ import annotations
 
