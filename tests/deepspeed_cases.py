@@ -82,14 +82,15 @@ class TinyTorchLM(torch.nn.Module):
         return self.head(self.norm3(h))
 
 
-def build_model(kind: str, seq_len: int, seed: int = 0):
-    """A tiny fp32 causal LM of family ``kind`` built from a config (no download), seeded."""
+def build_model(kind: str, seq_len: int, seed: int = 0, layers: int = LAYERS):
+    """A tiny fp32 causal LM of family ``kind`` with ``layers`` decoder layers built from a config (no download),
+    seeded."""
     if kind == "plain":
         torch.manual_seed(seed)
         return TinyTorchLM(max_len=max(seq_len, 256))
     import transformers
 
-    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=LAYERS,
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(seq_len, 256),
                   tie_word_embeddings=False, attention_dropout=0.0)
     if kind == "llama":
