@@ -150,7 +150,7 @@ def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kerne
               optim: str = "sgd", fpdt: Optional[dict] = None, zero_stage: int = 3,
               keep_attention_output: bool = True, mlp_tile_tokens: Optional[int] = None,
               loss_tile_tokens: Optional[int] = None, checkpoint_offload: bool = False,
-              grad_accum: int = 1) -> dict:
+              grad_accum: int = 1, checkpoint_layers: Optional[int] = None) -> dict:
     return {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -162,7 +162,8 @@ def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kerne
                               "reduce_bucket_size": 2000, "stage3_prefetch_bucket_size": 2000},
         "long_context": {"ulysses_degree": ulysses, "ring_degree": ring, "kernel": kernel, "fpdt": fpdt or {},
                          "keep_attention_output": keep_attention_output, "mlp_tile_tokens": mlp_tile_tokens,
-                         "loss_tile_tokens": loss_tile_tokens, "checkpoint_offload": checkpoint_offload},
+                         "loss_tile_tokens": loss_tile_tokens, "checkpoint_offload": checkpoint_offload,
+                         "checkpoint_layers": checkpoint_layers},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
@@ -173,7 +174,7 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
                          fpdt: Optional[dict] = None, zero_stage: int = 3, checkpointing: Optional[str] = None,
                          mlp_tile_tokens: Optional[int] = None, loss_in_model: bool = False,
                          loss_tile_tokens: Optional[int] = None, checkpoint_offload: bool = False,
-                         grad_accum: int = 1, packed: bool = False) -> dict:
+                         grad_accum: int = 1, packed: bool = False, checkpoint_layers: Optional[int] = None) -> dict:
     """Every rank: ZeRO training through ``ds_longctx.initialize``. Returns this rank's per-step losses,
     local-kernel forward calls and host bytes leased at the end of the forward, coordinates, what DeepSpeed
     was told, and (rank 0) the final full parameters.
@@ -184,7 +185,8 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
     (``shift_labels=`` in the call; tiled from the hidden states with ``loss_tile_tokens``). ``grad_accum``:
     micro-batches per optimizer step; micro-batch ``m`` of replica ``d`` is the reference's replica
     ``d * grad_accum + m`` (a step averages over replicas and micro-batches alike), one loss per micro-batch.
-    ``packed``: batches of packed documents (:func:`full_batch`), their boundaries passed to the model."""
+    ``packed``: batches of packed documents (:func:`full_batch`), their boundaries passed to the model.
+    ``checkpoint_layers``: the block's (only the first layers checkpointed)."""
     import deepspeed
 
     import ds_longctx
@@ -199,7 +201,7 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
     config = ds_config(ulysses, ring, batch_size, clip, kernel, optim, fpdt, zero_stage,
                        keep_attention_output=checkpointing != "recompute", mlp_tile_tokens=mlp_tile_tokens,
                        loss_tile_tokens=loss_tile_tokens, checkpoint_offload=checkpoint_offload,
-                       grad_accum=grad_accum)
+                       grad_accum=grad_accum, checkpoint_layers=checkpoint_layers)
     engine, _, _, _ = ds_longctx.initialize(model=model, model_parameters=model.parameters(), config=config)
     if checkpointing == "recompute":
         engine.module.gradient_checkpointing_enable()

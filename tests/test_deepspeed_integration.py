@@ -133,6 +133,35 @@ def test_checkpointed_layers_train_like_one_process_without_rerunning_attention(
         assert res["leased_after_forward"] == [held] * STEPS
 
 
+# (ulysses, ring, fpdt chunk_size with offload or None, checkpointing, mlp_tile_tokens, checkpoint_offload);
+# checkpoint_layers 1 of the model's 2: the first layer checkpointed, the second not
+PARTLY_CHECKPOINTED = [(1, 2, 8, "keep", 5, 1), (2, 1, None, "recompute", None, True)]
+
+
+@pytest.mark.parametrize("ulysses,ring,chunk_size,checkpointing,tile,offload", PARTLY_CHECKPOINTED,
+                         ids=[f"U{u}xR{r}-C{c}-{m}-tile{t}-offload{o}" for u, r, c, m, t, o in PARTLY_CHECKPOINTED])
+def test_layers_left_unchecked_train_like_one_process_without_being_recomputed(pool, ulysses, ring, chunk_size,
+                                                                                checkpointing, tile, offload):
+    """``checkpoint_layers: 1``: the second layer runs without checkpointing (FPDT offload, MLP tiles, lean norms
+    in plain autograd there), the first with kept attention outputs or not and its checkpoint in host memory:
+    the same training; only the checkpointed layer runs its attention again (without kept outputs), and only
+    its input waits in host memory."""
+    fpdt = {"chunk_size": chunk_size, "offload": True} if chunk_size else None
+    results = pool.run(cases.train_with_deepspeed, "llama", ulysses, ring, STEPS, SEQ, BATCH, fpdt=fpdt,
+                       checkpointing=checkpointing, mlp_tile_tokens=tile, checkpoint_offload=offload,
+                       checkpoint_layers=1, timeout=300)
+    check_run(results, reference("llama", WORLD // (ulysses * ring)), "llama", ulysses, ring)
+    plain = pool.run(cases.train_with_deepspeed, "llama", ulysses, ring, 1, SEQ, BATCH, fpdt=fpdt, timeout=300)
+    once = plain[0]["forwards"][0]
+    assert once > 0 and once % cases.LAYERS == 0
+    rerun = 0 if checkpointing == "keep" else once // cases.LAYERS  # one layer of two
+    layer_input = BATCH * SEQ // (ulysses * ring) * cases.HIDDEN * 4  # fp32 [BATCH, SEQ / sp, hidden]
+    for res in results:
+        assert res["forwards"] == [once + rerun] * STEPS
+        if chunk_size is None:
+            assert res["leased_after_forward"] == [layer_input] * STEPS
+
+
 # (kind, ulysses, ring, FPDT chunk_size with offload or None, checkpointing)
 PACKED = [("qwen3", 1, 4, None, None), ("mistral", 4, 1, None, None), ("llama", 1, 2, None, "keep"),
           ("llama", 2, 2, 8, "keep")]
