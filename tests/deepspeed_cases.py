@@ -596,26 +596,32 @@ def sliding_window_error(ulysses: int, ring: int) -> str:
 #: Every value of the block the planner chooses, "auto".
 ALL_AUTO = {"fpdt": {"chunk_size": "auto", "offload": "auto"}, "keep_attention_output": "auto",
             "checkpoint_offload": "auto", "mlp_tile_tokens": "auto", "loss_tile_tokens": "auto"}
+#: ... and the checkpointed layers too: resolved for one length, they fill the GPU with that length's activations,
+#: so the cases of longer later batches leave them to the default.
+LAYERS_AUTO = {**ALL_AUTO, "checkpoint_layers": "auto"}
 AUTO_WORLD, AUTO_HOST_GIB = 4, 64
 
 
-def auto_config(ulysses: int, ring: int, batch_size: int, seq_len: Optional[int] = None) -> dict:
-    """:func:`ds_config` with every planner value "auto" (and ``seq_len`` in the block when given)."""
+def auto_config(ulysses: int, ring: int, batch_size: int, seq_len: Optional[int] = None,
+                auto: Optional[dict] = None) -> dict:
+    """:func:`ds_config` with the planner values of ``auto`` (default :data:`ALL_AUTO`) "auto" (and ``seq_len``
+    in the block when given)."""
     config = ds_config(ulysses, ring, batch_size)
-    config["long_context"].update(ALL_AUTO)
+    config["long_context"].update(auto or ALL_AUTO)
     if seq_len is not None:
         config["long_context"]["seq_len"] = seq_len
     return config
 
 
-def planned_block(ulysses: int, ring: int, batch_size: int, seq_len: int, gpu_kib: int) -> Optional[dict]:
+def planned_block(ulysses: int, ring: int, batch_size: int, seq_len: int, gpu_kib: int,
+                  auto: Optional[dict] = None) -> Optional[dict]:
     """In this process: the planner's block for the checkpointed tiny Llama on :data:`AUTO_WORLD` GPUs of
     ``gpu_kib`` KiB (hosts of :data:`AUTO_HOST_GIB` GiB) at ``seq_len`` tokens, or None when nothing fits."""
     from ds_longctx.config import LongContextConfig
     from ds_longctx.plan.machine import GIB, Machine
     from ds_longctx.plan.preflight import PlanError, prepare
 
-    config = auto_config(ulysses, ring, batch_size)
+    config = auto_config(ulysses, ring, batch_size, auto=auto)
     machine = Machine(gpus=AUTO_WORLD, gpu_memory=gpu_kib * 1024, host_memory=AUTO_HOST_GIB * GIB,
                       gpus_per_node=AUTO_WORLD)
     model = build_model("llama", seq_len)
@@ -664,13 +670,14 @@ class _Resolved:
 
 def auto_from_first_batch(ulysses: int, ring: int, gpu_kib: int, lengths: List[List[int]],
                           seq_len_in_block: Optional[int] = None, batch_size: int = 2,
-                          without_shard_batch: bool = False) -> dict:
+                          without_shard_batch: bool = False, auto: Optional[dict] = None) -> dict:
     """Every rank: ZeRO-3 training of the checkpointed tiny Llama whose block leaves every planner value
     "auto", on GPUs of ``gpu_kib`` KiB (``DS_LONGCTX_MACHINE``), through ``engine.long_context.shard_batch``.
 
     ``lengths[step][dp_rank]``: the global sequence length of each step's batch on each replica.
     ``seq_len_in_block``: also set ``long_context.seq_len`` (initialize resolves the values then).
     ``without_shard_batch``: the first step calls the model on a slice of the batch instead.
+    ``auto``: the block's "auto" values (default :data:`ALL_AUTO`).
     Returns the block after initialize and after the last step, losses and kernel forwards per step, the
     first error raised (``"Type: message"``, training stops there) and how many times this rank logged the
     resolved values."""
@@ -681,7 +688,7 @@ def auto_from_first_batch(ulysses: int, ring: int, gpu_kib: int, lengths: List[L
     _quiet()
     model = build_model("llama", max(max(step) for step in lengths))
     model.gradient_checkpointing_enable()
-    config = auto_config(ulysses, ring, batch_size, seq_len_in_block)
+    config = auto_config(ulysses, ring, batch_size, seq_len_in_block, auto=auto)
     os.environ["DS_LONGCTX_MACHINE"] = json.dumps({"gpu_memory_gib": gpu_kib / 2 ** 20,
                                                    "host_memory_gib": AUTO_HOST_GIB})
     logged = _Resolved()

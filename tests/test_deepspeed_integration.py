@@ -374,13 +374,18 @@ def _without_seq_len(block: dict) -> dict:
     return {k: v for k, v in block.items() if k != "seq_len"}
 
 
-def test_auto_values_resolve_at_the_first_batch_as_from_seq_len_and_train_alike(pool, auto_gpu_kib):
-    at_batch = pool.run(cases.auto_from_first_batch, *AUTO_TOPOLOGY, auto_gpu_kib, [[SEQ, SEQ]] * 3, timeout=300)
+@pytest.mark.parametrize("layers_auto", [False, True], ids=["every_layer_checkpointed", "checkpoint_layers_auto"])
+def test_auto_values_resolve_at_the_first_batch_as_from_seq_len_and_train_alike(pool, auto_gpu_kib, layers_auto):
+    auto = cases.LAYERS_AUTO if layers_auto else cases.ALL_AUTO
+    at_batch = pool.run(cases.auto_from_first_batch, *AUTO_TOPOLOGY, auto_gpu_kib, [[SEQ, SEQ]] * 3, auto=auto,
+                        timeout=300)
     at_init = pool.run(cases.auto_from_first_batch, *AUTO_TOPOLOGY, auto_gpu_kib, [[SEQ, SEQ]] * 3,
-                       seq_len_in_block=SEQ, timeout=300)
-    planned = cases.planned_block(*AUTO_TOPOLOGY, BATCH, SEQ, auto_gpu_kib)
-    defaults = cases.planned_block(*AUTO_TOPOLOGY, BATCH, SEQ, 1 << 22)
+                       seq_len_in_block=SEQ, auto=auto, timeout=300)
+    planned = cases.planned_block(*AUTO_TOPOLOGY, BATCH, SEQ, auto_gpu_kib, auto=auto)
+    defaults = cases.planned_block(*AUTO_TOPOLOGY, BATCH, SEQ, 1 << 22, auto=auto)
     assert planned != defaults  # the resolution has something to get right
+    if layers_auto:  # the planner leaves the last layer unchecked: the layers change at the first batch
+        assert planned["checkpoint_layers"] == 1
     ref = reference("llama", WORLD // 2)
     for lazy, eager in zip(at_batch, at_init):
         assert lazy["error"] is None and eager["error"] is None, (lazy["error"], eager["error"])
