@@ -554,6 +554,63 @@ def hf_forward_matches_full(kind: str, ulysses: int, ring: int, seq_len: int = 4
     return ((mine - full).norm() / full.norm()).item()
 
 
+def hf_checkpoint_layers_vs_float64(ulysses: int, ring: int, block: dict, seq_len: int = 48, layers: int = 4) -> dict:
+    """Every rank: a float64 ``layers``-layer Llama with transformers' gradient checkpointing on every layer,
+    switched to the distributed attention with ``block`` (``checkpoint_layers`` among it), one forward and
+    backward of its shard's group loss. Returns the relative errors of the loss and of every parameter's gradient
+    (averaged over the sequence-parallel group, as DeepSpeed averages) against the same model without
+    checkpointing on the full sequence (its own sdpa attention, one process: ``"reference"``) and against the
+    same distributed model without checkpointing (``"unchecked"``), and how often each layer's o-projection ran
+    (twice: recomputed)."""
+    import torch.distributed as dist
+
+    from ds_longctx.config import LongContextConfig
+    from ds_longctx.integration.context import LongContext
+    from ds_longctx.integration.hf import apply
+
+    topo = _topology(ulysses, ring)
+    full = full_batch(0, topo.dp_rank, 2, seq_len)
+    reference = build_model("llama", seq_len, layers=layers).double()
+    reference.set_attn_implementation("sdpa")
+    logits = reference(input_ids=full["input_ids"]).logits
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), full["labels"][:, 1:].reshape(-1),
+                                             ignore_index=-100)
+    want.backward()
+    runs = [0] * layers
+
+    def distributed(checkpointing: bool):
+        model = build_model("llama", seq_len, layers=layers).double()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        lc = LongContext(topo, LongContextConfig.from_block({"ulysses_degree": ulysses, "ring_degree": ring,
+                                                             "kernel": "reference", **block}))
+        apply(model, lc)
+        for i, layer in enumerate(model.model.layers if checkpointing else ()):
+            # the o-projection runs in every forward and recompute, before a recompute's early stop (in the MLP)
+            layer.self_attn.o_proj.register_forward_pre_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))
+        batch = lc.shard_batch(full)
+        loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                     shift_labels=batch["shift_labels"]).loss
+        loss.backward()
+        grads = []
+        for p in model.parameters():
+            grad = p.grad.clone()
+            dist.all_reduce(grad, group=topo.sp_group)
+            grads.append(grad / topo.sp)  # every rank's loss is the group's: DeepSpeed averages the ranks' gradients
+        return loss, grads
+
+    loss, grads = distributed(checkpointing=True)
+    plain_loss, plain_grads = distributed(checkpointing=False)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    names = [name for name, _ in reference.named_parameters()]
+    return {"reference": {"loss": abs(loss.item() - want.item()) / abs(want.item()),
+                          **{n: rel(g, q.grad) for n, g, q in zip(names, grads, reference.parameters())}},
+            "unchecked": {"loss": abs(loss.item() - plain_loss.item()) / abs(plain_loss.item()),
+                          **{n: rel(g, q) for n, g, q in zip(names, grads, plain_grads)}},
+            "runs": runs}
+
+
 def model_labels_error(ulysses: int, ring: int) -> str:
     """Every rank: call a sequence-parallel Llama with the model's own ``labels=``; return what was raised."""
     from ds_longctx.config import LongContextConfig

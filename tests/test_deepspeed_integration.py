@@ -135,7 +135,8 @@ def test_checkpointed_layers_train_like_one_process_without_rerunning_attention(
 
 # (ulysses, ring, fpdt chunk_size with offload or None, checkpointing, mlp_tile_tokens, checkpoint_offload);
 # checkpoint_layers 1 of the model's 2: the first layer checkpointed, the second not
-PARTLY_CHECKPOINTED = [(1, 2, 8, "keep", 5, 1), (2, 1, None, "recompute", None, True)]
+# (FPDT, MLP tiles and kept outputs with checkpoint_layers: test_checkpoint_layers_give_the_float64_loss_...)
+PARTLY_CHECKPOINTED = [(2, 1, None, "recompute", None, True)]
 
 
 @pytest.mark.parametrize("ulysses,ring,chunk_size,checkpointing,tile,offload", PARTLY_CHECKPOINTED,
@@ -348,6 +349,31 @@ def test_sharded_labels_and_loss_give_the_unsharded_loss_and_gradient(pool, ulys
 def test_hf_model_on_shards_without_position_ids_gives_the_full_models_logits(pool, kind, ulysses, ring):
     errors = pool.run(cases.hf_forward_matches_full, kind, ulysses, ring, timeout=120)
     assert max(errors) < 1e-12, errors
+
+
+# (ulysses, ring, block): checkpoint_layers 2 of 4 with kept outputs, checkpoint offload of the first layer, MLP
+# tiles and FPDT chunks in host memory; with the attention recomputed; and no layer checkpointed
+CHECKPOINT_LAYERS = [
+    (1, 2, {"checkpoint_layers": 2, "checkpoint_offload": 1, "mlp_tile_tokens": 5,
+            "fpdt": {"chunk_size": 8, "offload": True}}),
+    (2, 1, {"checkpoint_layers": 2, "keep_attention_output": False, "checkpoint_offload": True}),
+    (2, 1, {"checkpoint_layers": 0, "mlp_tile_tokens": 7, "fpdt": {"chunk_size": 8, "offload": True}}),
+]
+
+
+@pytest.mark.parametrize("ulysses,ring,block", CHECKPOINT_LAYERS, ids=["U1xR2-fpdt-tiles-offload1",
+                                                                      "U2xR1-recompute-offloaded", "U2xR1-none"])
+def test_checkpoint_layers_give_the_float64_loss_and_gradients_of_no_checkpointing(pool, ulysses, ring, block):
+    """A 4-layer Llama with every layer's gradient checkpointing on and ``checkpoint_layers`` N on 2 ranks: the
+    loss and every parameter's gradient of the model without checkpointing on one process (float64; the
+    distributed attention merges in fp32) and exactly those of the same ranks without checkpointing; only the
+    first N layers run again in backward."""
+    results = pool.run(cases.hf_checkpoint_layers_vs_float64, ulysses, ring, block, timeout=300)
+    n = block["checkpoint_layers"]
+    for res in results:
+        assert max(res["reference"].values()) < RTOL, res["reference"]
+        assert max(res["unchecked"].values()) < 1e-12, res["unchecked"]
+        assert res["runs"] == [2] * n + [1] * (4 - n)
 
 
 def test_model_labels_under_sequence_parallelism_are_refused_with_what_to_pass(pool):
