@@ -131,7 +131,9 @@ def _unchecked_fit(run: Run, base: Settings, machine: Machine, margins: Margins,
         settings = base.with_(checkpoint_layers=checkpointed, checkpoint_offload_layers=checkpointed if offloaded else 0)
         return judge(run, settings, machine, margins).fits_gpu
 
-    low, high = 0, layers + 1  # fits(low) is assumed, fits(high) impossible
+    if not fits(1):  # the common case at long sequences: settle it with one estimate
+        return 0
+    low, high = 1, layers + 1  # fits(low), fits(high) impossible
     while high - low > 1:
         mid = (low + high) // 2
         if fits(mid):
