@@ -440,6 +440,8 @@ def initialize_error(case: str) -> str:
         config["long_context"]["seq_len"] = seq_len
     elif case == "auto_without_seq_len_or_gpu":  # no machine to plan for: no batch can resolve it later
         config["long_context"]["mlp_tile_tokens"] = "auto"
+    elif case == "checkpoint_layers_beyond_the_model":
+        config["long_context"]["checkpoint_layers"] = LAYERS + 1
     else:
         raise ValueError(case)
     try:

@@ -293,6 +293,8 @@ ERROR_CASES = {
     "config_given_twice": "both in args.deepspeed_config and as config=",
     "preflight_does_not_fit": "pre-flight: this step would not fit: GPU peak",
     "auto_without_seq_len_or_gpu": "mlp_tile_tokens are \"auto\", which needs a GPU",
+    "checkpoint_layers_beyond_the_model": f"long_context.checkpoint_layers: {cases.LAYERS + 1} exceeds the model's "
+                                          f"{cases.LAYERS} decoder layers",
 }
 
 
