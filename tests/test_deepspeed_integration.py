@@ -354,12 +354,13 @@ def test_hf_model_on_shards_without_position_ids_gives_the_full_models_logits(po
 
 
 # (ulysses, ring, block): checkpoint_layers 2 of 4 with kept outputs, checkpoint offload of the first layer, MLP
-# tiles and FPDT chunks in host memory; with the attention recomputed; and no layer checkpointed
+# tiles and FPDT chunks in host memory; with the attention recomputed; and no layer checkpointed (tiled loss)
 CHECKPOINT_LAYERS = [
     (1, 2, {"checkpoint_layers": 2, "checkpoint_offload": 1, "mlp_tile_tokens": 5,
             "fpdt": {"chunk_size": 8, "offload": True}}),
     (2, 1, {"checkpoint_layers": 2, "keep_attention_output": False, "checkpoint_offload": True}),
-    (2, 1, {"checkpoint_layers": 0, "mlp_tile_tokens": 7, "fpdt": {"chunk_size": 8, "offload": True}}),
+    (2, 1, {"checkpoint_layers": 0, "mlp_tile_tokens": 7, "fpdt": {"chunk_size": 8, "offload": True},
+            "loss_tile_tokens": 5}),
 ]
 
 
