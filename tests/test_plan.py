@@ -315,3 +315,13 @@ def test_checkpoint_layers_auto_resolves_and_a_pinned_offload_stays_within_it():
     with pytest.raises(Exception, match="checkpoint_layers: 29 exceeds the model's 28 decoder layers"):
         prepare(LongContextConfig.from_block({"checkpoint_layers": 29}), LLAMA_3B, {}, world=1, seq_len=131072,
                 machine=H200)
+
+
+def test_plan_prints_the_chosen_checkpoint_layers_in_its_block(capsys, tmp_path):
+    flags = ("--seq-len", "65536", "--gpus", "1", "--gpu-memory-gib", "139.8", "--host-memory-gib", "125")
+    code, out, _ = _plan(capsys, tmp_path, *flags, "--json")
+    block = json.loads(out)["ds_config"]["long_context"]
+    assert code == 0 and 0 < block["checkpoint_layers"] < 28
+    assert LongContextConfig.from_block(block).checkpoint_layers == block["checkpoint_layers"]
+    code, out, _ = _plan(capsys, tmp_path, *flags)
+    assert f"checkpoint_layers       {block['checkpoint_layers']}" in out
