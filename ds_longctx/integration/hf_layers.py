@@ -9,7 +9,6 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..config import BLOCK_KEY, LongContextConfigError
 from ..memory.checkpoint_offload import CheckpointOffload
 from ..memory.remat import StashingCheckpoint
 from ..memory.tiling import tile_module, untile_module
@@ -25,6 +24,8 @@ def configure_layers(model: torch.nn.Module, lc: LongContext) -> None:
     cfg = lc.config
     if cfg.auto_fields:
         return
+    if cfg.checkpoint_layers is not None:
+        cfg.check_layers(_decoder_layer_count(model))
     stash_checkpoints(model, cfg.keep_attention_output, lc.checkpoint_offload, cfg.checkpoint_layers)
     if model.__dict__.get(_TILES_ATTR, _UNSET) != cfg.mlp_tile_tokens:
         tile_mlps(model, cfg.mlp_tile_tokens)
@@ -48,15 +49,8 @@ def stash_checkpoints(model: torch.nn.Module, keep_attention_output: bool,
     decoder layers checkpoint; the others' wrappers run the layer without checkpointing (whatever
     ``gradient_checkpointing_enable`` set, which may run again at any time: the forward pre-hook calls this
     every forward). Returns the number of layers wrapped now."""
-    owners = _checkpoint_owners(model)
-    if checkpoint_layers is not None:
-        layers = _decoder_layer_count(model)
-        if checkpoint_layers > layers:
-            raise LongContextConfigError(
-                f"{BLOCK_KEY}.checkpoint_layers: {checkpoint_layers} exceeds the model's {layers} decoder layers; "
-                f"set it to at most {layers} (or null: every layer checkpointed)")
     wrapped, index = 0, 0
-    for module, is_layer in owners:
+    for module, is_layer in _checkpoint_owners(model):
         checkpoints = not is_layer or checkpoint_layers is None or index < checkpoint_layers
         index += is_layer
         fn = module._gradient_checkpointing_func
