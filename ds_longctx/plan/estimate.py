@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, NamedTuple
 
 from ..geometry import ChunkGeometry
-from .activations import (BF16, FP32, Widths, attention_state, checkpointed_layers, kept_bytes, layer_saved,
-                          norm_saved, unchecked_layer_bytes)
+from .activations import (BF16, FP32, Widths, checkpointed_layers, kept_bytes, layer_saved, norm_saved,
+                          unchecked_layer_bytes)
 from .machine import GIB
 from .offload_optimizer import offload_optimizer_host, power_of_two_ceil
 from .rates import Rates, resolve_kernel

@@ -128,7 +128,8 @@ def _unchecked_fit(run: Run, base: Settings, machine: Machine, margins: Margins,
 
     def fits(unchecked: int) -> bool:
         checkpointed = layers - unchecked
-        settings = base.with_(checkpoint_layers=checkpointed, checkpoint_offload_layers=checkpointed if offloaded else 0)
+        settings = base.with_(checkpoint_layers=checkpointed,
+                              checkpoint_offload_layers=checkpointed if offloaded else 0)
         return judge(run, settings, machine, margins).fits_gpu
 
     if not fits(1):  # the common case at long sequences: settle it with one estimate
