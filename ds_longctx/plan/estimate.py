@@ -1,15 +1,19 @@
 """One training step of a transformers causal LM under ds_longctx and DeepSpeed ZeRO-3 (bf16), per rank.
 
-The GPU peak is the largest of three moments of a step, each a sum of named components (bytes):
+The GPU peak is the largest of three moments of a step (four with ``checkpoint_layers`` below the depth),
+each a sum of named components (bytes):
 
-* forward: what the forward leaves for backward (checkpointed inputs, kept attention outputs, the final
-  hidden states, the loss's saved log-probabilities) plus the largest transient of a layer's forward or of
-  the loss;
+* forward: what the forward leaves for backward (checkpointed inputs, kept attention outputs, the unchecked
+  layers' whole activations (:mod:`.activations`), the final hidden states, the loss's saved
+  log-probabilities) plus the largest transient of a layer's forward or of the loss;
 * loss backward: all of that plus the logits' gradients (one tile's with ``loss_tile_tokens``);
 * the first layer backward (the last layer, recomputed under checkpointing): every checkpoint still held,
   plus the layer's working set: what its recompute saves (projections' inputs, the attention's q/k/v and
   output, the MLP's four ``intermediate``-wide activations, or one tile's with ``mlp_tile_tokens``) and the
-  gradients in flight, plus the attention's working set (unchunked, or FPDT's chunk buffers).
+  gradients in flight, plus the attention's working set (unchunked, or FPDT's chunk buffers); a last layer
+  left unchecked has only its backward's working set;
+* checkpointed backward (some layers unchecked): the last checkpointed layer's recompute and backward, once
+  the unchecked layers after it have freed their activations.
 
 Every moment also holds the static part: ZeRO-3's partitions of the bf16 parameters (and, with the
 optimizer on the GPU, of the bf16 gradients, fp32 master weights and Adam's two moments), its gradient
