@@ -144,6 +144,7 @@ def _plan(args: argparse.Namespace) -> int:
         try:
             if cfg is not None:
                 cfg.check_world(run.world)
+                cfg.check_layers(model.layers)
                 resolved = resolve(cfg, run, machine, margins, zero)
                 verdict = judge(run, settings_of(resolved, model.layers, zero), machine, margins)
                 if not verdict.fits:

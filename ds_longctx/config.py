@@ -117,6 +117,14 @@ class LongContextConfig(BaseModel):
                     "2 x layers x S_local x hidden x dtype bytes. A number N offloads the first N checkpointed "
                     "layers only (host memory rarely holds every layer of a deep model at long sequences); "
                     "auto: chosen by the planner.")
+    checkpoint_layers: Union[Auto, LayerCount, None] = Field(
+        default=None,
+        description="With activation checkpointing on, checkpoint only the first N decoder layers; the last "
+                    "layers - N run without checkpointing and keep their full activations for backward, so they "
+                    "are not recomputed (the last ones: backward reaches them first and frees their memory before "
+                    "the checkpointed layers recompute). Kept attention outputs and checkpoint_offload apply to the "
+                    "checkpointed layers only. null: every layer as the model's gradient checkpointing says; auto: "
+                    "chosen by the planner (as many unchecked layers as the GPU holds, when that is faster).")
     mlp_tile_tokens: Union[Auto, PositiveInt, None] = Field(
         default=None,
         description="Hugging Face models: run each decoder layer's MLP over tiles of this many local tokens, "
@@ -241,6 +249,12 @@ class LongContextConfig(BaseModel):
             raise LongContextConfigError(
                 f"{BLOCK_KEY}.fpdt.offload: offload=true needs {BLOCK_KEY}.fpdt.chunk_size (offload moves the "
                 f"K/V of chunks not in use to host memory); set a chunk_size such as 8192 or offload=false")
+        N, M = self.checkpoint_layers, self.checkpoint_offload
+        if isinstance(N, int) and isinstance(M, int) and not isinstance(M, bool) and M > N:
+            raise LongContextConfigError(
+                f"{BLOCK_KEY}.checkpoint_offload: {M} offloaded layers exceed {BLOCK_KEY}.checkpoint_layers {N} (only "
+                f"checkpointed layers have a checkpoint to offload); set checkpoint_offload to at most {N} (true: "
+                f"every checkpointed layer) or raise checkpoint_layers")
 
     # ---- checks against the run --------------------------------------------------------------------------
 
@@ -290,11 +304,22 @@ class LongContextConfig(BaseModel):
                 f"{self.ulysses_degree}, ring_degree={self.ring_degree}{chunks}) needs; pad or truncate "
                 f"sequences to a multiple of {m} (e.g. {up}) or change the degrees")
 
+    def check_layers(self, layers: int) -> None:
+        """``checkpoint_layers`` must not exceed the model's decoder layers."""
+        N = self.checkpoint_layers
+        if isinstance(N, int) and N > layers:
+            raise LongContextConfigError(
+                f"{BLOCK_KEY}.checkpoint_layers: {N} exceeds the model's {layers} decoder layers; set it to at most "
+                f"{layers} (or null: every layer checkpointed)")
+
     def check_model(self, model: Any) -> None:
-        """Check the head counts of a Hugging Face model (no-op for models without a transformers config)."""
+        """Check the head and layer counts of a Hugging Face model (no-op for models without a transformers config)."""
         heads = model_head_counts(model)
         if heads is not None:
             self.check_heads(*heads)
+        layers = model_layer_count(model)
+        if layers is not None:
+            self.check_layers(layers)
 
 
 def model_head_counts(model: Any) -> Optional[Tuple[int, int]]:
@@ -309,6 +334,17 @@ def model_head_counts(model: Any) -> Optional[Tuple[int, int]]:
         return None
     kv = getattr(config, "num_key_value_heads", None)
     return heads, kv if isinstance(kv, int) else heads
+
+
+def model_layer_count(model: Any) -> Optional[int]:
+    """``num_hidden_layers`` of a transformers model (its decoder layers), ``None`` for other modules."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    layers = getattr(config, "num_hidden_layers", None)
+    return layers if isinstance(layers, int) and not isinstance(layers, bool) else None
 
 
 # ---- loading -----------------------------------------------------------------------------------------------
@@ -454,5 +490,5 @@ def describe_fields(model: type = LongContextConfig, prefix: str = "") -> Iterab
 
 
 __all__ = ["AUTO", "BLOCK_KEY", "KERNEL_NAMES", "FPDTConfig", "LongContextConfig", "LongContextConfigError",
-           "describe_fields", "from_ds_config", "load_ds_config", "model_head_counts",
+           "describe_fields", "from_ds_config", "load_ds_config", "model_head_counts", "model_layer_count",
            "resolved_block"]

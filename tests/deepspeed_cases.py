@@ -82,14 +82,15 @@ class TinyTorchLM(torch.nn.Module):
         return self.head(self.norm3(h))
 
 
-def build_model(kind: str, seq_len: int, seed: int = 0):
-    """A tiny fp32 causal LM of family ``kind`` built from a config (no download), seeded."""
+def build_model(kind: str, seq_len: int, seed: int = 0, layers: int = LAYERS):
+    """A tiny fp32 causal LM of family ``kind`` with ``layers`` decoder layers built from a config (no download),
+    seeded."""
     if kind == "plain":
         torch.manual_seed(seed)
         return TinyTorchLM(max_len=max(seq_len, 256))
     import transformers
 
-    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=LAYERS,
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(seq_len, 256),
                   tie_word_embeddings=False, attention_dropout=0.0)
     if kind == "llama":
@@ -149,7 +150,7 @@ def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kerne
               optim: str = "sgd", fpdt: Optional[dict] = None, zero_stage: int = 3,
               keep_attention_output: bool = True, mlp_tile_tokens: Optional[int] = None,
               loss_tile_tokens: Optional[int] = None, checkpoint_offload: bool = False,
-              grad_accum: int = 1) -> dict:
+              grad_accum: int = 1, checkpoint_layers: Optional[int] = None) -> dict:
     return {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -161,7 +162,8 @@ def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kerne
                               "reduce_bucket_size": 2000, "stage3_prefetch_bucket_size": 2000},
         "long_context": {"ulysses_degree": ulysses, "ring_degree": ring, "kernel": kernel, "fpdt": fpdt or {},
                          "keep_attention_output": keep_attention_output, "mlp_tile_tokens": mlp_tile_tokens,
-                         "loss_tile_tokens": loss_tile_tokens, "checkpoint_offload": checkpoint_offload},
+                         "loss_tile_tokens": loss_tile_tokens, "checkpoint_offload": checkpoint_offload,
+                         "checkpoint_layers": checkpoint_layers},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
@@ -172,7 +174,7 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
                          fpdt: Optional[dict] = None, zero_stage: int = 3, checkpointing: Optional[str] = None,
                          mlp_tile_tokens: Optional[int] = None, loss_in_model: bool = False,
                          loss_tile_tokens: Optional[int] = None, checkpoint_offload: bool = False,
-                         grad_accum: int = 1, packed: bool = False) -> dict:
+                         grad_accum: int = 1, packed: bool = False, checkpoint_layers: Optional[int] = None) -> dict:
     """Every rank: ZeRO training through ``ds_longctx.initialize``. Returns this rank's per-step losses,
     local-kernel forward calls and host bytes leased at the end of the forward, coordinates, what DeepSpeed
     was told, and (rank 0) the final full parameters.
@@ -183,7 +185,8 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
     (``shift_labels=`` in the call; tiled from the hidden states with ``loss_tile_tokens``). ``grad_accum``:
     micro-batches per optimizer step; micro-batch ``m`` of replica ``d`` is the reference's replica
     ``d * grad_accum + m`` (a step averages over replicas and micro-batches alike), one loss per micro-batch.
-    ``packed``: batches of packed documents (:func:`full_batch`), their boundaries passed to the model."""
+    ``packed``: batches of packed documents (:func:`full_batch`), their boundaries passed to the model.
+    ``checkpoint_layers``: the block's (only the first layers checkpointed)."""
     import deepspeed
 
     import ds_longctx
@@ -198,7 +201,7 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
     config = ds_config(ulysses, ring, batch_size, clip, kernel, optim, fpdt, zero_stage,
                        keep_attention_output=checkpointing != "recompute", mlp_tile_tokens=mlp_tile_tokens,
                        loss_tile_tokens=loss_tile_tokens, checkpoint_offload=checkpoint_offload,
-                       grad_accum=grad_accum)
+                       grad_accum=grad_accum, checkpoint_layers=checkpoint_layers)
     engine, _, _, _ = ds_longctx.initialize(model=model, model_parameters=model.parameters(), config=config)
     if checkpointing == "recompute":
         engine.module.gradient_checkpointing_enable()
@@ -437,6 +440,8 @@ def initialize_error(case: str) -> str:
         config["long_context"]["seq_len"] = seq_len
     elif case == "auto_without_seq_len_or_gpu":  # no machine to plan for: no batch can resolve it later
         config["long_context"]["mlp_tile_tokens"] = "auto"
+    elif case == "checkpoint_layers_beyond_the_model":
+        config["long_context"]["checkpoint_layers"] = LAYERS + 1
     else:
         raise ValueError(case)
     try:
@@ -551,6 +556,63 @@ def hf_forward_matches_full(kind: str, ulysses: int, ring: int, seq_len: int = 4
     return ((mine - full).norm() / full.norm()).item()
 
 
+def hf_checkpoint_layers_vs_float64(ulysses: int, ring: int, block: dict, seq_len: int = 48, layers: int = 4) -> dict:
+    """Every rank: a float64 ``layers``-layer Llama with transformers' gradient checkpointing on every layer,
+    switched to the distributed attention with ``block`` (``checkpoint_layers`` among it), one forward and
+    backward of its shard's group loss. Returns the relative errors of the loss and of every parameter's gradient
+    (averaged over the sequence-parallel group, as DeepSpeed averages) against the same model without
+    checkpointing on the full sequence (its own sdpa attention, one process: ``"reference"``) and against the
+    same distributed model without checkpointing (``"unchecked"``), and how often each layer's o-projection ran
+    (twice: recomputed)."""
+    import torch.distributed as dist
+
+    from ds_longctx.config import LongContextConfig
+    from ds_longctx.integration.context import LongContext
+    from ds_longctx.integration.hf import apply
+
+    topo = _topology(ulysses, ring)
+    full = full_batch(0, topo.dp_rank, 2, seq_len)
+    reference = build_model("llama", seq_len, layers=layers).double()
+    reference.set_attn_implementation("sdpa")
+    logits = reference(input_ids=full["input_ids"]).logits
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), full["labels"][:, 1:].reshape(-1),
+                                             ignore_index=-100)
+    want.backward()
+    runs = [0] * layers
+
+    def distributed(checkpointing: bool):
+        model = build_model("llama", seq_len, layers=layers).double()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        lc = LongContext(topo, LongContextConfig.from_block({"ulysses_degree": ulysses, "ring_degree": ring,
+                                                             "kernel": "reference", **block}))
+        apply(model, lc)
+        for i, layer in enumerate(model.model.layers if checkpointing else ()):
+            # the o-projection runs in every forward and recompute, before a recompute's early stop (in the MLP)
+            layer.self_attn.o_proj.register_forward_pre_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))
+        batch = lc.shard_batch(full)
+        loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                     shift_labels=batch["shift_labels"]).loss
+        loss.backward()
+        grads = []
+        for p in model.parameters():
+            grad = p.grad.clone()
+            dist.all_reduce(grad, group=topo.sp_group)
+            grads.append(grad / topo.sp)  # every rank's loss is the group's: DeepSpeed averages the ranks' gradients
+        return loss, grads
+
+    loss, grads = distributed(checkpointing=True)
+    plain_loss, plain_grads = distributed(checkpointing=False)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    names = [name for name, _ in reference.named_parameters()]
+    return {"reference": {"loss": abs(loss.item() - want.item()) / abs(want.item()),
+                          **{n: rel(g, q.grad) for n, g, q in zip(names, grads, reference.parameters())}},
+            "unchecked": {"loss": abs(loss.item() - plain_loss.item()) / abs(plain_loss.item()),
+                          **{n: rel(g, q) for n, g, q in zip(names, grads, plain_grads)}},
+            "runs": runs}
+
+
 def model_labels_error(ulysses: int, ring: int) -> str:
     """Every rank: call a sequence-parallel Llama with the model's own ``labels=``; return what was raised."""
     from ds_longctx.config import LongContextConfig
@@ -593,26 +655,32 @@ def sliding_window_error(ulysses: int, ring: int) -> str:
 #: Every value of the block the planner chooses, "auto".
 ALL_AUTO = {"fpdt": {"chunk_size": "auto", "offload": "auto"}, "keep_attention_output": "auto",
             "checkpoint_offload": "auto", "mlp_tile_tokens": "auto", "loss_tile_tokens": "auto"}
+#: ... and the checkpointed layers too: resolved for one length, they fill the GPU with that length's activations,
+#: so the cases of longer later batches leave them to the default.
+LAYERS_AUTO = {**ALL_AUTO, "checkpoint_layers": "auto"}
 AUTO_WORLD, AUTO_HOST_GIB = 4, 64
 
 
-def auto_config(ulysses: int, ring: int, batch_size: int, seq_len: Optional[int] = None) -> dict:
-    """:func:`ds_config` with every planner value "auto" (and ``seq_len`` in the block when given)."""
+def auto_config(ulysses: int, ring: int, batch_size: int, seq_len: Optional[int] = None,
+                auto: Optional[dict] = None) -> dict:
+    """:func:`ds_config` with the planner values of ``auto`` (default :data:`ALL_AUTO`) "auto" (and ``seq_len``
+    in the block when given)."""
     config = ds_config(ulysses, ring, batch_size)
-    config["long_context"].update(ALL_AUTO)
+    config["long_context"].update(auto or ALL_AUTO)
     if seq_len is not None:
         config["long_context"]["seq_len"] = seq_len
     return config
 
 
-def planned_block(ulysses: int, ring: int, batch_size: int, seq_len: int, gpu_kib: int) -> Optional[dict]:
+def planned_block(ulysses: int, ring: int, batch_size: int, seq_len: int, gpu_kib: int,
+                  auto: Optional[dict] = None) -> Optional[dict]:
     """In this process: the planner's block for the checkpointed tiny Llama on :data:`AUTO_WORLD` GPUs of
     ``gpu_kib`` KiB (hosts of :data:`AUTO_HOST_GIB` GiB) at ``seq_len`` tokens, or None when nothing fits."""
     from ds_longctx.config import LongContextConfig
     from ds_longctx.plan.machine import GIB, Machine
     from ds_longctx.plan.preflight import PlanError, prepare
 
-    config = auto_config(ulysses, ring, batch_size)
+    config = auto_config(ulysses, ring, batch_size, auto=auto)
     machine = Machine(gpus=AUTO_WORLD, gpu_memory=gpu_kib * 1024, host_memory=AUTO_HOST_GIB * GIB,
                       gpus_per_node=AUTO_WORLD)
     model = build_model("llama", seq_len)
@@ -661,13 +729,14 @@ class _Resolved:
 
 def auto_from_first_batch(ulysses: int, ring: int, gpu_kib: int, lengths: List[List[int]],
                           seq_len_in_block: Optional[int] = None, batch_size: int = 2,
-                          without_shard_batch: bool = False) -> dict:
+                          without_shard_batch: bool = False, auto: Optional[dict] = None) -> dict:
     """Every rank: ZeRO-3 training of the checkpointed tiny Llama whose block leaves every planner value
     "auto", on GPUs of ``gpu_kib`` KiB (``DS_LONGCTX_MACHINE``), through ``engine.long_context.shard_batch``.
 
     ``lengths[step][dp_rank]``: the global sequence length of each step's batch on each replica.
     ``seq_len_in_block``: also set ``long_context.seq_len`` (initialize resolves the values then).
     ``without_shard_batch``: the first step calls the model on a slice of the batch instead.
+    ``auto``: the block's "auto" values (default :data:`ALL_AUTO`).
     Returns the block after initialize and after the last step, losses and kernel forwards per step, the
     first error raised (``"Type: message"``, training stops there) and how many times this rank logged the
     resolved values."""
@@ -678,7 +747,7 @@ def auto_from_first_batch(ulysses: int, ring: int, gpu_kib: int, lengths: List[L
     _quiet()
     model = build_model("llama", max(max(step) for step in lengths))
     model.gradient_checkpointing_enable()
-    config = auto_config(ulysses, ring, batch_size, seq_len_in_block)
+    config = auto_config(ulysses, ring, batch_size, seq_len_in_block, auto=auto)
     os.environ["DS_LONGCTX_MACHINE"] = json.dumps({"gpu_memory_gib": gpu_kib / 2 ** 20,
                                                    "host_memory_gib": AUTO_HOST_GIB})
     logged = _Resolved()

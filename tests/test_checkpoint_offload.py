@@ -122,3 +122,27 @@ def test_a_layer_count_offloads_the_first_layers_of_each_forward_only():
         assert pool.leased_bytes == 2 * B * S * HID * 4  # two layer inputs in host memory, not four
         got = torch.autograd.grad(h.sum(), [x, *layers.parameters()])
         assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_layers_that_do_not_checkpoint_take_no_offload_region_and_keep_the_gradients():
+    """``StashingCheckpoint(checkpoints=False)`` (a layer left out of ``checkpoint_layers``) runs the layer as plain
+    autograd: nothing of it goes to the host, and the offload's layer count covers only the checkpointed ones."""
+    from functools import partial
+
+    from ds_longctx.memory.remat import StashingCheckpoint
+
+    layers = _stack()
+    x = torch.randn(B, S, HID, requires_grad=True)
+    expected = torch.autograd.grad(_run(layers, x).sum(), [x, *layers.parameters()])
+    pool = HostPool()
+    offload = CheckpointOffload(pool=pool, min_bytes=0, max_regions=None)
+    inner = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    checkpointed = 2
+    wrappers = [StashingCheckpoint(inner, offload=offload, checkpoints=i < checkpointed) for i in range(LAYERS)]
+    offload.begin_forward()
+    h = x
+    for layer, wrapper in zip(layers, wrappers):
+        h = wrapper(lambda t, layer=layer: t + layer(t), h)
+    assert pool.leased_bytes == checkpointed * B * S * HID * 4  # only the checkpointed layers' inputs
+    got = torch.autograd.grad(h.sum(), [x, *layers.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))

@@ -34,6 +34,7 @@ def test_missing_block_means_no_sequence_parallelism():
 def test_full_block_resolves_to_its_values():
     block = {"ulysses_degree": 4, "ring_degree": 2, "fpdt": {"chunk_size": 4096, "offload": True},
              "kernel": "sdpa_cudnn", "causal": False, "keep_attention_output": False, "checkpoint_offload": True,
+             "checkpoint_layers": 12,
              "mlp_tile_tokens": 4096, "loss_tile_tokens": 2048, "load_balance": "zigzag",
              "lean_rms_norm": False, "seq_len": 1048576, "preflight": False,
              "timeout_s": 600.0}
@@ -267,3 +268,23 @@ def test_template_loads_and_validates(name):
         assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     # a multiple of the layout is a valid sequence length for the template
     cfg.check_seq_len(math.lcm(cfg.seq_multiple, 1024))
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "all", True])
+def test_checkpoint_layers_must_be_a_layer_count_auto_or_null(value):
+    assert "long_context.checkpoint_layers" in error_of({"checkpoint_layers": value})
+
+
+def test_checkpoint_offload_beyond_the_checkpointed_layers_is_refused_naming_both():
+    msg = error_of({"checkpoint_layers": 4, "checkpoint_offload": 6})
+    assert "long_context.checkpoint_offload: 6" in msg and "long_context.checkpoint_layers 4" in msg
+    for offload in (4, True, False, "auto"):  # true: every checkpointed layer
+        LongContextConfig.from_block({"checkpoint_layers": 4, "checkpoint_offload": offload})
+    LongContextConfig.from_block({"checkpoint_layers": "auto", "checkpoint_offload": 6})
+
+
+def test_checkpoint_layers_beyond_the_models_layers_name_its_layer_count():
+    cfg = LongContextConfig.from_block({"checkpoint_layers": 33})
+    cfg.check_layers(33)
+    with pytest.raises(LongContextConfigError, match="checkpoint_layers: 33 exceeds the model's 32 decoder layers"):
+        cfg.check_layers(32)

@@ -133,6 +133,36 @@ def test_checkpointed_layers_train_like_one_process_without_rerunning_attention(
         assert res["leased_after_forward"] == [held] * STEPS
 
 
+# (ulysses, ring, fpdt chunk_size with offload or None, checkpointing, mlp_tile_tokens, checkpoint_offload);
+# checkpoint_layers 1 of the model's 2: the first layer checkpointed, the second not
+# (FPDT, MLP tiles and kept outputs with checkpoint_layers: test_checkpoint_layers_give_the_float64_loss_...)
+PARTLY_CHECKPOINTED = [(2, 1, None, "recompute", None, True)]
+
+
+@pytest.mark.parametrize("ulysses,ring,chunk_size,checkpointing,tile,offload", PARTLY_CHECKPOINTED,
+                         ids=[f"U{u}xR{r}-C{c}-{m}-tile{t}-offload{o}" for u, r, c, m, t, o in PARTLY_CHECKPOINTED])
+def test_layers_left_unchecked_train_like_one_process_without_being_recomputed(pool, ulysses, ring, chunk_size,
+                                                                                checkpointing, tile, offload):
+    """``checkpoint_layers: 1``: the second layer runs without checkpointing (FPDT offload, MLP tiles, lean norms
+    in plain autograd there), the first with kept attention outputs or not and its checkpoint in host memory:
+    the same training; only the checkpointed layer runs its attention again (without kept outputs), and only
+    its input waits in host memory."""
+    fpdt = {"chunk_size": chunk_size, "offload": True} if chunk_size else None
+    results = pool.run(cases.train_with_deepspeed, "llama", ulysses, ring, STEPS, SEQ, BATCH, fpdt=fpdt,
+                       checkpointing=checkpointing, mlp_tile_tokens=tile, checkpoint_offload=offload,
+                       checkpoint_layers=1, timeout=300)
+    check_run(results, reference("llama", WORLD // (ulysses * ring)), "llama", ulysses, ring)
+    plain = pool.run(cases.train_with_deepspeed, "llama", ulysses, ring, 1, SEQ, BATCH, fpdt=fpdt, timeout=300)
+    once = plain[0]["forwards"][0]
+    assert once > 0 and once % cases.LAYERS == 0
+    rerun = 0 if checkpointing == "keep" else once // cases.LAYERS  # one layer of two
+    layer_input = BATCH * SEQ // (ulysses * ring) * cases.HIDDEN * 4  # fp32 [BATCH, SEQ / sp, hidden]
+    for res in results:
+        assert res["forwards"] == [once + rerun] * STEPS
+        if chunk_size is None:
+            assert res["leased_after_forward"] == [layer_input] * STEPS
+
+
 # (kind, ulysses, ring, FPDT chunk_size with offload or None, checkpointing)
 PACKED = [("qwen3", 1, 4, None, None), ("mistral", 4, 1, None, None), ("llama", 1, 2, None, "keep"),
           ("llama", 2, 2, 8, "keep")]
@@ -263,6 +293,8 @@ ERROR_CASES = {
     "config_given_twice": "both in args.deepspeed_config and as config=",
     "preflight_does_not_fit": "pre-flight: this step would not fit: GPU peak",
     "auto_without_seq_len_or_gpu": "mlp_tile_tokens are \"auto\", which needs a GPU",
+    "checkpoint_layers_beyond_the_model": f"long_context.checkpoint_layers: {cases.LAYERS + 1} exceeds the model's "
+                                          f"{cases.LAYERS} decoder layers",
 }
 
 
@@ -321,6 +353,32 @@ def test_hf_model_on_shards_without_position_ids_gives_the_full_models_logits(po
     assert max(errors) < 1e-12, errors
 
 
+# (ulysses, ring, block): checkpoint_layers 2 of 4 with kept outputs, checkpoint offload of the first layer, MLP
+# tiles and FPDT chunks in host memory; with the attention recomputed; and no layer checkpointed (tiled loss)
+CHECKPOINT_LAYERS = [
+    (1, 2, {"checkpoint_layers": 2, "checkpoint_offload": 1, "mlp_tile_tokens": 5,
+            "fpdt": {"chunk_size": 8, "offload": True}}),
+    (2, 1, {"checkpoint_layers": 2, "keep_attention_output": False, "checkpoint_offload": True}),
+    (2, 1, {"checkpoint_layers": 0, "mlp_tile_tokens": 7, "fpdt": {"chunk_size": 8, "offload": True},
+            "loss_tile_tokens": 5}),
+]
+
+
+@pytest.mark.parametrize("ulysses,ring,block", CHECKPOINT_LAYERS, ids=["U1xR2-fpdt-tiles-offload1",
+                                                                      "U2xR1-recompute-offloaded", "U2xR1-none"])
+def test_checkpoint_layers_give_the_float64_loss_and_gradients_of_no_checkpointing(pool, ulysses, ring, block):
+    """A 4-layer Llama with every layer's gradient checkpointing on and ``checkpoint_layers`` N on 2 ranks: the
+    loss and every parameter's gradient of the model without checkpointing on one process (float64; the
+    distributed attention merges in fp32) and exactly those of the same ranks without checkpointing; only the
+    first N layers run again in backward."""
+    results = pool.run(cases.hf_checkpoint_layers_vs_float64, ulysses, ring, block, timeout=300)
+    n = block["checkpoint_layers"]
+    for res in results:
+        assert max(res["reference"].values()) < RTOL, res["reference"]
+        assert max(res["unchecked"].values()) < 1e-12, res["unchecked"]
+        assert res["runs"] == [2] * n + [1] * (4 - n)
+
+
 def test_model_labels_under_sequence_parallelism_are_refused_with_what_to_pass(pool):
     raised = pool.run(cases.model_labels_error, 1, 2, timeout=120)
     assert len(set(raised)) == 1 and raised[0].startswith("HFModelError") and "shift_labels=" in raised[0]
@@ -345,13 +403,18 @@ def _without_seq_len(block: dict) -> dict:
     return {k: v for k, v in block.items() if k != "seq_len"}
 
 
-def test_auto_values_resolve_at_the_first_batch_as_from_seq_len_and_train_alike(pool, auto_gpu_kib):
-    at_batch = pool.run(cases.auto_from_first_batch, *AUTO_TOPOLOGY, auto_gpu_kib, [[SEQ, SEQ]] * 3, timeout=300)
+@pytest.mark.parametrize("layers_auto", [False, True], ids=["every_layer_checkpointed", "checkpoint_layers_auto"])
+def test_auto_values_resolve_at_the_first_batch_as_from_seq_len_and_train_alike(pool, auto_gpu_kib, layers_auto):
+    auto = cases.LAYERS_AUTO if layers_auto else cases.ALL_AUTO
+    at_batch = pool.run(cases.auto_from_first_batch, *AUTO_TOPOLOGY, auto_gpu_kib, [[SEQ, SEQ]] * 3, auto=auto,
+                        timeout=300)
     at_init = pool.run(cases.auto_from_first_batch, *AUTO_TOPOLOGY, auto_gpu_kib, [[SEQ, SEQ]] * 3,
-                       seq_len_in_block=SEQ, timeout=300)
-    planned = cases.planned_block(*AUTO_TOPOLOGY, BATCH, SEQ, auto_gpu_kib)
-    defaults = cases.planned_block(*AUTO_TOPOLOGY, BATCH, SEQ, 1 << 22)
+                       seq_len_in_block=SEQ, auto=auto, timeout=300)
+    planned = cases.planned_block(*AUTO_TOPOLOGY, BATCH, SEQ, auto_gpu_kib, auto=auto)
+    defaults = cases.planned_block(*AUTO_TOPOLOGY, BATCH, SEQ, 1 << 22, auto=auto)
     assert planned != defaults  # the resolution has something to get right
+    if layers_auto:  # the planner leaves the last layer unchecked: the layers change at the first batch
+        assert planned["checkpoint_layers"] == 1
     ref = reference("llama", WORLD // 2)
     for lazy, eager in zip(at_batch, at_init):
         assert lazy["error"] is None and eager["error"] is None, (lazy["error"], eager["error"])

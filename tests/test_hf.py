@@ -154,3 +154,43 @@ def test_shift_labels_in_the_call_return_the_loss_of_the_logits(tile):
     want.backward()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert ((p.grad - q.grad).norm() / q.grad.norm()).item() < 1e-10, name
+
+
+@pytest.mark.parametrize("checkpointed", [0, 2, 4])
+def test_only_the_first_checkpoint_layers_are_recomputed_with_the_gradients_of_no_checkpointing(checkpointed):
+    """A 4-layer model with gradient checkpointing and ``checkpoint_layers`` N: the loss and every gradient of the
+    model without checkpointing (float64); in backward only the first N layers run their MLP again, and no layer
+    its attention (kept outputs)."""
+    from tests.dist_cases import counted_kernel_forwards
+
+    def build(block):
+        model = cases.build_model("llama", 32, layers=4).double()
+        lc = LongContext(Topology(), LongContextConfig.from_block({"kernel": "reference", **block}))
+        apply(model, lc)
+        return model, lc
+
+    reference, lc = build({})
+    model, _ = build({"checkpoint_layers": checkpointed})
+    model.gradient_checkpointing_enable()  # every layer, as transformers sets it; the block narrows it
+    model.train()
+    mlp_calls = []
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: mlp_calls.append(i))
+    batch = lc.shard_batch(cases.full_batch(0, 0, 2, 32))
+    want = reference(input_ids=batch["input_ids"], shift_labels=batch["shift_labels"]).loss
+    want.backward()
+    with counted_kernel_forwards() as counted:
+        got = model(input_ids=batch["input_ids"], shift_labels=batch["shift_labels"]).loss
+        got.backward()
+    assert abs(got.item() - want.item()) < 1e-12 * abs(want.item())
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert ((p.grad - q.grad).norm() / q.grad.norm()).item() < 1e-10, name
+    assert sorted(mlp_calls) == sorted([0, 1, 2, 3] + list(range(checkpointed)))
+    assert counted.forwards == 4
+
+
+def test_checkpoint_layers_beyond_the_model_are_refused_naming_its_layers():
+    model = cases.build_model("llama", 32, layers=4)
+    lc = LongContext(Topology(), LongContextConfig.from_block({"checkpoint_layers": 5}))
+    with pytest.raises(LongContextConfigError, match="checkpoint_layers: 5 exceeds the model's 4 decoder layers"):
+        apply(model, lc)

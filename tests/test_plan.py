@@ -14,7 +14,7 @@ from ds_longctx.plan.estimate import estimate, estimate_host, estimate_memory
 from ds_longctx.plan.machine import cgroup_available_bytes, meminfo_available_bytes
 from ds_longctx.plan.offload_optimizer import parameter_numels, power_of_two_ceil
 from ds_longctx.plan.preflight import PlanError, check, prepare, resolve
-from ds_longctx.plan.search import Margins, best, longest
+from ds_longctx.plan.search import Margins, best, judge, longest
 
 LLAMA_3B = {"num_hidden_layers": 28, "hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24,
             "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True, "head_dim": 128}
@@ -127,7 +127,7 @@ def test_the_longest_sequence_fits_and_a_tenth_more_does_not_with_any_configurat
 def test_auto_values_resolve_to_the_searched_configuration():
     cfg = LongContextConfig.from_block({"fpdt": {"chunk_size": "auto", "offload": "auto"}, "mlp_tile_tokens": "auto",
                                         "loss_tile_tokens": "auto", "keep_attention_output": "auto",
-                                        "checkpoint_offload": "auto"})
+                                        "checkpoint_offload": "auto", "checkpoint_layers": "auto"})
     with pytest.raises(Exception, match="still \"auto\""):
         cfg.attention_kwargs()
     resolved = prepare(cfg, LLAMA_3B, {"zero_optimization": {"stage": 3}}, world=1, seq_len=262144, machine=H200)
@@ -236,3 +236,92 @@ def test_validate_with_a_model_runs_the_preflight_check(capsys, tmp_path):
                                                "checkpoint_offload": True, "loss_tile_tokens": 4096}}))
     assert main(["validate", str(ds), "--model", str(tmp_path), "--seq-len", "262144", "--gpus", "1",
                  "--gpu-memory-gib", "139.8", "--host-memory-gib", "125"]) == 0
+
+
+def test_each_unchecked_layer_keeps_its_whole_activations_and_the_checkpointed_ones_their_checkpoints():
+    """SMALL at 1024 tokens, one rank, lean norms, no tiles or chunks: a layer without checkpointing keeps, per
+    token, its two norms' outputs and 1/rms (2 x (128 + 4)), the residual sum (128), q/k/v after RoPE
+    (2 x (64 + 32 + 32)), the attention output and fp32 log-sum-exps (128 + 4 x 4), the MLP's four
+    intermediate-wide activations (4 x 2 x 256) and its input (128): 2968 bytes; the checkpointed layer its input
+    (128) and kept attention output (144)."""
+    tokens = 1024
+    run = Run(model=SMALL, world=1, seq_len=tokens)
+    forward = estimate_memory(run, Settings(checkpoint_layers=1))["forward"]
+    assert forward["activations"] == 3 * tokens * 2968
+    assert forward["checkpoints"] == 1 * tokens * 128
+    assert forward["kept_attention"] == 1 * tokens * 144
+    # the same per layer as every layer's without checkpointing
+    unchecked = estimate_memory(Run(model=SMALL, world=1, seq_len=tokens, checkpointing=False), Settings())
+    assert unchecked["forward"]["activations"] == 4 * tokens * 2968
+    assert "activations" not in estimate_memory(run, Settings())["forward"]
+
+
+def test_the_last_layer_backward_recomputes_only_when_it_is_checkpointed():
+    run = Run(model=SMALL, world=1, seq_len=1024)
+    every = estimate_memory(run, Settings())
+    assert "layer_saved" in every["layer_backward"] and "checkpointed_backward" not in every
+    partly = estimate_memory(run, Settings(checkpoint_layers=2))
+    assert "layer_saved" not in partly["layer_backward"] and "layer_working_set" in partly["layer_backward"]
+    # the last checkpointed layer recomputes after the unchecked ones freed their activations
+    assert partly["checkpointed_backward"]["activations"] == 0
+    assert partly["checkpointed_backward"]["layer_saved"] == every["layer_backward"]["layer_saved"]
+    assert "checkpointed_backward" not in estimate_memory(run, Settings(checkpoint_layers=0))
+
+
+def test_unchecked_layers_skip_the_recompute_of_their_matmuls_and_keep_their_fpdt_chunks_on_the_host():
+    run = Run(model=SMALL, world=1, seq_len=4096)
+    rates = rates_for("NVIDIA H200")
+    every = estimate(run, Settings(), rates)
+    partly = estimate(run, Settings(checkpoint_layers=1), rates)
+    recompute = 2 * 3 * (SMALL.layer_params - 2 * SMALL.hidden) * 4096  # three layers' forward matmuls
+    assert every.time_components["matmul"] - partly.time_components["matmul"] == pytest.approx(
+        recompute / rates.matmul_flops, rel=1e-12)
+    assert partly.step_seconds < every.step_seconds
+    fpdt = Settings(chunk_size=1024, fpdt_offload=True)
+    one_set = estimate_host(run, fpdt)["fpdt_chunks"]
+    assert estimate_host(run, fpdt.with_(checkpoint_layers=1))["fpdt_chunks"] == 3 * one_set
+    # kept outputs wait on the host for the checkpointed layer only
+    assert estimate_host(run, fpdt.with_(checkpoint_layers=1))["kept_attention"] == \
+        estimate_host(run, fpdt)["kept_attention"] // 4
+
+
+@pytest.mark.parametrize("seq_len", [65536, 262144])
+def test_the_search_leaves_the_most_last_layers_unchecked_that_fit_when_it_is_faster(seq_len):
+    run = Run(ModelSpec.from_config(LLAMA_3B), 1, seq_len)
+    margins = Margins.default(H200)
+    winner, _ = best(run, H200, margins)
+    every, _ = best(run, H200, margins, {"checkpoint_layers": None})
+    checkpointed = winner.settings.checkpoint_layers
+    assert checkpointed is not None and 0 < checkpointed < 28
+    assert winner.estimate.step_seconds < every.estimate.step_seconds
+    # one more unchecked layer (its checkpoints offloaded as the winner's) would not fit the GPU
+    more = winner.settings.with_(checkpoint_layers=checkpointed - 1,
+                                 checkpoint_offload_layers=min(checkpointed - 1,
+                                                               winner.settings.checkpoint_offload_layers))
+    assert not judge(run, more, H200, margins).fits_gpu
+    block = LongContextConfig.from_block(winner.settings.block(28))
+    assert block.checkpoint_layers == checkpointed
+    assert block.checkpoint_offload is True or block.checkpoint_offload <= checkpointed
+
+
+def test_checkpoint_layers_auto_resolves_and_a_pinned_offload_stays_within_it():
+    model = ModelSpec.from_config(LLAMA_3B)
+    cfg = LongContextConfig.from_block({"checkpoint_layers": "auto", "checkpoint_offload": 24,
+                                        "fpdt": {"chunk_size": 65536, "offload": True}, "loss_tile_tokens": 4096})
+    resolved = prepare(cfg, LLAMA_3B, {"zero_optimization": {"stage": 3}}, world=1, seq_len=131072, machine=H200)
+    assert resolved.auto_fields == [] and resolved.checkpoint_offload == 24
+    # unchecked layers fit at 131K tokens, but not more than the 4 that leave the 24 offloaded ones checkpointed
+    assert resolved.checkpoint_layers == 24 < model.layers
+    with pytest.raises(Exception, match="checkpoint_layers: 29 exceeds the model's 28 decoder layers"):
+        prepare(LongContextConfig.from_block({"checkpoint_layers": 29}), LLAMA_3B, {}, world=1, seq_len=131072,
+                machine=H200)
+
+
+def test_plan_prints_the_chosen_checkpoint_layers_in_its_block(capsys, tmp_path):
+    flags = ("--seq-len", "65536", "--gpus", "1", "--gpu-memory-gib", "139.8", "--host-memory-gib", "125")
+    code, out, _ = _plan(capsys, tmp_path, *flags, "--json")
+    block = json.loads(out)["ds_config"]["long_context"]
+    assert code == 0 and 0 < block["checkpoint_layers"] < 28
+    assert LongContextConfig.from_block(block).checkpoint_layers == block["checkpoint_layers"]
+    code, out, _ = _plan(capsys, tmp_path, *flags)
+    assert f"checkpoint_layers       {block['checkpoint_layers']}" in out

@@ -40,7 +40,8 @@ class LongContext:
         # One per model: it chains the checkpointed layers to prefetch their inputs a layer ahead in backward.
         # Every size: transformers' layers get only the hidden states positionally (the rest is bound in the
         # function they checkpoint), so those are all a layer's checkpoint saves.
-        # A layer count offloads the first layers of each forward only.
+        # A layer count offloads the first layers of each forward only; layers left out of checkpoint_layers
+        # open no region, so it counts checkpointed layers.
         offload = config.checkpoint_offload
         self.checkpoint_offload = (CheckpointOffload(min_bytes=0, max_regions=None if offload is True else offload)
                                    if offload not in (False, 0, AUTO) else None)

@@ -16,7 +16,8 @@ import threading
 import types
 from typing import Any, Dict, Mapping, NamedTuple, Optional
 
-from ..config import BLOCK_KEY, LongContextConfig, LongContextConfigError, load_ds_config, model_head_counts
+from ..config import (BLOCK_KEY, LongContextConfig, LongContextConfigError, load_ds_config, model_head_counts,
+                      model_layer_count)
 from .agree import agree_on_block
 from .context import LongContext
 from .planning import PlanInputs, plan_block
@@ -76,6 +77,9 @@ def _read(source, model, training_data) -> Dict[str, Any]:
     ds = load_ds_config(source)
     cfg = LongContextConfig.from_block(ds.get(BLOCK_KEY))
     cfg.check_ds_config(ds)
+    layers = model_layer_count(model)
+    if layers is not None:
+        cfg.check_layers(layers)
     return {"block": cfg.model_dump(mode="json"), "heads": model_head_counts(model),
             "sample_len": _first_sample_len(training_data), "cfg": cfg}
 

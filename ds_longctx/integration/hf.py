@@ -25,7 +25,9 @@ With activation checkpointing on (``model.gradient_checkpointing_enable()``, bef
 :class:`~ds_longctx.memory.remat.StashingCheckpoint`: the recompute of a layer in backward takes the
 attention's output from the forward instead of running the attention again (``keep_attention_output``), and
 FPDT's offloaded chunks are built once, by the recompute, instead of living from forward to backward; with
-``checkpoint_offload`` each layer's input and kept attention output wait in pinned host memory.
+``checkpoint_offload`` each layer's input and kept attention output wait in pinned host memory. With
+``checkpoint_layers`` N only the first N decoder layers checkpoint; the wrappers of the others run their layer
+without checkpointing (no recompute, no stash, no offload), whatever ``gradient_checkpointing_enable`` set.
 With ``mlp_tile_tokens`` the decoder layers' MLPs run over sequence tiles (:mod:`ds_longctx.memory.tiling`),
 and with ``lean_rms_norm`` (default) the RMSNorms keep only their input for backward (:mod:`ds_longctx.memory.norms`).
 

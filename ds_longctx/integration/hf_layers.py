@@ -1,10 +1,11 @@
 """The layer changes :func:`~ds_longctx.integration.hf.apply` makes to a transformers model: checkpoint
-functions in attention stashes, and MLPs over sequence tiles. Both follow the block the run's
+functions in attention stashes (only the first ``checkpoint_layers`` decoder layers checkpointing), and MLPs
+over sequence tiles. Both follow the block the run's
 :class:`~ds_longctx.integration.context.LongContext` holds at each forward (:func:`configure_layers`), so
 "auto" values resolved at the first batch take effect before the first forward."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -18,34 +19,56 @@ _UNSET = object()
 
 
 def configure_layers(model: torch.nn.Module, lc: LongContext) -> None:
-    """Checkpoint stashes and MLP tiles of ``model`` as ``lc.config`` sets them (cheap when they already are;
-    nothing while the block still has "auto" values: the forward pre-hook refuses to run then)."""
+    """Checkpoint stashes, checkpointed layers and MLP tiles of ``model`` as ``lc.config`` sets them (cheap when
+    they already are; nothing while the block still has "auto" values: the forward pre-hook refuses to run then)."""
     cfg = lc.config
     if cfg.auto_fields:
         return
-    stash_checkpoints(model, cfg.keep_attention_output, lc.checkpoint_offload)
+    if cfg.checkpoint_layers is not None:
+        cfg.check_layers(_decoder_layer_count(model))
+    stash_checkpoints(model, cfg.keep_attention_output, lc.checkpoint_offload, cfg.checkpoint_layers)
     if model.__dict__.get(_TILES_ATTR, _UNSET) != cfg.mlp_tile_tokens:
         tile_mlps(model, cfg.mlp_tile_tokens)
         object.__setattr__(model, _TILES_ATTR, cfg.mlp_tile_tokens)
 
 
+def _checkpoint_owners(model: torch.nn.Module) -> List[Tuple[torch.nn.Module, bool]]:
+    """The modules holding a checkpoint function, each with whether it is a decoder layer (transformers'
+    ``GradientCheckpointingLayer``, in model order), the modules ``checkpoint_layers`` counts."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [(module, isinstance(module, GradientCheckpointingLayer)) for module in model.modules()
+            if module.__dict__.get("_gradient_checkpointing_func") is not None]
+
+
 def stash_checkpoints(model: torch.nn.Module, keep_attention_output: bool,
-                      offload: Optional[CheckpointOffload] = None) -> int:
+                      offload: Optional[CheckpointOffload] = None, checkpoint_layers: Optional[int] = None) -> int:
     """Wrap the checkpoint function of every checkpointing layer of ``model`` (transformers'
     ``_gradient_checkpointing_func``) in a :class:`~ds_longctx.memory.remat.StashingCheckpoint`, or rewrap
-    it with a new ``keep_attention_output`` / ``offload``. Returns the number of layers wrapped now."""
-    wrapped = 0
-    for module in model.modules():
-        fn = module.__dict__.get("_gradient_checkpointing_func")
-        if fn is None:
-            continue
+    it with a new ``keep_attention_output`` / ``offload``. With ``checkpoint_layers`` N only the first N
+    decoder layers checkpoint; the others' wrappers run the layer without checkpointing (whatever
+    ``gradient_checkpointing_enable`` set, which may run again at any time: the forward pre-hook calls this
+    every forward). Returns the number of layers wrapped now."""
+    wrapped, index = 0, 0
+    for module, is_layer in _checkpoint_owners(model):
+        checkpoints = not is_layer or checkpoint_layers is None or index < checkpoint_layers
+        index += is_layer
+        fn = module._gradient_checkpointing_func
         if isinstance(fn, StashingCheckpoint):
-            if fn.keep_attention_output == keep_attention_output and fn.offload is offload:
+            if (fn.keep_attention_output == keep_attention_output and fn.offload is offload
+                    and fn.checkpoints == checkpoints):
                 continue
             fn = fn.inner
-        module._gradient_checkpointing_func = StashingCheckpoint(fn, keep_attention_output, offload)
+        module._gradient_checkpointing_func = StashingCheckpoint(fn, keep_attention_output, offload,
+                                                                 checkpoints=checkpoints)
         wrapped += 1
     return wrapped
+
+
+def _decoder_layer_count(model: torch.nn.Module) -> int:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules())
 
 
 def tile_mlps(model: torch.nn.Module, tile_tokens: Optional[int]) -> int:

@@ -264,13 +264,20 @@ def checkpoint(fn: Callable, *args: Any, keep_attention_output: bool = True, use
 class StashingCheckpoint:
     """A checkpoint function (``fn, *args -> outputs``, the kind transformers keeps in a layer's
     ``_gradient_checkpointing_func``) around ``inner`` that gives each region its own :class:`AttentionStash`,
-    and with ``offload`` keeps the regions' inputs and kept outputs in host memory."""
+    and with ``offload`` keeps the regions' inputs and kept outputs in host memory.
+
+    ``checkpoints=False`` runs ``fn`` as it is, without ``inner``: plain autograd that keeps the layer's
+    activations for backward and recomputes nothing (a layer left out of ``checkpoint_layers``). Such a layer
+    takes no stash and no offload region, so the offload's layer count covers checkpointed layers only."""
 
     def __init__(self, inner: Callable, keep_attention_output: bool = True,
-                 offload: Optional[CheckpointOffload] = None):
+                 offload: Optional[CheckpointOffload] = None, checkpoints: bool = True):
         self.inner, self.keep_attention_output, self.offload = inner, keep_attention_output, offload
+        self.checkpoints = checkpoints
 
     def __call__(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        if not self.checkpoints:
+            return fn(*args, **kwargs)
         offload = _region_offload(self.offload)
         run = _stash(self.keep_attention_output, offload).wrap(fn)
         if offload is None:
@@ -280,7 +287,7 @@ class StashingCheckpoint:
 
     def __repr__(self) -> str:
         return (f"StashingCheckpoint({self.inner!r}, keep_attention_output={self.keep_attention_output}, "
-                f"offload={self.offload!r})")
+                f"offload={self.offload!r}, checkpoints={self.checkpoints})")
 
 
 __all__ = ["AttentionStash", "AttentionStashError", "StashedCall", "StashingCheckpoint", "active_stash", "checkpoint",

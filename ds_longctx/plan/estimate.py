@@ -1,15 +1,19 @@
 """One training step of a transformers causal LM under ds_longctx and DeepSpeed ZeRO-3 (bf16), per rank.
 
-The GPU peak is the largest of three moments of a step, each a sum of named components (bytes):
+The GPU peak is the largest of three moments of a step (four with ``checkpoint_layers`` below the depth),
+each a sum of named components (bytes):
 
-* forward: what the forward leaves for backward (checkpointed inputs, kept attention outputs, the final
-  hidden states, the loss's saved log-probabilities) plus the largest transient of a layer's forward or of
-  the loss;
+* forward: what the forward leaves for backward (checkpointed inputs, kept attention outputs, the unchecked
+  layers' whole activations (:mod:`.activations`), the final hidden states, the loss's saved
+  log-probabilities) plus the largest transient of a layer's forward or of the loss;
 * loss backward: all of that plus the logits' gradients (one tile's with ``loss_tile_tokens``);
 * the first layer backward (the last layer, recomputed under checkpointing): every checkpoint still held,
   plus the layer's working set: what its recompute saves (projections' inputs, the attention's q/k/v and
   output, the MLP's four ``intermediate``-wide activations, or one tile's with ``mlp_tile_tokens``) and the
-  gradients in flight, plus the attention's working set (unchunked, or FPDT's chunk buffers).
+  gradients in flight, plus the attention's working set (unchunked, or FPDT's chunk buffers); a last layer
+  left unchecked has only its backward's working set;
+* checkpointed backward (some layers unchecked): the last checkpointed layer's recompute and backward, once
+  the unchecked layers after it have freed their activations.
 
 Every moment also holds the static part: ZeRO-3's partitions of the bf16 parameters (and, with the
 optimizer on the GPU, of the bf16 gradients, fp32 master weights and Adam's two moments), its gradient
@@ -20,19 +24,17 @@ and are checked against the allocator on CPU (tests/test_plan.py) and on an H200
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Dict, List, NamedTuple
 
 from ..geometry import ChunkGeometry
+from .activations import (BF16, FP32, Widths, checkpointed_layers, kept_bytes, layer_saved, norm_saved,
+                          unchecked_layer_bytes)
 from .machine import GIB
-from .model_spec import ModelSpec
 from .offload_optimizer import offload_optimizer_host, power_of_two_ceil
 from .rates import Rates, resolve_kernel
 from .settings import Run, Settings
 
-BF16 = 2
-FP32 = 4
 #: Host memory of a training process besides pinned buffers: CUDA context, torch, DeepSpeed, the data.
 PROCESS_HOST_BYTES = 6 * GIB
 
@@ -59,17 +61,6 @@ def _chunk_efficiency(chunk_size: int) -> float:
     """FPDT's attention rate against the unchunked kernel's: 1 from 64K-token chunks, lower below
     (more, shorter kernel launches and merges; measured 1.03x at 64K, bench/results/fpdt_*)."""
     return min(1.0, (chunk_size / 65536) ** 0.1)
-
-
-class _Widths:
-    """Per-token sizes of one rank's tensors (elements), from the model and the settings."""
-
-    def __init__(self, model: ModelSpec, settings: Settings):
-        self.h, self.i, self.v = model.hidden, model.intermediate, model.vocab
-        self.q, self.kv, self.heads = model.q_width, model.kv_width, model.heads
-        self.d = model.head_dim
-        self.kv_heads_per_rank = max(1, math.ceil(model.kv_heads / settings.ulysses))
-        self.heads_per_rank = max(1, model.heads // settings.ulysses)
 
 
 def _static(run: Run, settings: Settings) -> Dict[str, int]:
@@ -101,23 +92,19 @@ def _layer_offloaded(layer: int, settings: Settings) -> bool:
     return layer < settings.checkpoint_offload_layers
 
 
-def _kept_bytes(tokens: int, w: _Widths) -> int:
-    """One layer's kept attention output and its fp32 log-sum-exp."""
-    return tokens * (BF16 * w.q + FP32 * w.heads)
-
-
-def _stored(run: Run, settings: Settings, w: _Widths, tokens: int) -> Dict[str, int]:
-    """What the forward leaves on the GPU for backward (all layers), by component."""
+def _stored(run: Run, settings: Settings, w: Widths, tokens: int) -> Dict[str, int]:
+    """What the forward leaves on the GPU for backward (all layers), by component: the checkpointed layers'
+    inputs and kept outputs (those not in host memory), the other layers' whole saved activations."""
     m = run.model
     parts: Dict[str, int] = {}
+    checkpointed = checkpointed_layers(run, settings)
     if run.checkpointing:
-        on_gpu = [layer for layer in range(m.layers) if not _layer_offloaded(layer, settings)]
+        on_gpu = [layer for layer in range(checkpointed) if not _layer_offloaded(layer, settings)]
         parts["checkpoints"] = len(on_gpu) * tokens * BF16 * w.h
         kept_on_gpu = settings.keep_attention_output and not settings.fpdt_offload
-        parts["kept_attention"] = len(on_gpu) * _kept_bytes(tokens, w) if kept_on_gpu else 0
-    else:
-        per_layer = _layer_saved(settings, w, tokens, recompute=False) + tokens * BF16 * w.h
-        parts["activations"] = m.layers * per_layer
+        parts["kept_attention"] = len(on_gpu) * kept_bytes(tokens, w) if kept_on_gpu else 0
+    if checkpointed < m.layers:
+        parts["activations"] = (m.layers - checkpointed) * unchecked_layer_bytes(settings, w, tokens)
     norm = BF16 * w.h if settings.lean_rms_norm else FP32 * w.h
     # the last layer's output (saved by the final norm) and the normed states the LM head saves
     parts["final_hidden"] = tokens * (norm + BF16 * w.h + FP32)
@@ -126,16 +113,7 @@ def _stored(run: Run, settings: Settings, w: _Widths, tokens: int) -> Dict[str, 
     return parts
 
 
-def _attention_state(settings: Settings, w: _Widths, tokens: int) -> int:
-    """q, k, v (after RoPE) that the attention keeps for its backward on the GPU. FPDT's chunk stores hold
-    them instead (:func:`_fpdt_buffers`), as views of these very tensors with one Ulysses rank and no
-    offload (an all-to-all of one rank is a slice): then they stay whole."""
-    if settings.chunk_size is not None and (settings.fpdt_offload or settings.ulysses > 1):
-        return 0
-    return tokens * BF16 * (w.q + 2 * w.kv)
-
-
-def _fpdt_buffers(run: Run, settings: Settings, w: _Widths) -> int:
+def _fpdt_buffers(run: Run, settings: Settings, w: Widths) -> int:
     """FPDT's device buffers at the larger of its forward and backward peaks, as the chunk geometry counts
     them (:meth:`ds_longctx.geometry.ChunkGeometry.working_set`): the chunks in flight, and without offload
     every chunk's saved q/out/K/V/lse and dK/dV accumulators."""
@@ -147,7 +125,7 @@ def _fpdt_buffers(run: Run, settings: Settings, w: _Widths) -> int:
                for ws in geometry.working_set(settings.fpdt_offload))
 
 
-def _ring_buffers(settings: Settings, w: _Widths, tokens: int) -> int:
+def _ring_buffers(settings: Settings, w: Widths, tokens: int) -> int:
     """Unchunked ring: a peer's K/V block in flight beside the one computing, and in backward the fp32
     dK/dV that travel with it (attention/ring.py)."""
     if settings.ring == 1:
@@ -157,31 +135,10 @@ def _ring_buffers(settings: Settings, w: _Widths, tokens: int) -> int:
     return 2 * kv * BF16 + 2 * kv * FP32
 
 
-def _norm_saved(settings: Settings, w: _Widths, tokens: int) -> int:
-    """What one RMSNorm saves besides its input: its output (the next projections' input) and 1/rms (or,
-    without lean norms, the fp32 copy too)."""
-    norm_extra = FP32 if settings.lean_rms_norm else FP32 * w.h + FP32
-    return tokens * (norm_extra + BF16 * w.h)
-
-
-def _layer_saved(settings: Settings, w: _Widths, tokens: int, recompute: bool) -> int:
-    """What one layer's graph saves besides its input (under checkpointing: its recompute's graph)."""
-    saved = (
-        _norm_saved(settings, w, tokens)  # input norm: the q/k/v projections' input
-        + tokens * BF16 * w.h  # the residual sum saved by the post-attention norm
-        + _norm_saved(settings, w, tokens)  # post-attention norm: the MLP's input
-        + _attention_state(settings, w, tokens)
-    )
-    if not (recompute and settings.keep_attention_output):
-        saved += _kept_bytes(tokens, w)  # the attention output the o-projection saves
-    if settings.mlp_tile_tokens is None:
-        saved += tokens * 4 * BF16 * w.i  # gate, up, act(gate), act(gate) * up
-    return saved
-
-
-def _layer_backward(run: Run, settings: Settings, w: _Widths, tokens: int) -> Dict[str, int]:
-    """The working set of one layer's backward (recompute included): saved graph + gradients in flight."""
-    saved = _layer_saved(settings, w, tokens, recompute=run.checkpointing)
+def _layer_backward(run: Run, settings: Settings, w: Widths, tokens: int, recompute: bool) -> Dict[str, int]:
+    """The working set of one layer's backward (its recompute included when ``recompute``): saved graph +
+    gradients in flight."""
+    saved = layer_saved(settings, w, tokens, recompute=recompute)
     mlp_tokens = min(tokens, settings.mlp_tile_tokens or tokens)
     tile = 0
     if settings.mlp_tile_tokens is not None:
@@ -203,7 +160,7 @@ def _layer_backward(run: Run, settings: Settings, w: _Widths, tokens: int) -> Di
         attention_phase = tokens * (BF16 * (2 * w.q + 2 * w.kv) + BF16 * w.h) + _fpdt_buffers(run, settings, w)
         # the kernel's fp32 dq accumulator, as the unchunked one's, for one block of a chunk's queries
         attention_phase += run.micro_batch * settings.chunk_size * w.heads_per_rank * w.d * FP32
-        released = mlp_saved + _norm_saved(settings, w, tokens)
+        released = mlp_saved + norm_saved(settings, w, tokens)
     return {
         "layer_saved": saved,
         "mlp_working_set": mlp_phase,
@@ -211,7 +168,7 @@ def _layer_backward(run: Run, settings: Settings, w: _Widths, tokens: int) -> Di
     }
 
 
-def _loss_transient(run: Run, settings: Settings, w: _Widths, tokens: int, phase: str) -> int:
+def _loss_transient(run: Run, settings: Settings, w: Widths, tokens: int, phase: str) -> int:
     """The logits' working set: bf16 logits, their fp32 copy and the log-probabilities in forward; in backward
     the fp32 gradients and their bf16 copy (one tile at a time with loss_tile_tokens)."""
     tile = min(tokens, settings.loss_tile_tokens or tokens)
@@ -223,10 +180,11 @@ def _loss_transient(run: Run, settings: Settings, w: _Widths, tokens: int, phase
 
 def estimate_memory(run: Run, settings: Settings) -> Dict[str, Dict[str, int]]:
     """The components of each moment of the step (bytes per rank)."""
-    w = _Widths(run.model, settings)
+    w = Widths(run.model, settings)
     tokens = run.micro_batch * run.seq_len // settings.sp
     static = _static(run, settings)
     stored = _stored(run, settings, w, tokens)
+    checkpointed = checkpointed_layers(run, settings)
 
     forward = dict(static, **stored)
     forward["zero3_gathers"] = _gathers(run, settings, "layer")
@@ -238,24 +196,51 @@ def estimate_memory(run: Run, settings: Settings) -> Dict[str, Dict[str, int]]:
     loss["zero3_gathers"] = _gathers(run, settings, "loss")
     loss["loss_working_set"] = _loss_transient(run, settings, w, tokens, "backward")
 
-    layer = dict(static, **stored)
-    layer["final_hidden"] = 0
-    layer["loss_logits"] = 0
-    layer["zero3_gathers"] = _gathers(run, settings, "layer")
-    if run.checkpointing:
-        last = run.model.layers - 1
-        if _layer_offloaded(last, settings) or (settings.keep_attention_output and settings.fpdt_offload):
-            # brought back for the recompute: its input (and the one prefetched next), its kept output
-            back = 0
-            if _layer_offloaded(last, settings):  # and, with a layer before it, that layer's input prefetched
-                back += min(2, run.model.layers) * tokens * BF16 * w.h
-            if settings.keep_attention_output:
-                back += _kept_bytes(tokens, w)
-            layer["offload_prefetch"] = back
-        layer.update(_layer_backward(run, settings, w, tokens))
-    else:
-        layer["layer_working_set"] = _layer_backward(run, settings, w, tokens)["mlp_working_set"]
-    return {"forward": forward, "loss_backward": loss, "layer_backward": layer}
+    layer = _backward_moment(run, settings, static, stored)
+    if checkpointed == run.model.layers:
+        layer.update(_recompute_working_set(run, settings, w, tokens, run.model.layers - 1))
+    else:  # the last layer keeps its activations: no recompute
+        layer["layer_working_set"] = _layer_backward(run, settings, w, tokens, recompute=False)["mlp_working_set"]
+    moments = {"forward": forward, "loss_backward": loss, "layer_backward": layer}
+    if 0 < checkpointed < run.model.layers:
+        # the last checkpointed layer recomputes once the unchecked layers after it have freed their activations
+        recompute = _backward_moment(run, settings, static, dict(stored, activations=0))
+        recompute.update(_recompute_working_set(run, settings, w, tokens, checkpointed - 1))
+        moments["checkpointed_backward"] = recompute
+    return moments
+
+
+def _backward_moment(run: Run, settings: Settings, static: Dict[str, int], stored: Dict[str, int]) -> Dict[str, int]:
+    """A layer backward's moment without the layer's working set: the loss's tensors are gone by then."""
+    moment = dict(static, **stored)
+    moment["final_hidden"] = 0
+    moment["loss_logits"] = 0
+    moment["zero3_gathers"] = _gathers(run, settings, "layer")
+    return moment
+
+
+def _recompute_working_set(run: Run, settings: Settings, w: Widths, tokens: int, layer: int) -> Dict[str, int]:
+    """The backward of checkpointed ``layer`` (the last one backward reaches first): what comes back from the
+    host for its recompute, and the recompute's working set."""
+    parts: Dict[str, int] = {}
+    if _layer_offloaded(layer, settings) or (settings.keep_attention_output and settings.fpdt_offload):
+        # brought back for the recompute: its input (and the one prefetched next), its kept output
+        back = 0
+        if _layer_offloaded(layer, settings):  # and, with a layer before it, that layer's input prefetched
+            back += min(2, layer + 1) * tokens * BF16 * w.h
+        if settings.keep_attention_output:
+            back += kept_bytes(tokens, w)
+        parts["offload_prefetch"] = back
+    parts.update(_layer_backward(run, settings, w, tokens, recompute=True))
+    return parts
+
+
+def _fpdt_chunk_sets(run: Run, settings: Settings) -> int:
+    """Layers' worth of FPDT chunks in host memory at once: a layer without checkpointing keeps its chunks from
+    forward to backward; the checkpointed ones build theirs in the recompute, one layer at a time, after the
+    unchecked layers (the last ones) have freed theirs."""
+    checkpointed = checkpointed_layers(run, settings)
+    return max(run.model.layers - checkpointed, 1 if checkpointed else 0)
 
 
 class HostBuffer(NamedTuple):
@@ -269,13 +254,13 @@ class HostBuffer(NamedTuple):
 def pool_buffers(run: Run, settings: Settings) -> List[HostBuffer]:
     """The offload pool's buffers per rank: FPDT's chunks, offloaded checkpoints, kept attention outputs."""
     m = run.model
-    w = _Widths(m, settings)
+    w = Widths(m, settings)
     tokens = run.micro_batch * run.seq_len // settings.sp
     buffers: List[HostBuffer] = []
     if settings.fpdt_offload:
         # one layer's chunks (built by its recompute under checkpointing, every layer's without), one buffer
         # per kind: q, k, v, out, lse and the fp32 dK/dV accumulators
-        sets = 1 if run.checkpointing else m.layers
+        sets = _fpdt_chunk_sets(run, settings)
         for width in (BF16 * w.q, BF16 * w.kv, BF16 * w.kv, BF16 * w.q, FP32 * w.heads, FP32 * w.kv, FP32 * w.kv):
             buffers.append(HostBuffer("fpdt_chunks", tokens * width, sets))
     if run.checkpointing:
@@ -283,7 +268,7 @@ def pool_buffers(run: Run, settings: Settings) -> List[HostBuffer]:
         buffers.append(HostBuffer("checkpoint_offload", tokens * BF16 * w.h, offloaded))
         kept_layers = 0
         if settings.keep_attention_output:
-            kept_layers = m.layers if settings.fpdt_offload else offloaded
+            kept_layers = checkpointed_layers(run, settings) if settings.fpdt_offload else offloaded
         buffers += [HostBuffer("kept_attention", tokens * BF16 * w.q, kept_layers),
                     HostBuffer("kept_attention", tokens * FP32 * w.heads, kept_layers)]
     return buffers
@@ -316,11 +301,12 @@ def host_pageable(run: Run, settings: Settings) -> int:
 def estimate_time(run: Run, settings: Settings, rates: Rates, gpu_name: str) -> Dict[str, float]:
     """Seconds of one step per rank: matmuls and attention at the measured rates, the transfers not hidden."""
     m = run.model
-    w = _Widths(m, settings)
+    w = Widths(m, settings)
     tokens = run.micro_batch * run.seq_len // settings.sp
-    recompute_attention = run.checkpointing and not settings.keep_attention_output
-    flops = m.flops_per_step(run.seq_len, recompute_layers=run.checkpointing,
-                             recompute_attention=recompute_attention)
+    checkpointed = checkpointed_layers(run, settings)
+    recompute_attention = checkpointed > 0 and not settings.keep_attention_output
+    flops = m.flops_per_step(run.seq_len, recompute_layers=checkpointed > 0, recompute_attention=recompute_attention,
+                             recomputed_layers=checkpointed)
     matmul = flops["matmul"] * run.micro_batch / settings.sp
     if settings.mlp_tile_tokens is not None:
         matmul += 2 * 3 * w.h * w.i * tokens * m.layers  # each tile's forward once more in backward
@@ -332,13 +318,15 @@ def estimate_time(run: Run, settings: Settings, rates: Rates, gpu_name: str) -> 
         attention_rate *= _chunk_efficiency(settings.chunk_size)
     attention = flops["attention"] * run.micro_batch / settings.sp
     parts = {"matmul": matmul / rates.matmul_flops, "attention": attention / attention_rate}
-    # elementwise work (norms, RoPE, activations, residuals, casts): ~40 passes over [tokens, hidden] a layer
-    parts["elementwise"] = m.layers * tokens * 40 * BF16 * w.h / rates.device_copy_bytes
-    if settings.ulysses > 1:  # q, k, v, out there and back, forward, recompute and backward
+    # elementwise work (norms, RoPE, activations, residuals, casts): ~40 passes over [tokens, hidden] a
+    # checkpointed layer (forward 10, recompute 10, backward 20), ~30 a layer that is not recomputed
+    passes = 40 * checkpointed + 30 * (m.layers - checkpointed)
+    parts["elementwise"] = tokens * passes * BF16 * w.h / rates.device_copy_bytes
+    if settings.ulysses > 1:  # q, k, v, out there and back: forward, backward, and the recompute's q, k, v (and out)
         a2a = (2 * w.q + 2 * w.kv) * tokens * BF16 * (settings.ulysses - 1) / settings.ulysses
-        passes = 3 if recompute_attention or not run.checkpointing else 2.5
+        passes = checkpointed * (3 if recompute_attention else 2.5) + (m.layers - checkpointed) * 2
         hidden = 0.5 if settings.chunk_size is not None else 0.0  # FPDT overlaps per-chunk all-to-alls
-        parts["all_to_all"] = (1 - hidden) * passes * m.layers * a2a / rates.nvlink_all_to_all_bytes
+        parts["all_to_all"] = (1 - hidden) * passes * a2a / rates.nvlink_all_to_all_bytes
     if run.world > 1:  # ZeRO-3 gathers (forward, recompute, backward) and gradient reduce-scatter, mostly hidden
         zero_bytes = 4 * BF16 * m.params * (run.world - 1) / run.world
         parts["zero3_comm"] = 0.3 * zero_bytes / rates.nvlink_all_to_all_bytes
@@ -349,7 +337,7 @@ def estimate_time(run: Run, settings: Settings, rates: Rates, gpu_name: str) -> 
     if settings.checkpoint_offload_layers:
         per_layer_bytes += 2 * tokens * BF16 * w.h
     if settings.fpdt_offload:
-        per_layer_bytes += 3 * host.get("fpdt_chunks", 0) / (1 if run.checkpointing else m.layers)
+        per_layer_bytes += 3 * host.get("fpdt_chunks", 0) / max(1, _fpdt_chunk_sets(run, settings))
     if per_layer_bytes:
         pcie = m.layers * max(0.0, per_layer_bytes / rates.pcie_bytes - 0.9 * layer_seconds)
     parts["offload_not_hidden"] = pcie

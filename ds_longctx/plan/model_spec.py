@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 
 class ModelSpecError(ValueError):
@@ -100,16 +100,18 @@ class ModelSpec:
         """Weights used in matrix products per token (the LM head counts, the input lookup does not)."""
         return self.layers * (self.layer_params - 2 * self.hidden) + self.vocab * self.hidden
 
-    def flops_per_step(self, seq_len: int, recompute_layers: bool, recompute_attention: bool) -> dict:
+    def flops_per_step(self, seq_len: int, recompute_layers: bool, recompute_attention: bool,
+                       recomputed_layers: Optional[int] = None) -> dict:
         """Model FLOPs of one sequence's forward and backward: ``{"matmul": ..., "attention": ...}``.
 
         Causal attention: forward ``2 * 2 * S^2 / 2 * heads * head_dim`` per layer, backward 2.5x that.
-        A recomputed layer runs its matrix products once more (and its attention unless it is kept)."""
+        A recomputed layer runs its matrix products once more (and its attention unless it is kept);
+        ``recomputed_layers``: how many layers recompute (None: every layer when ``recompute_layers``)."""
+        recomputed = (self.layers if recomputed_layers is None else recomputed_layers) if recompute_layers else 0
         matmul = 6 * self.matmul_params * seq_len
-        if recompute_layers:
-            matmul += 2 * self.layers * (self.layer_params - 2 * self.hidden) * seq_len
-        attention_fwd = 2.0 * seq_len * seq_len * self.q_width * self.layers  # causal half of 4 S^2 H D
-        attention = attention_fwd * (3.5 + (1.0 if recompute_attention else 0.0))
+        matmul += 2 * recomputed * (self.layer_params - 2 * self.hidden) * seq_len
+        attention_fwd = 2.0 * seq_len * seq_len * self.q_width  # one layer's: causal half of 4 S^2 H D
+        attention = attention_fwd * (3.5 * self.layers + (recomputed if recompute_attention else 0))
         return {"matmul": float(matmul), "attention": attention}
 
 

@@ -22,7 +22,7 @@ class PlanError(ValueError):
 
 #: Settings fields the block's "auto" values stand for.
 _AUTO_FIELDS = {"fpdt.chunk_size": "chunk_size", "fpdt.offload": "fpdt_offload",
-                "keep_attention_output": "keep_attention_output",
+                "keep_attention_output": "keep_attention_output", "checkpoint_layers": "checkpoint_layers",
                 "checkpoint_offload": "checkpoint_offload_layers", "mlp_tile_tokens": "mlp_tile_tokens",
                 "loss_tile_tokens": "loss_tile_tokens"}
 
@@ -39,7 +39,12 @@ def fixed_fields(cfg: LongContextConfig, layers: int, zero: ZeroSettings) -> Dic
         if value == AUTO:
             continue
         if field == "checkpoint_offload_layers":
-            value = layers if value is True else int(value or 0)
+            if value is True:  # every checkpointed layer, however many the search checkpoints
+                fixed["checkpoint_offload_all"] = True
+                continue
+            value = int(value or 0)
+        if field == "checkpoint_layers" and value is not None and value >= layers:
+            value = None  # every layer, as Settings spell it
         fixed[field] = value
     return fixed
 
@@ -117,6 +122,7 @@ def prepare(cfg: LongContextConfig, model_config: Any, ds: Mapping[str, Any], wo
                             + "; set them explicitly (ds-longctx plan suggests values)")
         return cfg
     model = ModelSpec.from_config(model_config)
+    cfg.check_layers(model.layers)
     run = Run(model=model, world=world, seq_len=seq_len, micro_batch=micro_batch, checkpointing=checkpointing)
     zero = ZeroSettings.from_ds_config(ds)
     margins = Margins.default(machine)

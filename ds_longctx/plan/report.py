@@ -50,6 +50,7 @@ def table(record: Mapping[str, Any]) -> str:
         f"    ulysses x ring          {lc['ulysses_degree']} x {lc['ring_degree']}",
         f"    fpdt chunk / offload    {lc['fpdt']['chunk_size']} / {lc['fpdt']['offload']}",
         f"    keep_attention_output   {lc['keep_attention_output']}",
+        f"    checkpoint_layers       {'all' if lc.get('checkpoint_layers') is None else lc['checkpoint_layers']}",
         f"    checkpoint_offload      {lc['checkpoint_offload']}",
         f"    mlp / loss tile tokens  {lc['mlp_tile_tokens']} / {lc['loss_tile_tokens']}",
         f"    optimizer offload       {'offload_optimizer' in record['ds_config'].get('zero_optimization', {})}",

@@ -107,9 +107,11 @@ def factorizations(run: Run, machine: Machine) -> Iterator[tuple]:
 
 
 def _offload_counts(run: Run, base: Settings, machine: Machine, margins: Margins) -> List[int]:
-    """Checkpoint offload of no layer, every layer, and as many layers as the host can take."""
-    layers = run.model.layers
+    """Checkpoint offload of no layer, every checkpointed layer, and as many as the host can take."""
+    layers = base.checkpointed(run.model.layers)
     counts = {0, layers}
+    if layers == 0:
+        return [0]
     without = judge(run, base.with_(checkpoint_offload_layers=0), machine, margins)
     room = without.host_limit - without.node_host
     one = judge(run, base.with_(checkpoint_offload_layers=1), machine, margins).node_host - without.node_host
@@ -118,9 +120,59 @@ def _offload_counts(run: Run, base: Settings, machine: Machine, margins: Margins
     return sorted(counts)
 
 
+def _unchecked_fit(run: Run, base: Settings, machine: Machine, margins: Margins, offloaded: bool) -> int:
+    """The most last layers that can go without checkpointing with the GPU peak still fitting (0: none), the
+    checkpointed layers' inputs in host memory (``offloaded``) or not. The peak grows with each unchecked
+    layer's activations, so the count is found by bisection."""
+    layers = run.model.layers
+
+    def fits(unchecked: int) -> bool:
+        checkpointed = layers - unchecked
+        settings = base.with_(checkpoint_layers=checkpointed,
+                              checkpoint_offload_layers=checkpointed if offloaded else 0)
+        return judge(run, settings, machine, margins).fits_gpu
+
+    if not fits(1):  # the common case at long sequences: settle it with one estimate
+        return 0
+    low, high = 1, layers + 1  # fits(low), fits(high) impossible
+    while high - low > 1:
+        mid = (low + high) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def _checkpoint_layer_counts(run: Run, base: Settings, machine: Machine, margins: Margins,
+                             fixed: Dict) -> List[Optional[int]]:
+    """Checkpointed layers to try: every layer (None), none, and all but as many last layers as the GPU holds
+    with their activations, with the checkpoints on the GPU or in host memory (at least the fixed checkpoint
+    offload's layers: only checkpointed layers offload)."""
+    if "checkpoint_layers" in fixed:
+        return [fixed["checkpoint_layers"]]
+    if not run.checkpointing:
+        return [None]
+    layers = run.model.layers
+    counts = {layers, 0} | {layers - _unchecked_fit(run, base, machine, margins, offloaded)
+                            for offloaded in (False, True)}
+    least = fixed.get("checkpoint_offload_layers", 0)
+    counts = {max(least, n) for n in counts}
+    return [None if n >= layers else n for n in sorted(counts, reverse=True)]
+
+
+def _offload_options(run: Run, settings: Settings, machine: Machine, margins: Margins, fixed: Dict) -> List[int]:
+    if fixed.get("checkpoint_offload_all"):
+        return [settings.checkpointed(run.model.layers) if run.checkpointing else 0]
+    if "checkpoint_offload_layers" in fixed:
+        return [fixed["checkpoint_offload_layers"]]
+    return _offload_counts(run, settings, machine, margins) if run.checkpointing else [0]
+
+
 def candidates(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dict] = None,
                base: Settings = Settings()) -> Iterable[Settings]:
-    """Every setting combination valid for ``run``; ``fixed`` (Settings field -> value) pins fields."""
+    """Every setting combination valid for ``run``; ``fixed`` (Settings field -> value) pins fields
+    (``checkpoint_offload_all``: every checkpointed layer offloaded)."""
     fixed = fixed or {}
     pairs = ([(fixed["ulysses"], fixed["ring"])] if "ulysses" in fixed and "ring" in fixed
              else list(factorizations(run, machine)))
@@ -134,13 +186,14 @@ def candidates(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dic
                 continue
             settings = base.with_(ulysses=ulysses, ring=ring, chunk_size=chunk, fpdt_offload=fpdt_offload,
                                   keep_attention_output=keep, mlp_tile_tokens=mlp, loss_tile_tokens=loss,
-                                  zero=base.zero.__class__(**{**base.zero.__dict__, "optimizer_offload": opt}))
+                                  zero=base.zero.__class__(**{**base.zero.__dict__, "optimizer_offload": opt}),
+                                  checkpoint_offload_layers=0)
             if not valid_for(run, settings):
                 continue
-            counts = ([fixed["checkpoint_offload_layers"]] if "checkpoint_offload_layers" in fixed
-                      else _offload_counts(run, settings, machine, margins) if run.checkpointing else [0])
-            for count in counts:
-                yield settings.with_(checkpoint_offload_layers=count)
+            for checkpoint_layers in _checkpoint_layer_counts(run, settings, machine, margins, fixed):
+                layered = settings.with_(checkpoint_layers=checkpoint_layers)
+                for count in _offload_options(run, layered, machine, margins, fixed):
+                    yield layered.with_(checkpoint_offload_layers=count)
 
 
 def best(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dict] = None,

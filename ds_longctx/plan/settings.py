@@ -53,8 +53,9 @@ class ZeroSettings:
 class Settings:
     """One configuration of the long-context features (``long_context`` block) and of the optimizer's place.
 
-    ``checkpoint_offload_layers``: how many checkpointed layers (the first ones) keep their input and kept
-    attention output in pinned host memory."""
+    ``checkpoint_layers``: how many decoder layers (the first ones) are checkpointed under activation
+    checkpointing (None: all); the others keep their full activations. ``checkpoint_offload_layers``: how many
+    checkpointed layers (the first ones) keep their input and kept attention output in pinned host memory."""
 
     ulysses: int = 1
     ring: int = 1
@@ -62,6 +63,7 @@ class Settings:
     chunk_size: Optional[int] = None
     fpdt_offload: bool = False
     keep_attention_output: bool = True
+    checkpoint_layers: Optional[int] = None
     checkpoint_offload_layers: int = 0
     mlp_tile_tokens: Optional[int] = None
     loss_tile_tokens: Optional[int] = None
@@ -75,14 +77,20 @@ class Settings:
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
 
+    def checkpointed(self, layers: int) -> int:
+        """How many of ``layers`` decoder layers are checkpointed (under activation checkpointing)."""
+        return layers if self.checkpoint_layers is None else min(layers, self.checkpoint_layers)
+
     def block(self, layers: int, seq_len: Optional[int] = None) -> Dict[str, Any]:
-        """The ``long_context`` block of these settings (``checkpoint_offload`` true for every layer)."""
-        offload = self.checkpoint_offload_layers
+        """The ``long_context`` block of these settings (``checkpoint_offload`` true for every checkpointed layer,
+        ``checkpoint_layers`` null for every layer)."""
+        offload, checkpointed = self.checkpoint_offload_layers, self.checkpointed(layers)
         block: Dict[str, Any] = {
             "ulysses_degree": self.ulysses, "ring_degree": self.ring, "kernel": self.kernel,
             "fpdt": {"chunk_size": self.chunk_size, "offload": self.fpdt_offload},
             "keep_attention_output": self.keep_attention_output,
-            "checkpoint_offload": True if offload >= layers else (offload if offload else False),
+            "checkpoint_layers": None if checkpointed >= layers else checkpointed,
+            "checkpoint_offload": True if offload and offload >= checkpointed else (offload if offload else False),
             "mlp_tile_tokens": self.mlp_tile_tokens, "loss_tile_tokens": self.loss_tile_tokens,
             "lean_rms_norm": self.lean_rms_norm,
         }
@@ -104,15 +112,19 @@ class Settings:
 
     @classmethod
     def from_block(cls, block: Mapping[str, Any], layers: int, zero: ZeroSettings) -> "Settings":
-        """From a resolved block (no ``"auto"`` left); ``layers`` turns ``checkpoint_offload: true`` into a count."""
+        """From a resolved block (no ``"auto"`` left); ``layers`` turns ``checkpoint_offload: true`` into a count
+        (every checkpointed layer)."""
         fpdt = block.get("fpdt") or {}
         offload = block.get("checkpoint_offload", False)
-        layers_offloaded = layers if offload is True else int(offload or 0)
+        checkpoint_layers = block.get("checkpoint_layers")
+        checkpointed = layers if checkpoint_layers is None else min(layers, checkpoint_layers)
+        layers_offloaded = checkpointed if offload is True else int(offload or 0)
         return cls(ulysses=block.get("ulysses_degree", 1), ring=block.get("ring_degree", 1),
                    kernel=block.get("kernel", "auto"), chunk_size=fpdt.get("chunk_size"),
                    fpdt_offload=bool(fpdt.get("offload", False)),
                    keep_attention_output=block.get("keep_attention_output", True),
-                   checkpoint_offload_layers=min(layers, layers_offloaded),
+                   checkpoint_layers=None if checkpointed >= layers else checkpointed,
+                   checkpoint_offload_layers=min(checkpointed, layers_offloaded),
                    mlp_tile_tokens=block.get("mlp_tile_tokens"), loss_tile_tokens=block.get("loss_tile_tokens"),
                    lean_rms_norm=block.get("lean_rms_norm", True), zero=zero)
 
