@@ -68,6 +68,7 @@ def predict(record: dict, gpu_name: str) -> dict:
                         kernel=a["kernel"], chunk_size=a["chunk_size"], fpdt_offload=bool(a["offload"]),
                         keep_attention_output=bool(a["keep_attention_output"]),
                         checkpoint_offload_layers=a["layers"] if offload < 0 else offload,
+                        checkpoint_layers=a.get("checkpoint_layers"),
                         mlp_tile_tokens=a["mlp_tile_tokens"], loss_tile_tokens=a["loss_tile_tokens"],
                         lean_rms_norm=bool(a["lean_rms_norm"]),
                         zero=ZeroSettings(optimizer_offload=bool(a["offload_optimizer"])))

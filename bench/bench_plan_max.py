@@ -67,6 +67,8 @@ def train_flags(ds_config: dict) -> List[str]:
         flags += ["--chunk_size", str(fpdt["chunk_size"])]
     if fpdt.get("offload"):
         flags.append("--offload")
+    if block.get("checkpoint_layers") is not None:
+        flags += ["--checkpoint_layers", str(int(block["checkpoint_layers"]))]
     offload = block.get("checkpoint_offload")
     if offload is True:
         flags.append("--checkpoint_offload")

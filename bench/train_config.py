@@ -42,6 +42,7 @@ def ds_config(args, world):
                                "mlp_tile_tokens": args.mlp_tile_tokens, "loss_tile_tokens": args.loss_tile_tokens,
                                "checkpoint_offload": (True if args.checkpoint_offload < 0
                                                       else args.checkpoint_offload or False),
+                               "checkpoint_layers": args.checkpoint_layers,
                                "lean_rms_norm": bool(args.lean_rms_norm)}
         if args.block_seq_len:  # the pre-flight check of initialize runs for this length
             cfg["long_context"]["seq_len"] = args.seq_len
@@ -69,6 +70,9 @@ def parse_args(argv=None):
     ap.add_argument("--lean_rms_norm", type=int, default=1, choices=[0, 1],
                     help="ds_longctx: RMSNorms keep only their input for backward (0: the model's own norms)")
     ap.add_argument("--offload_optimizer", action="store_true", help="ZeRO-3 optimizer states on the CPU")
+    ap.add_argument("--checkpoint_layers", type=int, default=None,
+                    help="ds_longctx with --checkpointing: only the first N decoder layers checkpointed, the rest "
+                         "keep their activations (default: every layer)")
     ap.add_argument("--checkpoint_offload", type=int, nargs="?", const=-1, default=0,
                     help="ds_longctx: the checkpointed layers' inputs and kept outputs wait in pinned host memory "
                          "(alone: every layer; N: the first N layers)")

@@ -14,7 +14,7 @@ from ds_longctx.plan.estimate import estimate, estimate_host, estimate_memory
 from ds_longctx.plan.machine import cgroup_available_bytes, meminfo_available_bytes
 from ds_longctx.plan.offload_optimizer import parameter_numels, power_of_two_ceil
 from ds_longctx.plan.preflight import PlanError, check, prepare, resolve
-from ds_longctx.plan.search import Margins, best, judge, longest
+from ds_longctx.plan.search import UNCHECKED_MIN_GAIN, Margins, best, judge, longest
 
 LLAMA_3B = {"num_hidden_layers": 28, "hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24,
             "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True, "head_dim": 128}
@@ -285,15 +285,14 @@ def test_unchecked_layers_skip_the_recompute_of_their_matmuls_and_keep_their_fpd
         estimate_host(run, fpdt)["kept_attention"] // 4
 
 
-@pytest.mark.parametrize("seq_len", [65536, 262144])
-def test_the_search_leaves_the_most_last_layers_unchecked_that_fit_when_it_is_faster(seq_len):
-    run = Run(ModelSpec.from_config(LLAMA_3B), 1, seq_len)
+def test_the_search_leaves_the_most_last_layers_unchecked_that_fit_when_it_is_faster():
+    run = Run(ModelSpec.from_config(LLAMA_3B), 1, 65536)
     margins = Margins.default(H200)
     winner, _ = best(run, H200, margins)
     every, _ = best(run, H200, margins, {"checkpoint_layers": None})
     checkpointed = winner.settings.checkpoint_layers
     assert checkpointed is not None and 0 < checkpointed < 28
-    assert winner.estimate.step_seconds < every.estimate.step_seconds
+    assert winner.estimate.step_seconds < every.estimate.step_seconds * (1 - UNCHECKED_MIN_GAIN)
     # one more unchecked layer (its checkpoints offloaded as the winner's) would not fit the GPU
     more = winner.settings.with_(checkpoint_layers=checkpointed - 1,
                                  checkpoint_offload_layers=min(checkpointed - 1,
@@ -304,14 +303,31 @@ def test_the_search_leaves_the_most_last_layers_unchecked_that_fit_when_it_is_fa
     assert block.checkpoint_offload is True or block.checkpoint_offload <= checkpointed
 
 
+def test_layers_stay_checkpointed_where_leaving_some_unchecked_saves_too_little_time():
+    run = Run(ModelSpec.from_config(LLAMA_3B), 1, 262144)
+    margins = Margins.default(H200)
+    winner, _ = best(run, H200, margins)
+    unchecked, _ = best(run, H200, margins, {"checkpoint_layers": 26})
+    assert unchecked.fits and unchecked.estimate.step_seconds < winner.estimate.step_seconds
+    assert unchecked.estimate.step_seconds > winner.estimate.step_seconds * (1 - UNCHECKED_MIN_GAIN)
+    assert winner.settings.checkpoint_layers is None
+
+
 def test_checkpoint_layers_auto_resolves_and_a_pinned_offload_stays_within_it():
     model = ModelSpec.from_config(LLAMA_3B)
     cfg = LongContextConfig.from_block({"checkpoint_layers": "auto", "checkpoint_offload": 24,
                                         "fpdt": {"chunk_size": 65536, "offload": True}, "loss_tile_tokens": 4096})
     resolved = prepare(cfg, LLAMA_3B, {"zero_optimization": {"stage": 3}}, world=1, seq_len=131072, machine=H200)
     assert resolved.auto_fields == [] and resolved.checkpoint_offload == 24
-    # unchecked layers fit at 131K tokens, but not more than the 4 that leave the 24 offloaded ones checkpointed
-    assert resolved.checkpoint_layers == 24 < model.layers
+    # every layer checkpointed (unchecked ones would save under UNCHECKED_MIN_GAIN here), and no candidate the
+    # search weighs leaves an offloaded layer unchecked
+    assert resolved.checkpoint_layers is None
+    from ds_longctx.plan.preflight import fixed_fields
+    from ds_longctx.plan.search import candidates
+    run = Run(model, 1, 131072)
+    fixed = fixed_fields(cfg, model.layers, ZeroSettings())
+    counts = {s.checkpointed(model.layers) for s in candidates(run, H200, Margins.default(H200), fixed)}
+    assert min(counts) == 24 and max(counts) == model.layers
     with pytest.raises(Exception, match="checkpoint_layers: 29 exceeds the model's 28 decoder layers"):
         prepare(LongContextConfig.from_block({"checkpoint_layers": 29}), LLAMA_3B, {}, world=1, seq_len=131072,
                 machine=H200)
