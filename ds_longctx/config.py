@@ -19,33 +19,24 @@ That every rank holds the same block is checked at initialization
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import difflib
-import json
-import os
 from typing import Annotated, Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
-BLOCK_KEY = "long_context"
+from .config_errors import BLOCK_KEY, LongContextConfigError, format_validation_error
+from .config_source import ConfigSource, load_ds_config
+from .model_facts import model_head_counts, model_layer_count
 
 #: Local attention kernels accepted by ``kernel`` (``ds_longctx.kernels.kernel_names()``).
 KERNEL_NAMES = ("auto", "reference", "sdpa_cudnn", "sdpa_flash", "sdpa_cpu_flash", "flash_attn", "flash_attn4")
 
 KernelName = Literal[KERNEL_NAMES]
 
-ConfigSource = Union[str, "os.PathLike[str]", Mapping[str, Any]]
-
 #: A value the planner chooses (:mod:`ds_longctx.plan`) when :func:`ds_longctx.initialize` resolves the block.
 AUTO = "auto"
 Auto = Literal["auto"]
 PositiveInt = Annotated[StrictInt, Field(gt=0)]
 LayerCount = Annotated[StrictInt, Field(ge=0)]
-
-
-class LongContextConfigError(ValueError):
-    """An invalid or inconsistent ``long_context`` block; the message names the field and what to change."""
 
 
 class FPDTConfig(BaseModel):
@@ -225,7 +216,7 @@ class LongContextConfig(BaseModel):
         try:
             cfg = cls.model_validate(dict(block))
         except ValidationError as exc:
-            raise LongContextConfigError(_format_validation_error(exc)) from None
+            raise LongContextConfigError(format_validation_error(exc, cls)) from None
         cfg._check_self()
         return cfg
 
@@ -320,153 +311,6 @@ class LongContextConfig(BaseModel):
         layers = model_layer_count(model)
         if layers is not None:
             self.check_layers(layers)
-
-
-def model_head_counts(model: Any) -> Optional[Tuple[int, int]]:
-    """``(num_attention_heads, num_key_value_heads)`` of a transformers model, ``None`` for other modules."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    heads = getattr(config, "num_attention_heads", None)
-    if not isinstance(heads, int):
-        return None
-    kv = getattr(config, "num_key_value_heads", None)
-    return heads, kv if isinstance(kv, int) else heads
-
-
-def model_layer_count(model: Any) -> Optional[int]:
-    """``num_hidden_layers`` of a transformers model (its decoder layers), ``None`` for other modules."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    layers = getattr(config, "num_hidden_layers", None)
-    return layers if isinstance(layers, int) and not isinstance(layers, bool) else None
-
-
-# ---- loading -----------------------------------------------------------------------------------------------
-
-def _no_duplicate_keys(pairs):
-    keys = [k for k, _ in pairs]
-    dupes = sorted({k for k in keys if keys.count(k) > 1})
-    if dupes:
-        raise LongContextConfigError(f"duplicate keys {dupes} in the DeepSpeed config; keep one of each")
-    return dict(pairs)
-
-
-def load_ds_config(config: ConfigSource) -> Dict[str, Any]:
-    """A DeepSpeed config as a dict, from a dict, a json/hjson file path, or a base64-encoded json string.
-
-    Accepts what ``deepspeed.initialize(config=...)`` accepts. Raises :class:`LongContextConfigError` with
-    the path and the parser's message when the file is missing or malformed.
-    """
-    import hjson
-
-    if isinstance(config, Mapping):
-        return dict(config)
-    if isinstance(config, os.PathLike):
-        config = os.fspath(config)
-    if not isinstance(config, str):
-        raise LongContextConfigError(
-            f"DeepSpeed config must be a dict or a path to a json file, got {type(config).__name__}")
-    looks_like_path = config.endswith((".json", ".hjson", ".conf")) or os.sep in config
-    if os.path.exists(config):
-        try:
-            with open(config, "r") as f:
-                loaded = hjson.load(f, object_pairs_hook=_no_duplicate_keys)
-        except LongContextConfigError as exc:
-            raise LongContextConfigError(f"{config}: {exc}") from None
-        except (ValueError, hjson.HjsonDecodeError) as exc:
-            raise LongContextConfigError(f"{config}: not valid JSON/HJSON: {exc}") from None
-    else:
-        missing = LongContextConfigError(f"DeepSpeed config file {config!r} does not exist")
-        if looks_like_path:
-            raise missing
-        try:  # deepspeed.initialize also takes the config as base64-encoded JSON
-            decoded = base64.urlsafe_b64decode(config).decode("utf-8")
-            loaded = hjson.loads(decoded, object_pairs_hook=_no_duplicate_keys)
-        except (binascii.Error, UnicodeDecodeError, ValueError):
-            raise missing from None
-        if not isinstance(loaded, Mapping):
-            raise missing
-    if not isinstance(loaded, Mapping):
-        raise LongContextConfigError(f"{config}: the DeepSpeed config must be a JSON object, got "
-                                     f"{type(loaded).__name__}")
-    return _plain(loaded)
-
-
-def _plain(x):
-    """hjson returns OrderedDicts; plain dicts compare and print the same everywhere."""
-    if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_plain(v) for v in x]
-    return x
-
-
-def _field_names(model: type, loc: Tuple[Any, ...]) -> List[str]:
-    """Allowed keys at the level of ``loc`` (the loc of an extra key, whose last item is the key itself)."""
-    cls = model
-    for part in loc[:-1]:
-        field = cls.model_fields.get(part) if isinstance(part, str) else None
-        ann = getattr(field, "annotation", None)
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            cls = ann
-        else:
-            return []
-    return list(cls.model_fields)
-
-
-def _field_loc(loc: Tuple[Any, ...]) -> Tuple[Any, ...]:
-    """The part of an error's ``loc`` that names fields (a union adds its member's tag after the field)."""
-    cls, kept = LongContextConfig, []
-    for part in loc:
-        field = cls.model_fields.get(part) if isinstance(part, str) and cls is not None else None
-        if field is None:
-            break
-        kept.append(part)
-        ann = field.annotation
-        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    return tuple(kept) if kept else loc
-
-
-def _format_validation_error(exc: ValidationError) -> str:
-    lines: List[str] = []
-    union_lines: Dict[Tuple[Any, ...], List[str]] = {}
-    values: Dict[Tuple[Any, ...], Any] = {}
-    for err in exc.errors():
-        loc = tuple(err.get("loc", ()))
-        path = ".".join([BLOCK_KEY] + [str(p) for p in loc])
-        if err.get("type") == "extra_forbidden":
-            allowed = _field_names(LongContextConfig, loc)
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            lines.append(f"{path}: unknown key{hint} (allowed keys here: {', '.join(allowed)})")
-            continue
-        field = _field_loc(loc)
-        if field != loc:  # one line per field of a union, with what each member wanted
-            union_lines.setdefault(field, []).append(str(err.get("msg")).replace("Input should be ", ""))
-            values[field] = err.get("input")
-            continue
-        value = err.get("input")
-        lines.append(f"{path}: {err.get('msg')} (got {json.dumps(value) if _jsonable(value) else repr(value)})")
-    for field, wanted in union_lines.items():
-        value = values[field]
-        path = ".".join([BLOCK_KEY] + [str(p) for p in field])
-        lines.append(f"{path}: should be {' or '.join(wanted)} (got "
-                     f"{json.dumps(value) if _jsonable(value) else repr(value)})")
-    return "invalid " + BLOCK_KEY + " block:\n  " + "\n  ".join(lines)
-
-
-def _jsonable(value) -> bool:
-    try:
-        json.dumps(value)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def from_ds_config(config: ConfigSource) -> LongContextConfig:
