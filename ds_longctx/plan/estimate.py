@@ -21,23 +21,21 @@ bucket, and the gathered parameters of the layer at work and the one prefetched.
 Coefficients are per token and count each tensor once, in the units of the model's widths; they follow
 how the code allocates (transformers' Llama layer, :mod:`ds_longctx.memory` and :mod:`ds_longctx.attention`)
 and are checked against the allocator on CPU (tests/test_plan.py) and on an H200 (bench/bench_plan.py).
+Host memory is :mod:`.host_memory`'s, step time :mod:`.step_time`'s; :func:`estimate` puts the three together.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, NamedTuple
+from typing import Dict
 
 from ..geometry import ChunkGeometry
 from .activations import (BF16, FP32, Widths, checkpointed_layers, kept_bytes, layer_saved, norm_saved,
                           unchecked_layer_bytes)
+from .host_memory import HostBuffer, estimate_host, host_pageable, pool_buffers
 from .machine import GIB
-from .offload_optimizer import offload_optimizer_host, power_of_two_ceil
-from .rates import Rates, resolve_kernel
+from .rates import Rates
 from .settings import Run, Settings
-
-#: Host memory of a training process besides pinned buffers: CUDA context, torch, DeepSpeed, the data.
-PROCESS_HOST_BYTES = 6 * GIB
-
+from .step_time import estimate_time
 
 @dataclass
 class Estimate:
@@ -55,12 +53,6 @@ class Estimate:
 
     def gib(self, nbytes: int) -> float:
         return nbytes / GIB
-
-
-def _chunk_efficiency(chunk_size: int) -> float:
-    """FPDT's attention rate against the unchunked kernel's: 1 from 64K-token chunks, lower below
-    (more, shorter kernel launches and merges; measured 1.03x at 64K, bench/results/fpdt_*)."""
-    return min(1.0, (chunk_size / 65536) ** 0.1)
 
 
 def _static(run: Run, settings: Settings) -> Dict[str, int]:
@@ -232,120 +224,6 @@ def _recompute_working_set(run: Run, settings: Settings, w: Widths, tokens: int,
             back += kept_bytes(tokens, w)
         parts["offload_prefetch"] = back
     parts.update(_layer_backward(run, settings, w, tokens, recompute=True))
-    return parts
-
-
-def _fpdt_chunk_sets(run: Run, settings: Settings) -> int:
-    """Layers' worth of FPDT chunks in host memory at once: a layer without checkpointing keeps its chunks from
-    forward to backward; the checkpointed ones build theirs in the recompute, one layer at a time, after the
-    unchecked layers (the last ones) have freed theirs."""
-    checkpointed = checkpointed_layers(run, settings)
-    return max(run.model.layers - checkpointed, 1 if checkpointed else 0)
-
-
-class HostBuffer(NamedTuple):
-    """``count`` pinned host buffers of ``nbytes`` each, part of the host component ``component``."""
-
-    component: str
-    nbytes: int
-    count: int
-
-
-def pool_buffers(run: Run, settings: Settings) -> List[HostBuffer]:
-    """The offload pool's buffers per rank: FPDT's chunks, offloaded checkpoints, kept attention outputs."""
-    m = run.model
-    w = Widths(m, settings)
-    tokens = run.micro_batch * run.seq_len // settings.sp
-    buffers: List[HostBuffer] = []
-    if settings.fpdt_offload:
-        # one layer's chunks (built by its recompute under checkpointing, every layer's without), one buffer
-        # per kind: q, k, v, out, lse and the fp32 dK/dV accumulators
-        sets = _fpdt_chunk_sets(run, settings)
-        for width in (BF16 * w.q, BF16 * w.kv, BF16 * w.kv, BF16 * w.q, FP32 * w.heads, FP32 * w.kv, FP32 * w.kv):
-            buffers.append(HostBuffer("fpdt_chunks", tokens * width, sets))
-    if run.checkpointing:
-        offloaded = settings.checkpoint_offload_layers
-        buffers.append(HostBuffer("checkpoint_offload", tokens * BF16 * w.h, offloaded))
-        kept_layers = 0
-        if settings.keep_attention_output:
-            kept_layers = checkpointed_layers(run, settings) if settings.fpdt_offload else offloaded
-        buffers += [HostBuffer("kept_attention", tokens * BF16 * w.q, kept_layers),
-                    HostBuffer("kept_attention", tokens * FP32 * w.heads, kept_layers)]
-    return buffers
-
-
-def estimate_host(run: Run, settings: Settings, pool_in_torch_allocator: bool = False) -> Dict[str, int]:
-    """Pinned host memory per rank: the offload pool (FPDT's chunks, checkpoint offload, kept outputs), which
-    page-locks exactly its buffers' bytes, and the offloaded optimizer's pinned gradients, which torch's pinned
-    allocator rounds to powers of two (:mod:`.offload_optimizer`).
-
-    ``pool_in_torch_allocator``: round the pool's buffers to powers of two too, as torch's allocator did before
-    the pool locked its own pages (to compare with measurements of that time)."""
-    parts: Dict[str, int] = {}
-    for buf in pool_buffers(run, settings):
-        each = power_of_two_ceil(buf.nbytes) if pool_in_torch_allocator else buf.nbytes
-        parts[buf.component] = parts.get(buf.component, 0) + buf.count * each
-    if settings.zero.optimizer_offload:
-        parts["optimizer_offload"] = offload_optimizer_host(run.model, run.world, settings.zero).pinned
-    return parts
-
-
-def host_pageable(run: Run, settings: Settings) -> int:
-    """Host memory per rank besides pinned buffers: the process itself and the offloaded optimizer's pageable
-    fp32 master weights and Adam moments."""
-    extra = offload_optimizer_host(run.model, run.world, settings.zero).pageable if settings.zero.optimizer_offload \
-        else 0
-    return PROCESS_HOST_BYTES + extra
-
-
-def estimate_time(run: Run, settings: Settings, rates: Rates, gpu_name: str) -> Dict[str, float]:
-    """Seconds of one step per rank: matmuls and attention at the measured rates, the transfers not hidden."""
-    m = run.model
-    w = Widths(m, settings)
-    tokens = run.micro_batch * run.seq_len // settings.sp
-    checkpointed = checkpointed_layers(run, settings)
-    recompute_attention = checkpointed > 0 and not settings.keep_attention_output
-    flops = m.flops_per_step(run.seq_len, recompute_layers=checkpointed > 0, recompute_attention=recompute_attention,
-                             recomputed_layers=checkpointed)
-    matmul = flops["matmul"] * run.micro_batch / settings.sp
-    if settings.mlp_tile_tokens is not None:
-        matmul += 2 * 3 * w.h * w.i * tokens * m.layers  # each tile's forward once more in backward
-    if settings.loss_tile_tokens is not None:
-        matmul += 2 * w.v * w.h * tokens
-    kernel = resolve_kernel(settings.kernel, gpu_name)
-    attention_rate = rates.attention_flops.get(kernel, rates.attention_flops["sdpa_cudnn"])
-    if settings.chunk_size is not None:
-        attention_rate *= _chunk_efficiency(settings.chunk_size)
-    attention = flops["attention"] * run.micro_batch / settings.sp
-    parts = {"matmul": matmul / rates.matmul_flops, "attention": attention / attention_rate}
-    # elementwise work (norms, RoPE, activations, residuals, casts): ~40 passes over [tokens, hidden] a
-    # checkpointed layer (forward 10, recompute 10, backward 20), ~30 a layer that is not recomputed
-    passes = 40 * checkpointed + 30 * (m.layers - checkpointed)
-    parts["elementwise"] = tokens * passes * BF16 * w.h / rates.device_copy_bytes
-    if settings.ulysses > 1:  # q, k, v, out there and back: forward, backward, and the recompute's q, k, v (and out)
-        a2a = (2 * w.q + 2 * w.kv) * tokens * BF16 * (settings.ulysses - 1) / settings.ulysses
-        passes = checkpointed * (3 if recompute_attention else 2.5) + (m.layers - checkpointed) * 2
-        hidden = 0.5 if settings.chunk_size is not None else 0.0  # FPDT overlaps per-chunk all-to-alls
-        parts["all_to_all"] = (1 - hidden) * passes * a2a / rates.nvlink_all_to_all_bytes
-    if run.world > 1:  # ZeRO-3 gathers (forward, recompute, backward) and gradient reduce-scatter, mostly hidden
-        zero_bytes = 4 * BF16 * m.params * (run.world - 1) / run.world
-        parts["zero3_comm"] = 0.3 * zero_bytes / rates.nvlink_all_to_all_bytes
-    pcie = 0.0
-    host = estimate_host(run, settings)
-    layer_seconds = (parts["matmul"] + parts["attention"]) / max(1, m.layers)
-    per_layer_bytes = 0.0
-    if settings.checkpoint_offload_layers:
-        per_layer_bytes += 2 * tokens * BF16 * w.h
-    if settings.fpdt_offload:
-        per_layer_bytes += 3 * host.get("fpdt_chunks", 0) / max(1, _fpdt_chunk_sets(run, settings))
-    if per_layer_bytes:
-        pcie = m.layers * max(0.0, per_layer_bytes / rates.pcie_bytes - 0.9 * layer_seconds)
-    parts["offload_not_hidden"] = pcie
-    if settings.zero.optimizer_offload:
-        shard = m.params / run.world
-        parts["optimizer_step"] = shard / rates.host_adam_params + 2 * BF16 * shard / rates.pcie_bytes
-    else:
-        parts["optimizer_step"] = 16 * 3 * (m.params / run.world) / rates.device_copy_bytes
     return parts
 
 

@@ -1,0 +1,70 @@
+"""Seconds of one training step per rank: FLOPs at the GPU kind's measured rates, plus the communication
+and PCIe transfers that are not hidden."""
+from __future__ import annotations
+
+from typing import Dict
+
+from .activations import BF16, Widths, checkpointed_layers
+from .host_memory import estimate_host, fpdt_chunk_sets
+from .rates import Rates, resolve_kernel
+from .settings import Run, Settings
+
+
+def chunk_efficiency(chunk_size: int) -> float:
+    """FPDT's attention rate against the unchunked kernel's: 1 from 64K-token chunks, lower below
+    (more, shorter kernel launches and merges; measured 1.03x at 64K, bench/results/fpdt_*)."""
+    return min(1.0, (chunk_size / 65536) ** 0.1)
+
+
+def estimate_time(run: Run, settings: Settings, rates: Rates, gpu_name: str) -> Dict[str, float]:
+    """Seconds of one step per rank: matmuls and attention at the measured rates, the transfers not hidden."""
+    m = run.model
+    w = Widths(m, settings)
+    tokens = run.micro_batch * run.seq_len // settings.sp
+    checkpointed = checkpointed_layers(run, settings)
+    recompute_attention = checkpointed > 0 and not settings.keep_attention_output
+    flops = m.flops_per_step(run.seq_len, recompute_layers=checkpointed > 0, recompute_attention=recompute_attention,
+                             recomputed_layers=checkpointed)
+    matmul = flops["matmul"] * run.micro_batch / settings.sp
+    if settings.mlp_tile_tokens is not None:
+        matmul += 2 * 3 * w.h * w.i * tokens * m.layers  # each tile's forward once more in backward
+    if settings.loss_tile_tokens is not None:
+        matmul += 2 * w.v * w.h * tokens
+    kernel = resolve_kernel(settings.kernel, gpu_name)
+    attention_rate = rates.attention_flops.get(kernel, rates.attention_flops["sdpa_cudnn"])
+    if settings.chunk_size is not None:
+        attention_rate *= chunk_efficiency(settings.chunk_size)
+    attention = flops["attention"] * run.micro_batch / settings.sp
+    parts = {"matmul": matmul / rates.matmul_flops, "attention": attention / attention_rate}
+    # elementwise work (norms, RoPE, activations, residuals, casts): ~40 passes over [tokens, hidden] a
+    # checkpointed layer (forward 10, recompute 10, backward 20), ~30 a layer that is not recomputed
+    passes = 40 * checkpointed + 30 * (m.layers - checkpointed)
+    parts["elementwise"] = tokens * passes * BF16 * w.h / rates.device_copy_bytes
+    if settings.ulysses > 1:  # q, k, v, out there and back: forward, backward, and the recompute's q, k, v (and out)
+        a2a = (2 * w.q + 2 * w.kv) * tokens * BF16 * (settings.ulysses - 1) / settings.ulysses
+        passes = checkpointed * (3 if recompute_attention else 2.5) + (m.layers - checkpointed) * 2
+        hidden = 0.5 if settings.chunk_size is not None else 0.0  # FPDT overlaps per-chunk all-to-alls
+        parts["all_to_all"] = (1 - hidden) * passes * a2a / rates.nvlink_all_to_all_bytes
+    if run.world > 1:  # ZeRO-3 gathers (forward, recompute, backward) and gradient reduce-scatter, mostly hidden
+        zero_bytes = 4 * BF16 * m.params * (run.world - 1) / run.world
+        parts["zero3_comm"] = 0.3 * zero_bytes / rates.nvlink_all_to_all_bytes
+    pcie = 0.0
+    host = estimate_host(run, settings)
+    layer_seconds = (parts["matmul"] + parts["attention"]) / max(1, m.layers)
+    per_layer_bytes = 0.0
+    if settings.checkpoint_offload_layers:
+        per_layer_bytes += 2 * tokens * BF16 * w.h
+    if settings.fpdt_offload:
+        per_layer_bytes += 3 * host.get("fpdt_chunks", 0) / max(1, fpdt_chunk_sets(run, settings))
+    if per_layer_bytes:
+        pcie = m.layers * max(0.0, per_layer_bytes / rates.pcie_bytes - 0.9 * layer_seconds)
+    parts["offload_not_hidden"] = pcie
+    if settings.zero.optimizer_offload:
+        shard = m.params / run.world
+        parts["optimizer_step"] = shard / rates.host_adam_params + 2 * BF16 * shard / rates.pcie_bytes
+    else:
+        parts["optimizer_step"] = 16 * 3 * (m.params / run.world) / rates.device_copy_bytes
+    return parts
+
+
+__all__ = ["chunk_efficiency", "estimate_time"]
