@@ -239,22 +239,22 @@ def longest(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dict] 
     low, high = 1, 2
     while high * granule <= limit and fits(high * granule) is not None:
         low, high = high, high * 2
-    while high - low > 1:
-        mid = (low + high) // 2
-        if fits(mid * granule) is not None:
-            low = mid
-        else:
-            high = mid
+    low, high = _last_fitting(fits, low, high, granule)
     if high * granule > limit:
         return fits(low * granule)
-    low, high = low * granule // fine, high * granule // fine  # granule is a multiple of fine
+    low, _ = _last_fitting(fits, low * granule // fine, high * granule // fine, fine)  # granule: a multiple of fine
+    return fits(low * fine)
+
+
+def _last_fitting(fits, low: int, high: int, step: int) -> tuple:
+    """Bisect ``low < high`` (``low * step`` tokens fit, ``high * step`` do not) down to adjacent multiples."""
     while high - low > 1:
         mid = (low + high) // 2
-        if fits(mid * fine) is not None:
+        if fits(mid * step) is not None:
             low = mid
         else:
             high = mid
-    return fits(low * fine)
+    return low, high
 
 
 __all__ = ["CHUNK_SIZES", "Margins", "UNCHECKED_MIN_GAIN", "Verdict", "best", "candidates", "factorizations", "judge", "longest",
