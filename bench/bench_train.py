@@ -51,6 +51,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench.common import Memory, out_of_memory_kind, record_header, write_json  # noqa: E402
 from bench.fit_probe import FitProbe, ProbeStop, decoder_layers, probe_summary, step_plan  # noqa: E402
 from bench.models import llama_config, matmul_params  # noqa: E402
+from bench.step_profile import StepProfiler  # noqa: E402
 from bench.train_config import ds_config, emulate_machine, parse_args  # noqa: E402,F401
 
 
@@ -146,6 +147,7 @@ def main():
         # (the record's probe_layers, from the arguments, marks it a fit probe: no step finished, no rates)
         fit = FitProbe(decoder_layers(engine.module), args.probe_layers, peak_gib=peak, sync=Memory.sync)
     steps = []
+    profiler = StepProfiler(args.profile_step)
     alloc = lambda: Memory.allocated() / 2 ** 30  # noqa: E731
     plan = step_plan(seq_len=args.seq_len, steps=args.steps, probe_layers=args.probe_layers,
                      warm_seq_len=args.probe_warm_seq_len, multiple=lc.config.seq_multiple if lc is not None else 1)
@@ -162,7 +164,7 @@ def main():
             fit.arm()
         t0 = time.perf_counter()
         try:
-            with attn_ctx():
+            with attn_ctx(), profiler.context(step):
                 if lc is not None:
                     b = lc.shard_batch(batch)
                     ids, pos, labels = (b[k].to(dev) for k in ("input_ids", "position_ids", "shift_labels"))
@@ -184,11 +186,17 @@ def main():
                     fit.forward_done()
                 # where the memory goes: what the forward leaves for backward, and each phase's peak
                 phases = {"forward_peak_gib": peak(), "after_forward_gib": alloc()}
+                if step == args.profile_step:  # where the profiled step's seconds go, phase by phase
+                    Memory.sync()
+                    phases["forward_s"] = time.perf_counter() - t0
                 try:
                     engine.backward(loss)
                 except ProbeStop as stop:
                     stopped = stop
                 phases["backward_peak_gib"] = peak()
+                if step == args.profile_step:
+                    Memory.sync()
+                    phases["backward_s"] = time.perf_counter() - t0 - phases["forward_s"]
             if kind == "probe" and stopped is None:  # the hooks never fired: the probe would measure nothing
                 raise RuntimeError("the fit probe's hooks did not stop the backward (no decoder layer input "
                                    "required a gradient?)")
@@ -210,6 +218,9 @@ def main():
                 fit.disarm()
         dt = time.perf_counter() - t0
         row = {"step": step, "seq_len": S, "loss": reported.item(), "seconds": dt}
+        profile = profiler.finish(step, dt)
+        if profile is not None:
+            row["profile"] = profile
         if kind == "probe":  # a stopped step: no rate, the peaks so far (the step's: see bench/fit_probe.py)
             row["probe"] = fit.record()
             row["layer_backward_peaks_gib"] = [d["peak_gib"] for d in row["probe"]["layer_backwards"]]

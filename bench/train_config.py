@@ -97,6 +97,9 @@ def parse_args(argv=None):
                          "is out of reach), and initialize's plan is told so")
     ap.add_argument("--host_memory_gib", type=float, default=None,
                     help="with --gpu_memory_gib: the host memory initialize's plan is told the process may use")
+    ap.add_argument("--profile_step", type=int, default=-1,
+                    help="run this step under torch.profiler: its row gets 'profile' (bench/step_profile.py: GPU busy "
+                         "and idle seconds, time per kernel class, exposed host copies, the top kernels)")
     ap.add_argument("--probe_layers", type=int, default=0,
                     help="a fit probe (bench/fit_probe.py): the step at --seq_len stops after this many decoder "
                          "layers' backward (counted from the last; its peak so far is the step's peak), no "
