@@ -47,8 +47,14 @@ sys.path.insert(0, ROOT)
 
 DS_LONGCTX = ("--mode ds_longctx --checkpointing --mlp_tile_tokens 16384 --loss_tile_tokens 4096 --offload "
               "--checkpoint_offload --chunk_size {chunk}")
-# {plan}: the configuration ``ds-longctx plan`` chooses for the model at the length on this machine
+# {plan}: the configuration ``ds-longctx plan`` chooses for the model at the length on this machine (for the
+# variant's kernel); {plan_within_alst}: the fastest one whose predicted GPU peak is within ALST_SHARE of ALST's
+# measured peak at that length (ALST runs first)
 PLANNED = "--mode ds_longctx --checkpointing {plan}"
+PLANNED_WITHIN_ALST = "--mode ds_longctx --checkpointing {plan_within_alst}"
+#: the GPU-memory target against ALST is 0.7x its peak; plans aim 2% under it (the planner's peaks were
+#: within 1-2% of the measured ones on this machine)
+ALST_SHARE = 0.68
 VARIANTS: Dict[str, str] = {
     "deepspeed": "--mode deepspeed --checkpointing --ds_sdpa cudnn",
     "alst": "--mode alst --checkpointing --ds_sdpa cudnn",
@@ -56,6 +62,8 @@ VARIANTS: Dict[str, str] = {
     "ds_longctx_fa4": DS_LONGCTX + " --kernel auto",
     "ds_longctx_plan": PLANNED + " --kernel sdpa_cudnn",
     "ds_longctx_plan_fa4": PLANNED + " --kernel auto",
+    "ds_longctx_lean": PLANNED_WITHIN_ALST + " --kernel sdpa_cudnn",
+    "ds_longctx_lean_fa4": PLANNED_WITHIN_ALST + " --kernel auto",
 }
 STOPS = ("oom", "failed", "timeout", "over_budget")  # statuses after which a variant's longer lengths are skipped
 
@@ -121,11 +129,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def variant_flags(spec: str, seq_len: int, planned: Optional[Callable[[int], List[str]]] = None) -> List[str]:
+def spec_kernel(spec: str) -> str:
+    """The kernel a variant's flags name (the last ``--kernel``), ``auto`` when none."""
+    words = shlex.split(spec)
+    named = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--kernel"]
+    return named[-1] if named else "auto"
+
+
+def variant_flags(spec: str, seq_len: int, planned: Optional[Callable[..., List[str]]] = None,
+                  alst_peak_gib: Optional[Callable[[int], float]] = None) -> List[str]:
     """A variant's bench_train flags at ``seq_len``: ``{chunk}`` the FPDT chunk, ``{plan}`` the flags of
-    ``planned(seq_len)`` (later flags override the plan's, e.g. its kernel)."""
-    plan = shlex.join(planned(seq_len)) if "{plan}" in spec and planned is not None else ""
-    return shlex.split(spec.format(chunk=min(65536, seq_len), plan=plan))
+    ``planned(seq_len, kernel)`` for the variant's kernel (later flags override the plan's), and
+    ``{plan_within_alst}`` those of the plan on a GPU of ``ALST_SHARE x alst_peak_gib(seq_len)``."""
+    kernel = spec_kernel(spec)
+    plan = within = ""
+    if planned is not None and "{plan}" in spec:
+        plan = shlex.join(planned(seq_len, kernel))
+    if planned is not None and "{plan_within_alst}" in spec:
+        within = shlex.join(planned(seq_len, kernel, gpu_gib=ALST_SHARE * alst_peak_gib(seq_len)))
+    return shlex.split(spec.format(chunk=min(65536, seq_len), plan=plan, plan_within_alst=within))
 
 
 def make_planner(args) -> Callable[[int], List[str]]:
@@ -135,17 +157,20 @@ def make_planner(args) -> Callable[[int], List[str]]:
     from bench.bench_plan_max import train_flags
     from bench.models import llama_config, resolve_shape
 
-    def planned(seq_len: int) -> List[str]:
+    def planned(seq_len: int, kernel: str = "auto", gpu_gib: Optional[float] = None) -> List[str]:
         model_dir = tempfile.mkdtemp(prefix="alstcmp_model_")
         llama_config(resolve_shape(args.model, layers=args.layers), seq_len).save_pretrained(model_dir)
+        # a GPU budget is the whole budget: no margin taken off it
+        budget = ["--gpu-memory-gib", f"{gpu_gib:.2f}", "--gpu-margin-gib", "0"] if gpu_gib is not None else []
         cmd = [sys.executable, "-m", "ds_longctx.cli", "plan", "--model", model_dir, "--seq-len", str(seq_len),
-               "--gpus", str(args.gpus), "--json", *shlex.split(args.plan_flags)]
+               "--gpus", str(args.gpus), "--kernel", kernel, "--json", *budget, *shlex.split(args.plan_flags)]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"ds-longctx plan: {proc.stderr.strip()[-600:]}")
         plan = json.loads(proc.stdout)
         model = args.model + (f"_{args.layers}l" if args.layers else "")
-        with open(os.path.join(args.out_dir, f"{args.prefix}plan_{model}_{seq_len}.json"), "w") as f:
+        tag = ("" if kernel == "sdpa_cudnn" else f"_{kernel}") + ("_within_alst" if gpu_gib is not None else "")
+        with open(os.path.join(args.out_dir, f"{args.prefix}plan_{model}_{seq_len}{tag}.json"), "w") as f:
             json.dump(plan, f, indent=1)
         return train_flags(plan["ds_config"])
     return planned
@@ -170,7 +195,20 @@ def probe_flags(probe_layers: int) -> List[str]:
 def make_launcher(args, variants: Dict[str, str]) -> Callable[[str, int, float], RunResult]:
     """A ``launch`` for ``sweep`` running ``bench_train.py`` under torchrun with ``args.gpus`` ranks."""
     model = args.model + (f"_{args.layers}l" if args.layers else "")
-    planned = make_planner(args) if not args.dry_run else lambda seq_len: [f"<plan at {seq_len}>"]
+    planned = make_planner(args) if not args.dry_run else lambda seq_len, *a, **k: [f"<plan at {seq_len}>"]
+
+    def alst_peak_gib(seq_len: int) -> float:
+        """ALST's steady GPU peak at ``seq_len`` from its JSON of this sweep or of ``--have``."""
+        name = f"{args.prefix}_alst_{model}_{seq_len}.json"
+        for folder in (args.out_dir, args.have):
+            path = os.path.join(folder, name) if folder else None
+            if path and os.path.exists(path):
+                steady = (json.load(open(path)).get("summary") or {}).get("steady_peak_gib")
+                if steady:
+                    return float(steady)
+        if args.dry_run:
+            return float("nan")
+        raise LookupError(f"no steady ALST peak at {seq_len} tokens ({name}): run the alst variant first")
     probe_layers = getattr(args, "probe_layers", 0)
 
     def launch(variant: str, seq_len: int, timeout_s: float) -> RunResult:
@@ -186,9 +224,11 @@ def make_launcher(args, variants: Dict[str, str]) -> Callable[[str, int, float],
                 return RunResult("ok", sum(seconds) + 60.0, seconds, have, "measured earlier")
         t0 = time.monotonic()
         try:
-            flags = variant_flags(variants[variant], seq_len, planned)
+            flags = variant_flags(variants[variant], seq_len, planned, alst_peak_gib)
         except RuntimeError as exc:  # the planner found nothing that fits: the variant stops here
             return RunResult("oom", time.monotonic() - t0, [], None, str(exc))
+        except LookupError as exc:  # its GPU budget comes from a run that is missing
+            return RunResult("failed", time.monotonic() - t0, [], None, str(exc))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.gpus),
                "--master_port", str(free_port()), os.path.join(HERE, "bench_train.py"),
                "--model", args.model, "--seq_len", str(seq_len), "--steps", str(args.steps),

@@ -91,7 +91,7 @@ def _preflight(args, cfg, ds) -> str:
     from .plan import MachineError, ModelSpec, ModelSpecError, Run
     from .plan.preflight import PlanError, check, resolve
     from .plan.search import Margins
-    from .plan.settings import ZeroSettings
+    from .plan.settings import Settings, ZeroSettings
     try:
         model = ModelSpec.from_path(args.model)
         machine = _machine(args)
@@ -110,7 +110,7 @@ def _plan(args: argparse.Namespace) -> int:
     from .plan.preflight import PlanError, fixed_fields, resolve, settings_of
     from .plan.report import plan_record, table
     from .plan.search import Margins, best, judge, longest
-    from .plan.settings import ZeroSettings
+    from .plan.settings import Settings, ZeroSettings
 
     try:
         model = ModelSpec.from_path(args.model)
@@ -134,7 +134,7 @@ def _plan(args: argparse.Namespace) -> int:
     fixed = fixed_fields(cfg, model.layers, zero) if cfg is not None else None
     reason = None
     if seq_len is None:
-        verdict = longest(run, machine, margins, fixed)
+        verdict = longest(run, machine, margins, fixed, base=Settings(kernel=args.kernel))
         if verdict is None:
             print(f"ds-longctx plan: not even {run.with_seq_len(32768).seq_len} tokens fit {model.name} on "
                   f"{machine.gpus} GPU(s); use more GPUs or offload the optimizer", file=sys.stderr)
@@ -148,12 +148,12 @@ def _plan(args: argparse.Namespace) -> int:
                 resolved = resolve(cfg, run, machine, margins, zero)
                 verdict = judge(run, settings_of(resolved, model.layers, zero), machine, margins)
                 if not verdict.fits:
-                    winner, _ = best(run, machine, margins, None)
+                    winner, _ = best(run, machine, margins, None, base=Settings(kernel=args.kernel))
                     reason = (f"does not fit: {verdict.why_not()}; " + (
                         f"fastest that fits: {winner.settings.block(model.layers)}" if winner else
                         "no configuration fits on these GPUs"))
             else:
-                winner, smallest = best(run, machine, margins, None)
+                winner, smallest = best(run, machine, margins, None, base=Settings(kernel=args.kernel))
                 verdict = winner or smallest
                 if winner is None:
                     reason = (f"nothing fits; the smallest GPU peak does not fit either: {smallest.why_not()}; "
@@ -192,6 +192,7 @@ def _default_ds_config(micro_batch) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ds-longctx", description=__doc__.split("\n\n")[0])
+    from .config import KERNEL_NAMES
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check the long_context block of a DeepSpeed config",
                        description="Check the long_context block of a DeepSpeed config; print the problems "
@@ -214,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ds-config", help="evaluate this DeepSpeed config (its long_context block) instead of choosing")
     p.add_argument("--micro-batch", type=int, help="sequences per GPU and step (default: the config's, else 1)")
     p.add_argument("--no-checkpointing", action="store_true", help="activation checkpointing off")
+    p.add_argument("--kernel", default="auto", choices=KERNEL_NAMES,
+                   help="the attention kernel the run will use (default auto: FlashAttention-4 on Hopper); the "
+                        "step time is predicted at its rate")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
     p.add_argument("--gpu-margin-gib", type=float, help="GPU memory kept free (default: 10%% of it)")
     p.add_argument("--host-margin-gib", type=float, help="host memory kept free (default: 10%% of it)")

@@ -311,3 +311,30 @@ def test_a_run_measured_earlier_is_not_launched_again(tmp_path):
     assert earlier.status == "ok" and earlier.note == "measured earlier" and earlier.step_seconds == [120.0, 100.0]
     assert earlier.wall_s == 280.0 and earlier.path == str(have / "alstcmp_alst_llama3.2-3b_262144.json")
     assert launch("deepspeed", 262144, 100.0).note == "dry run"
+
+
+def test_the_lean_variant_plans_within_a_share_of_alsts_measured_peak_and_needs_alst_first(tmp_path):
+    import argparse
+
+    from bench.run_alst_compare import ALST_SHARE, VARIANTS, make_launcher
+
+    out = tmp_path / "out"
+    out.mkdir()
+    args = argparse.Namespace(model="llama3.2-3b", layers=None, gpus=1, out_dir=str(out), prefix="alstcmp",
+                              plan_flags="--host-memory-gib 120", have="", steps=2, warmup=1, commit="",
+                              extra="", alloc_conf="", dry_run=False)
+    launch = make_launcher(args, VARIANTS)
+    missing = launch("ds_longctx_lean", 65536, 100.0)
+    assert missing.status == "failed" and "run the alst variant first" in missing.note
+
+    with open(out / "alstcmp_alst_llama3.2-3b_65536.json", "w") as f:
+        json.dump({"summary": {"steady_peak_gib": 100.0}, "steps": []}, f)
+    from bench.run_alst_compare import make_planner, variant_flags
+    flags = variant_flags(VARIANTS["ds_longctx_lean"], 65536, make_planner(args),
+                          lambda seq_len: json.load(open(out / f"alstcmp_alst_llama3.2-3b_{seq_len}.json"))
+                          ["summary"]["steady_peak_gib"])
+    with open(out / "alstcmpplan_llama3.2-3b_65536_within_alst.json") as f:
+        plan = json.load(f)
+    assert plan["fits"] and plan["machine"]["gpu_memory_gib"] == pytest.approx(ALST_SHARE * 100.0, abs=0.01)
+    assert plan["gpu_peak_gib"] <= ALST_SHARE * 100.0
+    assert plan["ds_config"]["long_context"]["kernel"] == "sdpa_cudnn" and flags[-2:] == ["--kernel", "sdpa_cudnn"]

@@ -15,6 +15,7 @@ from ds_longctx.plan.machine import cgroup_available_bytes, meminfo_available_by
 from ds_longctx.plan.offload_optimizer import parameter_numels, power_of_two_ceil
 from ds_longctx.plan.preflight import PlanError, check, prepare, resolve
 from ds_longctx.plan.search import UNCHECKED_MIN_GAIN, Margins, best, judge, longest
+from ds_longctx.plan.rates import HOPPER
 
 LLAMA_3B = {"num_hidden_layers": 28, "hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24,
             "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True, "head_dim": 128}
@@ -210,6 +211,18 @@ def test_plan_max_finds_the_longest_sequence(capsys, tmp_path):
     record = json.loads(out)
     assert code == 0 and record["fits"] and record["seq_len"] > 262144
     assert record["ds_config"]["long_context"]["seq_len"] == record["seq_len"]
+
+
+def test_plan_for_a_chosen_kernel_predicts_at_its_rate_and_writes_it_in_the_block(capsys, tmp_path):
+    args = ("--seq-len", "131072", "--gpus", "1", "--gpu-memory-gib", "139.8", "--host-memory-gib", "125", "--json")
+    plans = {}
+    for kernel in ("flash_attn4", "sdpa_cudnn"):
+        code, out, _ = _plan(capsys, tmp_path, *args, "--kernel", kernel)
+        assert code == 0
+        plans[kernel] = json.loads(out)
+        assert plans[kernel]["ds_config"]["long_context"]["kernel"] == kernel
+    ratio = plans["sdpa_cudnn"]["time_components"]["attention"] / plans["flash_attn4"]["time_components"]["attention"]
+    assert ratio == pytest.approx(HOPPER.attention_flops["flash_attn4"] / HOPPER.attention_flops["sdpa_cudnn"], rel=0.01)
 
 
 def test_plan_errors_name_what_is_missing(capsys, tmp_path):
