@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import mmap
 
+import torch
+
 from ds_longctx.config import LongContextConfig
 from ds_longctx.plan import GIB, Machine, ModelSpec, Run, Settings, ZeroSettings, rates_for
+from ds_longctx.memory.host_optimizer import STAGING_SLOTS, HostStateAdamW
 from ds_longctx.plan.estimate import estimate, estimate_host, estimate_memory
+from ds_longctx.plan.host_optimizer import host_moments_bytes
 from ds_longctx.plan.offload_optimizer import parameter_numels, sub_group_numels
 from ds_longctx.plan.preflight import fixed_fields
 from ds_longctx.plan.search import Margins, best, candidates
@@ -33,7 +37,10 @@ def test_moments_move_from_the_gpu_peak_to_exactly_pinned_host_memory_and_cost_t
         for moment in gpu:
             assert gpu[moment]["optimizer_states"] == 12 * params // world
             assert host[moment]["optimizer_states"] == 4 * params // world  # the fp32 master stays
-            assert sum(gpu[moment].values()) - sum(host[moment].values()) == 12 * params // world - 4 * params // world
+            # the three staging slots of both moments of one chunk (2^24 elements: every sub-group is larger)
+            assert host[moment]["optimizer_staging"] == STAGING_SLOTS * 8 * (1 << 24)
+            assert sum(gpu[moment].values()) - sum(host[moment].values()) == \
+                12 * params // world - 4 * params // world - host[moment]["optimizer_staging"]
         partitions = [-(-n // world) for n in parameter_numels(LLAMA_3B)]
         groups = sub_group_numels(partitions, ZeroSettings().sub_group_size)
         assert estimate_host(run, on_host)["optimizer_moments"] == sum(2 * _page(4 * n) for n in groups)
@@ -43,6 +50,29 @@ def test_moments_move_from_the_gpu_peak_to_exactly_pinned_host_memory_and_cost_t
         assert slow.time_components["optimizer_step"] == \
             8 * shard / RATES.pcie_bytes + 48 * shard / RATES.device_copy_bytes
         assert slow.step_seconds > fast.step_seconds
+
+
+def test_the_planners_staging_is_host_state_adamws():
+    from ds_longctx.memory import host_optimizer
+    from ds_longctx.plan import host_optimizer as planned
+
+    assert planned.STAGING_SLOTS == host_optimizer.STAGING_SLOTS
+    assert planned.CHUNK_NUMEL == HostStateAdamW([torch.zeros(1, requires_grad=True)]).chunk_numel
+
+
+def test_the_offload_pool_may_pin_the_hosts_memory_less_the_moments():
+    from ds_longctx.integration.deepspeed import _pool_limit
+    from ds_longctx.integration.planning import PlanInputs
+
+    config = {"num_hidden_layers": 28, "hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24,
+              "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True, "head_dim": 128}
+    machine = Machine(gpus=2, gpu_memory=int(139.8 * GIB), host_memory=240 * GIB, gpu_name="NVIDIA H200")
+    ds = {"zero_optimization": {"stage": 3}}
+    inputs = PlanInputs(model_config=config, ds=ds, world=2, machine=machine, micro_batch=1, checkpointing=True)
+    moments = host_moments_bytes(LLAMA_3B, 2, ZeroSettings())
+    assert moments >= 8 * LLAMA_3B.params // 2
+    assert _pool_limit(machine, inputs, host_optimizer_states=True) == 120 * GIB - moments
+    assert _pool_limit(machine, inputs) == 120 * GIB
 
 
 def test_the_plan_keeps_the_moments_on_the_host_only_where_that_makes_the_step_fit():

@@ -33,6 +33,7 @@ from ..geometry import ChunkGeometry
 from .activations import (BF16, FP32, Widths, checkpointed_layers, kept_bytes, layer_saved, norm_saved,
                           unchecked_layer_bytes)
 from .host_memory import HostBuffer, estimate_host, host_pageable, pool_buffers
+from .host_optimizer import staging_bytes
 from .machine import GIB
 from .rates import Rates
 from .settings import Run, Settings
@@ -66,8 +67,11 @@ def _static(run: Run, settings: Settings) -> Dict[str, int]:
         parts["optimizer_states"] = 0
     else:
         parts["gradients"] = BF16 * m.params // world
-        # fp32 master, Adam's m and v (the moments in host memory with host_optimizer_states)
+        # fp32 master, Adam's m and v (the moments in host memory with host_optimizer_states, passing through
+        # staging slots on the GPU)
         parts["optimizer_states"] = (1 if settings.host_optimizer_states else 3) * FP32 * m.params // world
+        if settings.host_optimizer_states:
+            parts["optimizer_staging"] = staging_bytes(m, world, zero)
     parts["gradient_buckets"] = BF16 * min(zero.reduce_bucket, m.params)
     return parts
 

@@ -14,6 +14,9 @@ from .settings import ZeroSettings
 
 #: fp32 exp_avg and exp_avg_sq: bytes per parameter of the rank's partition.
 MOMENT_BYTES = 2 * FP32
+#: HostStateAdamW's device staging: slots and elements per chunk (its defaults, ``memory/host_optimizer.py``).
+STAGING_SLOTS = 3
+CHUNK_NUMEL = 1 << 24
 
 
 def _page_round(nbytes: int) -> int:
@@ -27,6 +30,14 @@ def host_moments_bytes(model: ModelSpec, world: int, zero: ZeroSettings) -> int:
     return sum(2 * _page_round(FP32 * n) for n in sub_group_numels(partitions, zero.sub_group_size))
 
 
+def staging_bytes(model: ModelSpec, world: int, zero: ZeroSettings) -> int:
+    """The device slots the moments pass through: both moments of one chunk (at most the largest sub-group) per
+    slot, allocated at the first step and kept."""
+    partitions = [math.ceil(n / world) for n in parameter_numels(model)]
+    chunk = min(CHUNK_NUMEL, max(sub_group_numels(partitions, zero.sub_group_size)))
+    return STAGING_SLOTS * MOMENT_BYTES * chunk
+
+
 def moments_step_seconds(model: ModelSpec, world: int, rates: Rates) -> float:
     """One step of the streamed update: the moments in and out over PCIe (the two directions on separate copy
     engines, concurrently: one direction's time) plus the device update (param, grad, moments read and
@@ -35,4 +46,5 @@ def moments_step_seconds(model: ModelSpec, world: int, rates: Rates) -> float:
     return MOMENT_BYTES * shard / rates.pcie_bytes + 16 * 3 * shard / rates.device_copy_bytes
 
 
-__all__ = ["MOMENT_BYTES", "host_moments_bytes", "moments_step_seconds"]
+__all__ = ["CHUNK_NUMEL", "MOMENT_BYTES", "STAGING_SLOTS", "host_moments_bytes", "moments_step_seconds",
+           "staging_bytes"]
