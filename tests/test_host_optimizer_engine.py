@@ -3,6 +3,8 @@ built from the config's optimizer block trains as DeepSpeed's own AdamW, checkpo
 cannot honour is refused on every rank before training."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -44,6 +46,34 @@ def test_a_checkpoint_with_moments_in_host_memory_resumes_where_it_stopped(dist_
     for name, want in results[0]["saved"].items():
         assert not torch.equal(results[0]["before_load"][name], want), name
         assert torch.equal(results[0]["loaded"][name], want), name
+
+
+@pytest.mark.parametrize("block,expected", [
+    # torch_adam: torch.optim.AdamW, whose weight_decay defaults to 0.01
+    ({"type": "AdamW", "params": {"lr": 0.1, "torch_adam": True}}, (0.1, (0.9, 0.999), 1e-8, 0.01)),
+    # DeepSpeed's FusedAdam: weight_decay defaults to 0; "adam" means decoupled weight decay unless adam_w_mode false
+    ({"type": "adam", "params": {"betas": [0.8, 0.9], "eps": 1e-6}}, (1e-3, (0.8, 0.9), 1e-6, 0.0)),
+    # AdamW is decoupled whatever adam_w_mode says; Adam's L2 mode equals AdamW without weight decay
+    ({"type": "AdamW", "params": {"weight_decay": 0.1, "adam_w_mode": False}}, (1e-3, (0.9, 0.999), 1e-8, 0.1)),
+    ({"type": "Adam", "params": {"adam_w_mode": False}}, (1e-3, (0.9, 0.999), 1e-8, 0.0)),
+])
+def test_the_optimizer_block_means_what_deepspeed_makes_of_it(block, expected):
+    from ds_longctx.integration.optimizer_block import adamw_hyperparameters
+
+    assert tuple(adamw_hyperparameters({"optimizer": block})) == expected
+
+
+@pytest.mark.parametrize("params,match", [({"lr": "auto"}, "optimizer.params.lr is 'auto'; give a number"),
+                                          ({"betas": [0.9]}, "optimizer.params.betas is [0.9]"),
+                                          ({"max_grad_norm": 1.0}, "use the config's gradient_clipping"),
+                                          ({"bias_correction": False}, "bias_correction=False is not supported"),
+                                          ({"momentum": 0.9}, "['momentum'] are not AdamW parameters")])
+def test_optimizer_parameters_host_state_adamw_cannot_honour_are_refused(params, match):
+    from ds_longctx.config import LongContextConfigError
+    from ds_longctx.integration.optimizer_block import adamw_hyperparameters
+
+    with pytest.raises(LongContextConfigError, match=re.escape(match)):
+        adamw_hyperparameters({"optimizer": {"type": "AdamW", "params": params}})
 
 
 ERRORS = {

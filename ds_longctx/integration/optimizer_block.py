@@ -73,10 +73,10 @@ def adamw_hyperparameters(ds: Mapping[str, Any]) -> AdamWHyperparameters:
                       "HostStateAdamW does not do; set adam_w_mode true or type AdamW (decoupled weight decay), "
                       "or weight_decay 0")
     betas = params.get("betas", (0.9, 0.999))
-    if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)):
         raise _refuse(f"optimizer.params.betas is {betas!r}; give two numbers")
-    return AdamWHyperparameters(lr=_number(params, "lr", 1e-3),
-                                betas=tuple(_number({"b": b}, "b", 0.0) for b in betas),
+    return AdamWHyperparameters(lr=_number(params, "lr", 1e-3), betas=tuple(float(b) for b in betas),
                                 eps=_number(params, "eps", 1e-8), weight_decay=weight_decay)
 
 
