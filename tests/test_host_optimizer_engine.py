@@ -76,6 +76,30 @@ def test_optimizer_parameters_host_state_adamw_cannot_honour_are_refused(params,
         adamw_hyperparameters({"optimizer": {"type": "AdamW", "params": params}})
 
 
+def test_deepspeed_gets_the_optimizer_object_and_a_config_without_the_block_it_was_built_from(tmp_path):
+    import argparse
+
+    from ds_longctx.integration.optimizer_block import client_optimizer_kwargs
+    from ds_longctx.memory import HostStateAdamW
+
+    ds = cases.ds_config(1, 1, 1, optim="adamw", host_optimizer_states=True)
+    ds["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}
+    ds.pop("zero_allow_untested_optimizer")
+    model = cases.build_model("llama", 32)
+    args = argparse.Namespace(deepspeed_config=str(tmp_path / "ds.json"), local_rank=0)
+    kwargs = client_optimizer_kwargs(ds, model, model.parameters(), args)
+    assert isinstance(kwargs["optimizer"], HostStateAdamW)
+    group = kwargs["optimizer"].param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (3e-3, (0.9, 0.95), 0.1)
+    assert kwargs["model_parameters"] == list(model.parameters()) == group["params"]
+    # DeepSpeed asserts on an optimizer object beside an optimizer block, and on a config in args beside config=
+    assert "optimizer" not in kwargs["config"] and kwargs["config"]["scheduler"] == ds["scheduler"]
+    assert kwargs["config"]["zero_allow_untested_optimizer"] is True and kwargs["config_params"] is None
+    assert kwargs["args"].deepspeed_config is None and kwargs["args"].local_rank == 0
+    assert args.deepspeed_config == str(tmp_path / "ds.json")  # the caller's args untouched
+    assert "optimizer" in ds
+
+
 ERRORS = {
     "optimizer_object": "drop the optimizer argument",
     "offload_optimizer": "remove offload_optimizer",
