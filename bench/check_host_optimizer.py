@@ -161,8 +161,8 @@ def main() -> int:
     for row in rows:
         print(f"{row['case']}: max abs diff param {row['param_max_abs_diff']:.3e}, exp_avg "
               f"{row['exp_avg_max_abs_diff']:.3e}, exp_avg_sq {row['exp_avg_sq_max_abs_diff']:.3e}")
-    print(f"step: HostStateAdamW {ours_s * 1e3:.1f} ms vs fused AdamW {theirs_s * 1e3:.1f} ms for {elements / 1e6:.0f}M "
-          f"elements ({timing['implied_gb_per_s_each_way']:.1f} GB/s each way)")
+    print(f"step: HostStateAdamW {ours_s * 1e3:.1f} ms vs fused AdamW {theirs_s * 1e3:.1f} ms for "
+          f"{elements / 1e6:.0f}M elements ({timing['implied_gb_per_s_each_way']:.1f} GB/s each way)")
     return 0 if payload["ok"] else 1
 
 
