@@ -57,7 +57,8 @@ CASES: Dict[str, Case] = {
 
 
 def train_flags(ds_config: dict) -> List[str]:
-    """``bench_train.py`` flags of a plan's DeepSpeed config (its long_context block and optimizer offload)."""
+    """``bench_train.py`` flags of a plan's DeepSpeed config (its long_context block, optimizer offload and the
+    moments in host memory)."""
     block = ds_config["long_context"]
     flags = ["--ulysses", str(block["ulysses_degree"]), "--ring", str(block["ring_degree"]),
              "--kernel", block["kernel"], "--keep_attention_output", str(int(block["keep_attention_output"])),
@@ -79,6 +80,8 @@ def train_flags(ds_config: dict) -> List[str]:
             flags += [f"--{key}", str(block[key])]
     if ds_config.get("zero_optimization", {}).get("offload_optimizer"):
         flags.append("--offload_optimizer")
+    if block.get("host_optimizer_states"):
+        flags.append("--host_optimizer_states")
     return flags
 
 

@@ -43,7 +43,8 @@ def ds_config(args, world):
                                "checkpoint_offload": (True if args.checkpoint_offload < 0
                                                       else args.checkpoint_offload or False),
                                "checkpoint_layers": args.checkpoint_layers,
-                               "lean_rms_norm": bool(args.lean_rms_norm)}
+                               "lean_rms_norm": bool(args.lean_rms_norm),
+                               "host_optimizer_states": bool(args.host_optimizer_states)}
         if args.block_seq_len:  # the pre-flight check of initialize runs for this length
             cfg["long_context"]["seq_len"] = args.seq_len
     return cfg
@@ -70,6 +71,9 @@ def parse_args(argv=None):
     ap.add_argument("--lean_rms_norm", type=int, default=1, choices=[0, 1],
                     help="ds_longctx: RMSNorms keep only their input for backward (0: the model's own norms)")
     ap.add_argument("--offload_optimizer", action="store_true", help="ZeRO-3 optimizer states on the CPU")
+    ap.add_argument("--host_optimizer_states", action="store_true",
+                    help="ds_longctx: AdamW's moments in pinned host memory, streamed through the GPU for the update "
+                         "(long_context.host_optimizer_states)")
     ap.add_argument("--checkpoint_layers", type=int, default=None,
                     help="ds_longctx with --checkpointing: only the first N decoder layers checkpointed, the rest "
                          "keep their activations (default: every layer)")
@@ -116,6 +120,10 @@ def parse_args(argv=None):
     for k in SHAPE_FLAGS:  # the JSON records the shape that ran
         setattr(args, k, getattr(shape, k))
     args.label = args.label or args.mode
+    if args.host_optimizer_states and (args.mode != "ds_longctx" or args.optimizer != "adamw"
+                                       or args.offload_optimizer):
+        ap.error("--host_optimizer_states is ds_longctx's AdamW: --mode ds_longctx --optimizer adamw, without "
+                 "--offload_optimizer")
     if args.mode == "alst" and not args.checkpointing:
         ap.error("--mode alst is gradient checkpointing with the checkpoints in host memory: add --checkpointing")
     if args.probe_layers:

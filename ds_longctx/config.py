@@ -128,6 +128,16 @@ class LongContextConfig(BaseModel):
                     "states over tiles of this many local tokens (one tile's logits at a time, recomputed in "
                     "backward) and return no logits. null: the loss comes from the model's full logits. Try "
                     "4096 with a large vocabulary; auto: chosen by the planner.")
+    host_optimizer_states: StrictBool = Field(
+        default=False,
+        description="Keep AdamW's two moments (exp_avg and exp_avg_sq, 8 bytes per parameter of the rank's ZeRO "
+                    "partition) in pinned host memory instead of on the GPU; the update still runs on the GPU, "
+                    "chunk by chunk as the moments stream in and out on side streams "
+                    "(ds_longctx.memory.HostStateAdamW, built from the DeepSpeed config's AdamW or Adam optimizer "
+                    "block; the fp32 master weights stay on the GPU). Frees 8 bytes per parameter of GPU memory; "
+                    "costs as much page-locked host memory and 8 bytes per parameter each way over PCIe per step. "
+                    "Not with zero_optimization.offload_optimizer (the whole optimizer on the CPU) nor with an "
+                    "optimizer object passed to initialize.")
     timeout_s: Optional[float] = Field(
         default=None, strict=True, gt=0,
         description="Seconds a collective may wait for another rank before every rank stops with an error naming "

@@ -150,7 +150,8 @@ def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kerne
               optim: str = "sgd", fpdt: Optional[dict] = None, zero_stage: int = 3,
               keep_attention_output: bool = True, mlp_tile_tokens: Optional[int] = None,
               loss_tile_tokens: Optional[int] = None, checkpoint_offload: bool = False,
-              grad_accum: int = 1, checkpoint_layers: Optional[int] = None) -> dict:
+              grad_accum: int = 1, checkpoint_layers: Optional[int] = None,
+              host_optimizer_states: bool = False) -> dict:
     return {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -163,7 +164,7 @@ def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kerne
         "long_context": {"ulysses_degree": ulysses, "ring_degree": ring, "kernel": kernel, "fpdt": fpdt or {},
                          "keep_attention_output": keep_attention_output, "mlp_tile_tokens": mlp_tile_tokens,
                          "loss_tile_tokens": loss_tile_tokens, "checkpoint_offload": checkpoint_offload,
-                         "checkpoint_layers": checkpoint_layers},
+                         "checkpoint_layers": checkpoint_layers, "host_optimizer_states": host_optimizer_states},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
@@ -174,7 +175,8 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
                          fpdt: Optional[dict] = None, zero_stage: int = 3, checkpointing: Optional[str] = None,
                          mlp_tile_tokens: Optional[int] = None, loss_in_model: bool = False,
                          loss_tile_tokens: Optional[int] = None, checkpoint_offload: bool = False,
-                         grad_accum: int = 1, packed: bool = False, checkpoint_layers: Optional[int] = None) -> dict:
+                         grad_accum: int = 1, packed: bool = False, checkpoint_layers: Optional[int] = None,
+                         host_optimizer_states: bool = False) -> dict:
     """Every rank: ZeRO training through ``ds_longctx.initialize``. Returns this rank's per-step losses,
     local-kernel forward calls and host bytes leased at the end of the forward, coordinates, what DeepSpeed
     was told, and (rank 0) the final full parameters.
@@ -186,7 +188,8 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
     micro-batches per optimizer step; micro-batch ``m`` of replica ``d`` is the reference's replica
     ``d * grad_accum + m`` (a step averages over replicas and micro-batches alike), one loss per micro-batch.
     ``packed``: batches of packed documents (:func:`full_batch`), their boundaries passed to the model.
-    ``checkpoint_layers``: the block's (only the first layers checkpointed)."""
+    ``checkpoint_layers``: the block's (only the first layers checkpointed). ``host_optimizer_states``: the block's
+    (the optimizer block's AdamW as HostStateAdamW, its moments in host memory)."""
     import deepspeed
 
     import ds_longctx
@@ -201,7 +204,8 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
     config = ds_config(ulysses, ring, batch_size, clip, kernel, optim, fpdt, zero_stage,
                        keep_attention_output=checkpointing != "recompute", mlp_tile_tokens=mlp_tile_tokens,
                        loss_tile_tokens=loss_tile_tokens, checkpoint_offload=checkpoint_offload,
-                       grad_accum=grad_accum, checkpoint_layers=checkpoint_layers)
+                       grad_accum=grad_accum, checkpoint_layers=checkpoint_layers,
+                       host_optimizer_states=host_optimizer_states)
     engine, _, _, _ = ds_longctx.initialize(model=model, model_parameters=model.parameters(), config=config)
     if checkpointing == "recompute":
         engine.module.gradient_checkpointing_enable()
@@ -238,7 +242,8 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
     info = {"rank": topo.rank, "dp_rank": topo.dp_rank, "sp": topo.sp, "dp": topo.dp,
             "seq_dp_world": engine.seq_dp_world_size, "sp_size_seen_by_ds": engine.sequence_parallel_size,
             "params_partitioned_over_world": partitioned, "logits_kept": logits_kept,
-            "attn_impl": getattr(getattr(engine.module, "config", None), "_attn_implementation", None)}
+            "attn_impl": getattr(getattr(engine.module, "config", None), "_attn_implementation", None),
+            "basic_optimizer": type(engine.basic_optimizer).__name__}
     engine.destroy()
     # ds_longctx's groups (the Topology's, the mpu's) go with the engine: none is left to slow later runs down
     info.update(groups_released=topo.destroyed, threads_after_destroy=len(os.listdir("/proc/self/task")))
@@ -246,7 +251,8 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
 
 
 def save_and_resume(kind: str, ulysses: int, ring: int, ckpt_dir: str, steps_before: int, steps_after: int,
-                    resume_as=None, seq_len: int = 48, batch_size: int = 2, optim: str = "adamw") -> dict:
+                    resume_as=None, seq_len: int = 48, batch_size: int = 2, optim: str = "adamw",
+                    host_optimizer_states: bool = False) -> dict:
     """Every rank: train ``steps_before`` steps through ``ds_longctx.initialize``, ``engine.save_checkpoint``,
     train ``steps_after`` more (the uninterrupted run); then a fresh engine on a model of other initial
     weights, with ``resume_as = (ulysses, ring)`` (default: the same), ``engine.load_checkpoint`` and the same
@@ -262,7 +268,7 @@ def save_and_resume(kind: str, ulysses: int, ring: int, ckpt_dir: str, steps_bef
 
     def engine_for(u, r, seed):
         model = build_model(kind, seq_len, seed)
-        config = ds_config(u, r, batch_size, optim=optim)
+        config = ds_config(u, r, batch_size, optim=optim, host_optimizer_states=host_optimizer_states)
         # a scheduler whose state matters: the resumed run must continue its warmup, not restart it
         config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-3,
                                                               "warmup_num_steps": 10}}
@@ -298,6 +304,7 @@ def save_and_resume(kind: str, ulysses: int, ring: int, ckpt_dir: str, steps_bef
     path, _ = engine.load_checkpoint(ckpt_dir, tag="step")
     loaded = gathered(engine)
     restored_steps = (engine.global_steps, engine.lr_scheduler.last_batch_iteration)
+    basic_optimizer = type(engine.basic_optimizer).__name__
     resumed = run(engine, range(steps_before, steps_before + steps_after))
     engine.destroy()
     consolidated = None
@@ -308,6 +315,7 @@ def save_and_resume(kind: str, ulysses: int, ring: int, ckpt_dir: str, steps_bef
                         get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag="step").items()}
     dist.barrier()
     return {"uninterrupted": uninterrupted, "resumed": resumed, "loaded_from": path, "restored_steps": restored_steps,
+            "basic_optimizer": basic_optimizer,
             "saved": saved, "before_load": before_load, "loaded": loaded, "consolidated": consolidated}
 
 
@@ -450,6 +458,37 @@ def initialize_error(case: str) -> str:
         return f"{type(exc).__name__}: {exc}"
     finally:
         os.environ.pop("DS_LONGCTX_MACHINE", None)
+    return "no error"
+
+
+def host_optimizer_error(case: str) -> str:
+    """Every rank: ``ds_longctx.initialize`` with ``host_optimizer_states`` and a config or call it cannot honour;
+    return what it raised."""
+    import ds_longctx
+
+    os.environ.setdefault("LOCAL_RANK", "0")
+    _quiet()
+    model = build_model("llama", 32)
+    config = ds_config(1, 1, 1, optim="adamw", host_optimizer_states=True)
+    kwargs = {}
+    if case == "optimizer_object":
+        kwargs["optimizer"] = torch.optim.AdamW(model.parameters())
+    elif case == "offload_optimizer":
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    elif case == "no_optimizer_block":
+        del config["optimizer"]
+    elif case == "unsupported_type":
+        config["optimizer"] = OPTIMIZERS["sgd"]
+    elif case == "adam_with_l2_weight_decay":
+        config["optimizer"] = {"type": "Adam", "params": {"lr": 1e-3, "weight_decay": 0.1, "adam_w_mode": False}}
+    elif case == "amsgrad":
+        config["optimizer"]["params"]["amsgrad"] = True
+    else:
+        raise ValueError(case)
+    try:
+        ds_longctx.initialize(model=model, model_parameters=model.parameters(), config=config, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return f"{type(exc).__name__}: {exc}"
     return "no error"
 
 

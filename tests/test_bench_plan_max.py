@@ -15,7 +15,7 @@ PLANNED = {
     "long_context": {"ulysses_degree": 1, "ring_degree": 1, "kernel": "auto",
                      "fpdt": {"chunk_size": 32768, "offload": True}, "keep_attention_output": False,
                      "checkpoint_offload": 3, "checkpoint_layers": None, "mlp_tile_tokens": 16384, "loss_tile_tokens": None,
-                     "lean_rms_norm": True, "seq_len": 524288},
+                     "lean_rms_norm": True, "host_optimizer_states": False, "seq_len": 524288},
 }
 
 
@@ -34,6 +34,23 @@ def test_a_planned_configuration_becomes_the_same_block_in_the_training_bench(mo
 
     assert built["long_context"] == planned["long_context"]
     assert built["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+
+
+def test_a_plan_with_the_moments_in_host_memory_becomes_the_same_block_in_the_training_bench(monkeypatch):
+    import bench.bench_train as bt
+
+    planned = {**PLANNED, "zero_optimization": {"stage": 3},
+               "long_context": {**PLANNED["long_context"], "host_optimizer_states": True}}
+    argv = ["bench_train.py", "--out", "x.json", "--seq_len", "524288", "--checkpointing", "--block_seq_len", "1",
+            *train_flags(planned)]
+    assert "--host_optimizer_states" in argv
+    monkeypatch.setattr(sys, "argv", argv)
+    args, _ = bt.parse_args()
+    built = bt.ds_config(args, world=1)
+
+    assert built["long_context"] == planned["long_context"]
+    assert "offload_optimizer" not in built["zero_optimization"]
+    assert built["optimizer"]["type"] == "AdamW"
 
 
 def test_the_refused_length_is_at_least_ten_percent_longer_and_divisible_by_the_chunk():

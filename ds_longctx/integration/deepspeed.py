@@ -20,6 +20,7 @@ from ..config import (BLOCK_KEY, LongContextConfig, LongContextConfigError, load
                       model_layer_count)
 from .agree import agree_on_block
 from .context import LongContext
+from .optimizer_block import check_host_optimizer, client_optimizer_kwargs
 from .planning import PlanInputs, plan_block
 from .watch import nccl_error_handling_env
 
@@ -72,16 +73,18 @@ def _vocab_size(model) -> Optional[int]:
     return vocab if isinstance(vocab, int) else None
 
 
-def _read(source, model, training_data) -> Dict[str, Any]:
+def _read(source, model, training_data, optimizer) -> Dict[str, Any]:
     """This rank's view of the setup (no collective): the resolved block, the model's heads, the DS config."""
     ds = load_ds_config(source)
     cfg = LongContextConfig.from_block(ds.get(BLOCK_KEY))
     cfg.check_ds_config(ds)
+    if cfg.host_optimizer_states:
+        check_host_optimizer(ds, optimizer_given=optimizer is not None)
     layers = model_layer_count(model)
     if layers is not None:
         cfg.check_layers(layers)
     return {"block": cfg.model_dump(mode="json"), "heads": model_head_counts(model),
-            "sample_len": _first_sample_len(training_data), "cfg": cfg}
+            "sample_len": _first_sample_len(training_data), "cfg": cfg, "ds": ds}
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
@@ -119,7 +122,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if model is None:
         raise ValueError("ds_longctx.initialize requires a model (as deepspeed.initialize does)")
     try:
-        mine: Any = _read(_config_source(args, config, config_params), model, training_data)
+        mine: Any = _read(_config_source(args, config, config_params), model, training_data, optimizer)
     except LongContextConfigError as exc:
         mine = exc
     # The config may be unreadable on this rank only; the error is shared below, after the world is up.
@@ -139,7 +142,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         # NCCL sends objects through the current device, which must differ between ranks of a node.
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
 
-    shared = mine if isinstance(mine, BaseException) else {k: v for k, v in mine.items() if k != "cfg"}
+    shared = mine if isinstance(mine, BaseException) else {k: v for k, v in mine.items() if k not in ("cfg", "ds")}
     agree_on_block(shared, what=f"{BLOCK_KEY} block / model heads / dataset sequence length")
     cfg: LongContextConfig = mine["cfg"]
     world = dist.get_world_size()
@@ -177,6 +180,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                                      mesh_param=mesh_param, config_params=config_params)
     if distributed_port is not None:
         ds_kwargs["distributed_port"] = distributed_port
+    if cfg.host_optimizer_states:  # AdamW from the optimizer block, its moments in host memory
+        ds_kwargs.update(client_optimizer_kwargs(mine["ds"], model, model_parameters, args))
     try:
         if is_hf_model(model):
             apply(model, lc)
@@ -244,27 +249,31 @@ def _plan_block(cfg: LongContextConfig, model, ds: Mapping[str, Any], world: int
                         ds=ds, world=world, machine=machine, micro_batch=micro if isinstance(micro, int) else 1,
                         checkpointing=bool(getattr(model, "is_gradient_checkpointing", True)))
     if machine is not None and machine.host_memory:
-        default_pool().limit_bytes = _pool_limit(machine, inputs)
+        default_pool().limit_bytes = _pool_limit(machine, inputs, cfg.host_optimizer_states)
     seq_len = cfg.seq_len or sample_len
     planned = cfg if (seq_len is None and cfg.auto_fields and inputs.can_plan) else plan_block(cfg, inputs, seq_len)
     return Planned(config=planned, inputs=inputs if inputs.can_plan else None, seq_len=seq_len)
 
 
-def _pool_limit(machine, inputs: PlanInputs) -> int:
+def _pool_limit(machine, inputs: PlanInputs, host_optimizer_states: bool = False) -> int:
     """Bytes the offload pool may page-lock per rank: the host memory each GPU's process may use, less what
-    DeepSpeed's offloaded optimizer pins itself (its fp32 gradient sub-groups and bf16 gradient partitions), so
-    that the two together never pin more than the host has."""
+    DeepSpeed's offloaded optimizer pins itself (its fp32 gradient sub-groups and bf16 gradient partitions) or
+    what HostStateAdamW pins (the AdamW moments of the rank's partition), so that together they never pin more
+    than the host has."""
     limit = machine.host_memory_per_gpu
     if inputs.model_config is None:
         return limit
     from ..plan import ModelSpec, ZeroSettings
+    from ..plan.host_optimizer import host_moments_bytes
     from ..plan.offload_optimizer import offload_optimizer_host
 
     zero = ZeroSettings.from_ds_config(inputs.ds)
-    if not zero.optimizer_offload:
-        return limit
-    pinned = offload_optimizer_host(ModelSpec.from_config(inputs.model_config), inputs.world, zero).pinned
-    return max(0, limit - pinned)
+    model = ModelSpec.from_config(inputs.model_config)
+    if zero.optimizer_offload:
+        return max(0, limit - offload_optimizer_host(model, inputs.world, zero).pinned)
+    if host_optimizer_states:
+        return max(0, limit - host_moments_bytes(model, inputs.world, zero))
+    return limit
 
 
 def _release_groups_on_destroy(engine, lc: LongContext) -> None:

@@ -16,7 +16,8 @@ each a sum of named components (bytes):
   the unchecked layers after it have freed their activations.
 
 Every moment also holds the static part: ZeRO-3's partitions of the bf16 parameters (and, with the
-optimizer on the GPU, of the bf16 gradients, fp32 master weights and Adam's two moments), its gradient
+optimizer on the GPU, of the bf16 gradients, fp32 master weights and Adam's two moments, those in host memory
+with ``host_optimizer_states``), its gradient
 bucket, and the gathered parameters of the layer at work and the one prefetched.
 Coefficients are per token and count each tensor once, in the units of the model's widths; they follow
 how the code allocates (transformers' Llama layer, :mod:`ds_longctx.memory` and :mod:`ds_longctx.attention`)
@@ -32,6 +33,7 @@ from ..geometry import ChunkGeometry
 from .activations import (BF16, FP32, Widths, checkpointed_layers, kept_bytes, layer_saved, norm_saved,
                           unchecked_layer_bytes)
 from .host_memory import HostBuffer, estimate_host, host_pageable, pool_buffers
+from .host_optimizer import staging_bytes
 from .machine import GIB
 from .rates import Rates
 from .settings import Run, Settings
@@ -65,7 +67,11 @@ def _static(run: Run, settings: Settings) -> Dict[str, int]:
         parts["optimizer_states"] = 0
     else:
         parts["gradients"] = BF16 * m.params // world
-        parts["optimizer_states"] = 3 * FP32 * m.params // world  # fp32 master, Adam's m and v
+        # fp32 master, Adam's m and v (the moments in host memory with host_optimizer_states, passing through
+        # staging slots on the GPU)
+        parts["optimizer_states"] = (1 if settings.host_optimizer_states else 3) * FP32 * m.params // world
+        if settings.host_optimizer_states:
+            parts["optimizer_staging"] = staging_bytes(m, world, zero)
     parts["gradient_buckets"] = BF16 * min(zero.reduce_bucket, m.params)
     return parts
 

@@ -1,11 +1,12 @@
 """Host memory of one training step per rank: the offload pool's page-locked buffers (FPDT's chunks,
-offloaded checkpoints, kept attention outputs), the offloaded optimizer's pinned gradients, and what stays
-pageable."""
+offloaded checkpoints, kept attention outputs), the offloaded optimizer's pinned gradients or the AdamW moments
+of ``host_optimizer_states``, and what stays pageable."""
 from __future__ import annotations
 
 from typing import Dict, List, NamedTuple
 
 from .activations import BF16, FP32, Widths, checkpointed_layers
+from .host_optimizer import host_moments_bytes
 from .machine import GIB
 from .offload_optimizer import offload_optimizer_host, power_of_two_ceil
 from .settings import Run, Settings
@@ -56,7 +57,8 @@ def pool_buffers(run: Run, settings: Settings) -> List[HostBuffer]:
 def estimate_host(run: Run, settings: Settings, pool_in_torch_allocator: bool = False) -> Dict[str, int]:
     """Pinned host memory per rank: the offload pool (FPDT's chunks, checkpoint offload, kept outputs), which
     page-locks exactly its buffers' bytes, and the offloaded optimizer's pinned gradients, which torch's pinned
-    allocator rounds to powers of two (:mod:`.offload_optimizer`).
+    allocator rounds to powers of two (:mod:`.offload_optimizer`), or the AdamW moments of
+    ``host_optimizer_states``, page-locked exactly (:mod:`.host_optimizer`).
 
     ``pool_in_torch_allocator``: round the pool's buffers to powers of two too, as torch's allocator did before
     the pool locked its own pages (to compare with measurements of that time)."""
@@ -66,6 +68,8 @@ def estimate_host(run: Run, settings: Settings, pool_in_torch_allocator: bool = 
         parts[buf.component] = parts.get(buf.component, 0) + buf.count * each
     if settings.zero.optimizer_offload:
         parts["optimizer_offload"] = offload_optimizer_host(run.model, run.world, settings.zero).pinned
+    elif settings.host_optimizer_states:
+        parts["optimizer_moments"] = host_moments_bytes(run.model, run.world, settings.zero)
     return parts
 
 

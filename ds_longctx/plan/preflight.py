@@ -31,7 +31,8 @@ def fixed_fields(cfg: LongContextConfig, layers: int, zero: ZeroSettings) -> Dic
     """The Settings fields the block pins (every field that is not "auto")."""
     block = cfg.model_dump(mode="json")
     fixed: Dict[str, Any] = {"ulysses": cfg.ulysses_degree, "ring": cfg.ring_degree,
-                             "optimizer_offload": zero.optimizer_offload}
+                             "optimizer_offload": zero.optimizer_offload,
+                             "host_optimizer_states": cfg.host_optimizer_states}
     values = {"fpdt.chunk_size": block["fpdt"]["chunk_size"], "fpdt.offload": block["fpdt"]["offload"],
               **{k: block[k] for k in _AUTO_FIELDS if not k.startswith("fpdt.")}}
     for name, field in _AUTO_FIELDS.items():

@@ -54,6 +54,10 @@ def table(record: Mapping[str, Any]) -> str:
         f"    checkpoint_offload      {lc['checkpoint_offload']}",
         f"    mlp / loss tile tokens  {lc['mlp_tile_tokens']} / {lc['loss_tile_tokens']}",
         f"    optimizer offload       {'offload_optimizer' in record['ds_config'].get('zero_optimization', {})}",
+    ]
+    if lc.get("host_optimizer_states"):
+        lines.append("    AdamW moments           in pinned host memory (host_optimizer_states)")
+    lines += [
         "  GPU peak by component (GiB):",
     ]
     lines += [f"    {name:24s}{gib:8.2f}" for name, gib in record["components"].items()]

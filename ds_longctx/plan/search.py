@@ -3,7 +3,8 @@
 Candidates vary every setting the block and ZeRO offer: the ``ulysses x ring`` factorizations of the
 sequence-parallel group (Ulysses inside a node and at most the query heads), FPDT chunks with and
 without host offload, kept attention, checkpoint offload of every layer or of the first ones (as many as
-host memory holds), MLP and loss tiles, and the optimizer in host memory. A candidate fits when its GPU
+host memory holds), MLP and loss tiles, the optimizer in host memory (DeepSpeed's offload), and AdamW's moments
+in host memory where only they keep a configuration from fitting the GPU. A candidate fits when its GPU
 peak stays under the GPU's memory less a margin and every node's pinned and other host memory under the
 host's less a margin; the fastest fitting one (predicted step time, then the lowest GPU peak) wins.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional
 
 from .estimate import Estimate, estimate
+from .host_optimizer import MOMENT_BYTES
 from .machine import GIB, Machine
 from .rates import rates_for
 from .settings import Run, Settings
@@ -177,23 +179,38 @@ def candidates(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dic
     pairs = ([(fixed["ulysses"], fixed["ring"])] if "ulysses" in fixed and "ring" in fixed
              else list(factorizations(run, machine)))
     option = lambda name, values: [fixed[name]] if name in fixed else list(values)  # noqa: E731
+    host_states = fixed.get("host_optimizer_states", base.host_optimizer_states)
     for (ulysses, ring), chunk, keep, mlp, loss, opt in itertools.product(
             pairs, option("chunk_size", (None,) + CHUNK_SIZES), option("keep_attention_output", (True, False)),
             option("mlp_tile_tokens", MLP_TILES), option("loss_tile_tokens", LOSS_TILES),
             option("optimizer_offload", (False, True))):
+        if opt and host_states:  # DeepSpeed's offloaded optimizer has its own moments on the CPU
+            continue
         for fpdt_offload in option("fpdt_offload", (False, True) if chunk is not None else (False,)):
             if fpdt_offload and chunk is None:
                 continue
             settings = base.with_(ulysses=ulysses, ring=ring, chunk_size=chunk, fpdt_offload=fpdt_offload,
                                   keep_attention_output=keep, mlp_tile_tokens=mlp, loss_tile_tokens=loss,
                                   zero=base.zero.__class__(**{**base.zero.__dict__, "optimizer_offload": opt}),
-                                  checkpoint_offload_layers=0)
+                                  host_optimizer_states=host_states, checkpoint_offload_layers=0)
             if not valid_for(run, settings):
                 continue
             for checkpoint_layers in _checkpoint_layer_counts(run, settings, machine, margins, fixed):
                 layered = settings.with_(checkpoint_layers=checkpoint_layers)
                 for count in _offload_options(run, layered, machine, margins, fixed):
                     yield layered.with_(checkpoint_offload_layers=count)
+
+
+def _judged(run: Run, settings: Settings, machine: Machine, margins: Margins, fixed: Dict) -> List[Verdict]:
+    """The verdict of ``settings`` and, where AdamW's moments on the GPU are all that keeps them from fitting it,
+    of the same settings with the moments in host memory (``host_optimizer_states``): streaming them is never
+    faster, so it is a choice only where it makes a configuration fit."""
+    verdict = judge(run, settings, machine, margins)
+    if (verdict.fits_gpu or "host_optimizer_states" in fixed or settings.host_optimizer_states
+            or settings.zero.optimizer_offload
+            or verdict.estimate.gpu_peak - MOMENT_BYTES * run.model.params // run.world > verdict.gpu_limit):
+        return [verdict]
+    return [verdict, judge(run, settings.with_(host_optimizer_states=True), machine, margins)]
 
 
 #: Layers left unchecked hold their whole activations on the GPU for backward: they are used only where they
@@ -210,8 +227,9 @@ def best(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dict] = N
     key = lambda v: (v.estimate.step_seconds, v.estimate.gpu_peak)  # noqa: E731
     fastest: Dict[bool, Verdict] = {}  # by whether some layer is left unchecked
     smallest: Optional[Verdict] = None
-    for settings in candidates(run, machine, margins, fixed, base):
-        verdict = judge(run, settings, machine, margins)
+    for verdict in (v for settings in candidates(run, machine, margins, fixed, base)
+                    for v in _judged(run, settings, machine, margins, fixed or {})):
+        settings = verdict.settings
         if smallest is None or verdict.estimate.gpu_peak < smallest.estimate.gpu_peak:
             smallest = verdict
         unchecked = settings.checkpointed(run.model.layers) < run.model.layers

@@ -55,7 +55,9 @@ class Settings:
 
     ``checkpoint_layers``: how many decoder layers (the first ones) are checkpointed under activation
     checkpointing (None: all); the others keep their full activations. ``checkpoint_offload_layers``: how many
-    checkpointed layers (the first ones) keep their input and kept attention output in pinned host memory."""
+    checkpointed layers (the first ones) keep their input and kept attention output in pinned host memory.
+    ``host_optimizer_states``: AdamW's moments in pinned host memory, streamed through the GPU for the update
+    (never together with ``zero.optimizer_offload``)."""
 
     ulysses: int = 1
     ring: int = 1
@@ -68,6 +70,7 @@ class Settings:
     mlp_tile_tokens: Optional[int] = None
     loss_tile_tokens: Optional[int] = None
     lean_rms_norm: bool = True
+    host_optimizer_states: bool = False
     zero: ZeroSettings = ZeroSettings()
 
     @property
@@ -92,7 +95,7 @@ class Settings:
             "checkpoint_layers": None if checkpointed >= layers else checkpointed,
             "checkpoint_offload": True if offload and offload >= checkpointed else (offload if offload else False),
             "mlp_tile_tokens": self.mlp_tile_tokens, "loss_tile_tokens": self.loss_tile_tokens,
-            "lean_rms_norm": self.lean_rms_norm,
+            "lean_rms_norm": self.lean_rms_norm, "host_optimizer_states": self.host_optimizer_states,
         }
         if seq_len is not None:
             block["seq_len"] = seq_len
@@ -126,7 +129,8 @@ class Settings:
                    checkpoint_layers=None if checkpointed >= layers else checkpointed,
                    checkpoint_offload_layers=min(checkpointed, layers_offloaded),
                    mlp_tile_tokens=block.get("mlp_tile_tokens"), loss_tile_tokens=block.get("loss_tile_tokens"),
-                   lean_rms_norm=block.get("lean_rms_norm", True), zero=zero)
+                   lean_rms_norm=block.get("lean_rms_norm", True),
+                   host_optimizer_states=bool(block.get("host_optimizer_states", False)), zero=zero)
 
 
 @dataclass(frozen=True)

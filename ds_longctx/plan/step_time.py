@@ -6,6 +6,7 @@ from typing import Dict
 
 from .activations import BF16, Widths, checkpointed_layers
 from .host_memory import estimate_host, fpdt_chunk_sets
+from .host_optimizer import moments_step_seconds
 from .rates import Rates, resolve_kernel
 from .settings import Run, Settings
 
@@ -62,6 +63,8 @@ def estimate_time(run: Run, settings: Settings, rates: Rates, gpu_name: str) -> 
     if settings.zero.optimizer_offload:
         shard = m.params / run.world
         parts["optimizer_step"] = shard / rates.host_adam_params + 2 * BF16 * shard / rates.pcie_bytes
+    elif settings.host_optimizer_states:
+        parts["optimizer_step"] = moments_step_seconds(m, run.world, rates)
     else:
         parts["optimizer_step"] = 16 * 3 * (m.params / run.world) / rates.device_copy_bytes
     return parts

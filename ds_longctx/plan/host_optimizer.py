@@ -1,0 +1,50 @@
+"""What ``long_context.host_optimizer_states`` moves off the GPU (:class:`ds_longctx.memory.HostStateAdamW`),
+per rank: AdamW's two fp32 moments of each ZeRO-3 optimizer sub-group (the fp32 flat partition DeepSpeed hands
+the optimizer), each page-locked exactly (whole pages, no power-of-two rounding: ``memory/pinned.py``), and the
+seconds a step spends streaming them through the GPU."""
+from __future__ import annotations
+
+import math
+import mmap
+
+from .model_spec import ModelSpec
+from .offload_optimizer import FP32, parameter_numels, sub_group_numels
+from .rates import Rates
+from .settings import ZeroSettings
+
+#: fp32 exp_avg and exp_avg_sq: bytes per parameter of the rank's partition.
+MOMENT_BYTES = 2 * FP32
+#: HostStateAdamW's device staging: slots and elements per chunk (its defaults, ``memory/host_optimizer.py``).
+STAGING_SLOTS = 3
+CHUNK_NUMEL = 1 << 24
+
+
+def _page_round(nbytes: int) -> int:
+    return -(-int(nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+def host_moments_bytes(model: ModelSpec, world: int, zero: ZeroSettings) -> int:
+    """Page-locked bytes of one rank's moments: two buffers per optimizer sub-group (each parameter's partition
+    ``ceil(numel / world)`` elements, grouped as DeepSpeed groups them)."""
+    partitions = [math.ceil(n / world) for n in parameter_numels(model)]
+    return sum(2 * _page_round(FP32 * n) for n in sub_group_numels(partitions, zero.sub_group_size))
+
+
+def staging_bytes(model: ModelSpec, world: int, zero: ZeroSettings) -> int:
+    """The device slots the moments pass through: both moments of one chunk (at most the largest sub-group) per
+    slot, allocated at the first step and kept."""
+    partitions = [math.ceil(n / world) for n in parameter_numels(model)]
+    chunk = min(CHUNK_NUMEL, max(sub_group_numels(partitions, zero.sub_group_size)))
+    return STAGING_SLOTS * MOMENT_BYTES * chunk
+
+
+def moments_step_seconds(model: ModelSpec, world: int, rates: Rates) -> float:
+    """One step of the streamed update: the moments in and out over PCIe (the two directions on separate copy
+    engines, concurrently: one direction's time) plus the device update (param, grad, moments read and
+    written)."""
+    shard = model.params / world
+    return MOMENT_BYTES * shard / rates.pcie_bytes + 16 * 3 * shard / rates.device_copy_bytes
+
+
+__all__ = ["CHUNK_NUMEL", "MOMENT_BYTES", "STAGING_SLOTS", "host_moments_bytes", "moments_step_seconds",
+           "staging_bytes"]
