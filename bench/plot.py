@@ -34,10 +34,12 @@ class Point(NamedTuple):
 
 def point(d: Dict) -> Optional[Point]:
     """The run as a point, or None for a fit probe (``--probe_layers``: no step finished, so no rate; the
-    report's tables list it)."""
+    report's tables list it) and for a run of warm-up steps only or one stopped from outside (no steady rate)."""
     if d.get("probe_layers") and "oom" not in d:
         return None
     s = d.get("summary") or {}
+    if "oom" not in d and not s.get("tokens_per_s"):
+        return None
     label = d.get("label") or d["mode"]
     if "oom" in d:
         return Point(label, run_model_name(d), d["seq_len"], None, d["oom"].get("peak_gib"))

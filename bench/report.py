@@ -240,6 +240,14 @@ def long_sequence_tables(rows=None):
                            f"{f(gpu, '.1f')} | {f(host, '.1f')} | "
                            f"{f(s.get('probe_host_pinned_total_gib'), '.1f')} | {losses} | `{name}` |")
                 continue
+            if d["steps"] and not s and not d.get("partial"):  # its only steps were warm-up steps: no steady rate
+                first = d["steps"][0]
+                longest[label] = max(longest.get(label, 0), d["seq_len"])  # it trained: one whole step
+                out.append(f"| {label} | {d['seq_len']} | first step only: {first['seconds']:.1f} s "
+                           f"({first['tokens_per_s']:,.0f} tokens/s, warm-up included) | | "
+                           f"{f(first.get('peak_gib'), '.1f')} (first step: no optimizer state yet) | | | "
+                           f"{losses} | `{name}` |")
+                continue
             if d.get("partial"):  # stopped from outside (a device call's end) after these steps
                 out.append(f"| {label} | {d['seq_len']} | stopped after {len(d['steps'])} step(s) of "
                            f"{', '.join(format(r['seconds'], '.0f') for r in d['steps'])} s |||||{losses} | `{name}` |")
@@ -261,6 +269,59 @@ def long_sequence_tables(rows=None):
             out.append(f"| {label} | {longest.get(label, '-')} | {first_oom.get(label, 'none run')} |"
                        + (f" {fits.get(label, '-')} |" if probes else ""))
         out.append("")
+        out.extend(against_alst(runs))
+    for name, d in rows:
+        out.append(header(name, d))
+    return out
+
+
+def against_alst(runs) -> list:
+    """Each ds_longctx run against ALST's at the same length (both with a steady step): tokens/s and steady GPU
+    peak as ratios, with the targets of the comparison (>= 1.3x the rate, <= 0.7x the peak)."""
+    steady = {}
+    for _, d in runs:
+        s = d.get("summary") or {}
+        if "oom" not in d and not d.get("probe_layers") and s.get("tokens_per_s"):
+            steady[(d.get("label") or d["mode"], d["seq_len"])] = s
+    pairs = [(label, n) for (label, n) in sorted(steady, key=lambda k: (k[1], k[0]))
+             if label.startswith("ds_longctx") and ("alst", n) in steady]
+    if not pairs:
+        return []
+    out = ["| run | seq_len | tokens/s vs ALST (target >= 1.30) | GPU peak vs ALST (target <= 0.70) |",
+           "|---|---|---|---|"]
+    for label, n in pairs:
+        ours, alst = steady[(label, n)], steady[("alst", n)]
+        rate = ours["tokens_per_s"] / alst["tokens_per_s"]
+        peak = ours.get("steady_peak_gib", ours["peak_gib"]) / alst.get("steady_peak_gib", alst["peak_gib"])
+        out.append(f"| {label} | {n} | {rate:.2f}x {'(met)' if rate >= 1.3 else '(missed)'} | "
+                   f"{peak:.2f}x {'(met)' if peak <= 0.7 else '(missed)'} |")
+    out.append("")
+    return out
+
+
+def profile_tables():
+    """Profiled steps (``bench_train.py --profile_step``, ``bench/step_profile.py``): seconds by kernel class."""
+    rows = load("profile_*.json")
+    if not rows:
+        return []
+    out = ["One step of each run under torch.profiler (its wall time includes the profiler's overhead). GPU busy: "
+           "the union of compute kernels' intervals; idle: the rest of the step; classes sum kernel time (copies "
+           "run on side streams, beside the compute); exposed copies: host copies with no compute kernel "
+           "running.\n",
+           "| run | seq_len | layers | step s | GPU busy | idle | attention | matmul | other kernels | copies to host "
+           "| copies from host | exposed copies | file |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, d in rows:
+        for r in d["steps"]:
+            p = r.get("profile")
+            if p is None:
+                continue
+            c = p["class_s"]
+            out.append(f"| {d.get('label') or d['mode']} | {d['seq_len']} | {d['layers']} | {p['wall_s']:.2f} | "
+                       f"{p['gpu_busy_s']:.2f} | {p['gpu_idle_s']:.2f} | {c.get('attention', 0):.2f} | "
+                       f"{c.get('matmul', 0):.2f} | {c.get('other', 0) + c.get('copy_d2d', 0):.2f} | "
+                       f"{c.get('copy_d2h', 0):.2f} | {c.get('copy_h2d', 0):.2f} | {p['exposed_copy_s']:.2f} | "
+                       f"`{name}` |")
+    out.append("")
     for name, d in rows:
         out.append(header(name, d))
     return out
@@ -313,6 +374,10 @@ def main():
     lines = long_sequence_tables()
     if lines:
         print("## Long sequences: plain ZeRO-3, DeepSpeed's ALST, ds_longctx\n")
+        print("\n".join(lines))
+    lines = profile_tables()
+    if lines:
+        print("## Where a step's GPU time goes (torch.profiler)\n")
         print("\n".join(lines))
 
 

@@ -208,6 +208,9 @@ def test_plot_writes_rate_and_peak_pictures_with_out_of_memory_points(tmp_path):
 
     runs = [_record("alst", 65536, 900.0, 40.0), _record("alst", 131072, oom_peak=120.0),
             _record("ds_longctx", 65536, 1300.0, 20.0), _record("ds_longctx", 131072, 1100.0, 35.0)]
+    warm_only = _record("alst", 262144, 500.0, 60.0)  # its one step was a warm-up step: no steady rate
+    warm_only.pop("summary")
+    runs.append(warm_only)
     for i, d in enumerate(runs):
         (tmp_path / f"r{i}.json").write_text(json.dumps(d))
     points = load_points([str(tmp_path / "r*.json")])
@@ -264,6 +267,23 @@ def test_report_lists_each_length_and_the_longest_trained_per_run():
     assert "| alst | 131072 | OOM (gpu, step 0, 120.0 GiB) |" in text
     assert "| ds_longctx | 131072 | 1,100 | 1.0 | 35.0 |" in text
     assert "| alst | 65536 | 131072 |" in text and "| ds_longctx | 131072 | none run |" in text
+    # against ALST only where both trained: 1300/900 = 1.44x the rate, 20/40 = 0.50x the peak
+    assert "| ds_longctx | 65536 | 1.44x (met) | 0.50x (met) |" in text and "| ds_longctx | 131072 | 1." not in text
+
+
+def test_report_shows_a_run_of_warm_up_steps_only_as_its_first_step_and_compares_it_with_nothing():
+    from bench.report import long_sequence_tables
+
+    rows = []
+    for i, d in enumerate([_record("alst", 262144, 500.0, 60.0), _record("ds_longctx", 262144, 2800.0, 50.0)]):
+        d.update(params=3.2e9, vocab=128256, world_size=1, date="d", command="c", commit="x", versions={"torch": "t"},
+                 steps=[{"loss": 5.5, "seconds": 155.9, "tokens_per_s": 1681.5, "peak_gib": 55.3}])
+        rows.append((f"alstcmp_{i}.json", d))
+    rows[0][1].pop("summary")
+    text = "\n".join(long_sequence_tables(rows))
+    assert "| alst | 262144 | first step only: 155.9 s (1,682 tokens/s, warm-up included) |" in text
+    assert "| alst | 262144 | none run |" in text  # it trained its one step
+    assert "vs ALST" not in text
 
 
 def test_planned_variants_train_the_configuration_the_planner_chooses_for_each_length(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 
+import pytest
 import torch
 
 from ds_longctx.config import LongContextConfig
@@ -47,8 +48,8 @@ def test_moments_move_from_the_gpu_peak_to_exactly_pinned_host_memory_and_cost_t
         assert "optimizer_moments" not in estimate_host(run, on_gpu)
         shard = params / world
         slow, fast = estimate(run, on_host, RATES), estimate(run, on_gpu, RATES)
-        assert slow.time_components["optimizer_step"] == \
-            8 * shard / RATES.pcie_bytes + 48 * shard / RATES.device_copy_bytes
+        # the measured rate of the whole streamed step (bench/results/check_host_optimizer_h200x1.json)
+        assert slow.time_components["optimizer_step"] == pytest.approx(8 * shard / RATES.moment_stream_bytes)
         assert slow.step_seconds > fast.step_seconds
 
 

@@ -40,10 +40,10 @@ def staging_bytes(model: ModelSpec, world: int, zero: ZeroSettings) -> int:
 
 def moments_step_seconds(model: ModelSpec, world: int, rates: Rates) -> float:
     """One step of the streamed update: the moments in and out over PCIe (the two directions on separate copy
-    engines, concurrently: one direction's time) plus the device update (param, grad, moments read and
-    written)."""
+    engines, concurrently) with the device update between, at the rate measured for the whole of it
+    (``Rates.moment_stream_bytes``: below one direction's PCIe rate, as both directions share the link)."""
     shard = model.params / world
-    return MOMENT_BYTES * shard / rates.pcie_bytes + 16 * 3 * shard / rates.device_copy_bytes
+    return MOMENT_BYTES * shard / rates.moment_stream_bytes
 
 
 __all__ = ["CHUNK_NUMEL", "MOMENT_BYTES", "STAGING_SLOTS", "host_moments_bytes", "moments_step_seconds",
