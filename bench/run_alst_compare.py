@@ -64,6 +64,8 @@ VARIANTS: Dict[str, str] = {
     "ds_longctx_plan_fa4": PLANNED + " --kernel auto",
     "ds_longctx_lean": PLANNED_WITHIN_ALST + " --kernel sdpa_cudnn",
     "ds_longctx_lean_fa4": PLANNED_WITHIN_ALST + " --kernel auto",
+    "ds_longctx_plan_fused": PLANNED + " --kernel sdpa_cudnn --fused_norms",
+    "ds_longctx_lean_fused": PLANNED_WITHIN_ALST + " --kernel sdpa_cudnn --fused_norms",
 }
 STOPS = ("oom", "failed", "timeout", "over_budget")  # statuses after which a variant's longer lengths are skipped
 

@@ -99,6 +99,11 @@ class LongContextConfig(BaseModel):
                     "1/rms for backward, computing over row tiles, instead of an fp32 copy of the input and the "
                     "normalized tensor (three [S_local, hidden] activations less per norm in bf16). The forward "
                     "gives the same values; the gradient differs by rounding only. false: the models' own norms.")
+    fused_norms: bool = Field(
+        default=False, strict=True,
+        description="With lean_rms_norm: each norm tile's forward runs as one compiled kernel and its backward as "
+                    "two (torch.compile), reading the input once instead of about nine fp32 passes; the first "
+                    "step compiles them. Values may differ from the eager norms by one bf16 rounding step.")
     checkpoint_offload: Union[Auto, StrictBool, LayerCount] = Field(
         default=False,
         description="With activation checkpointing on, keep each checkpointed layer's input (one [S_local, "
@@ -240,6 +245,10 @@ class LongContextConfig(BaseModel):
         return cls.from_block(ds.get(BLOCK_KEY))
 
     def _check_self(self) -> None:
+        if self.fused_norms and not self.lean_rms_norm:
+            raise LongContextConfigError(
+                f"{BLOCK_KEY}.fused_norms: fuses the lean norms' tiles; set {BLOCK_KEY}.lean_rms_norm true or "
+                f"fused_norms false")
         C = self.fpdt.chunk_size
         if isinstance(C, int) and C % self.ulysses_degree != 0:
             raise LongContextConfigError(

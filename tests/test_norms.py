@@ -59,6 +59,36 @@ def test_forward_equals_the_models_norm_and_gradients_equal_autograds(name, dtyp
     assert dx.dtype == x.dtype and dw.dtype == module.weight.dtype
 
 
+def test_fused_tiles_compute_the_same_norm_within_one_rounding_and_the_same_gradients():
+    torch.manual_seed(1)
+    module = norm_class("LlamaRMSNorm")(64, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        module.weight.normal_(1.0, 0.3)
+    x = (torch.randn(3, 37, 64) * 3 + 0.5).to(torch.bfloat16).requires_grad_()
+    g = torch.randn(3, 37, 64).to(torch.bfloat16)
+    eager = rms_norm(x, module.weight, module.variance_epsilon, tile_rows=32)
+    dx_eager, dw_eager = torch.autograd.grad(eager, (x, module.weight), g)
+    # ragged tiles (111 rows in tiles of 32, then of 50): the compiled functions take any row count
+    for tile_rows in (32, 50):
+        fused = rms_norm(x, module.weight, module.variance_epsilon, tile_rows=tile_rows, fused=True)
+        dx, dw = torch.autograd.grad(fused, (x, module.weight), g)
+        step = eager.detach().abs().float() * 2 ** -7  # one bf16 rounding step of each value
+        assert fused.dtype == eager.dtype and bool(((fused - eager).abs().float() <= step).all())
+        x64, w64 = x.detach().double().requires_grad_(), module.weight.detach().double().requires_grad_()
+        y64 = w64 * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + module.variance_epsilon))
+        dx64, dw64 = torch.autograd.grad(y64, (x64, w64), g.double())
+        assert rel(dx, dx64) <= 1.5 * rel(dx_eager, dx64) + 1e-6 and rel(dw, dw64) <= 1.5 * rel(dw_eager, dw64) + 1e-6
+        assert dx.dtype == x.dtype and dw.dtype == module.weight.dtype
+
+
+def test_fused_norms_need_the_lean_norms():
+    from ds_longctx.config import LongContextConfig, LongContextConfigError
+
+    with pytest.raises(LongContextConfigError, match="lean_rms_norm true"):
+        LongContextConfig.from_block({"lean_rms_norm": False, "fused_norms": True})
+    assert LongContextConfig.from_block({"fused_norms": True}).fused_norms
+
+
 def saved_bytes(fn, *args):
     """Bytes of the distinct storages autograd keeps for backward while ``fn(*args)`` runs, and their dtypes."""
     seen = {}

@@ -82,7 +82,7 @@ def apply(model: torch.nn.Module, lc: LongContext) -> torch.nn.Module:
                            f"engine.long_context.attention(q, k, v) from the model's attention instead")
     attach(model, lc)
     configure_layers(model, lc)
-    lean_rms_norms(model, lc.config.lean_rms_norm)
+    lean_rms_norms(model, lc.config.lean_rms_norm, fused=lc.config.fused_norms)
     for old in getattr(model, _HOOK_ATTR, None) or ():
         old.remove()
     hooks = [model.register_forward_pre_hook(prepare_call, with_kwargs=True),
