@@ -67,10 +67,12 @@ def predict(record: dict, gpu_name: str) -> dict:
     settings = Settings(ulysses=a.get("ulysses") or record["world_size"] // a["ring"], ring=a["ring"],
                         kernel=a["kernel"], chunk_size=a["chunk_size"], fpdt_offload=bool(a["offload"]),
                         keep_attention_output=bool(a["keep_attention_output"]),
-                        checkpoint_offload_layers=a["layers"] if offload < 0 else offload,
+                        # -1: every checkpointed layer (the first checkpoint_layers, else all)
+                        checkpoint_offload_layers=(a.get("checkpoint_layers") or a["layers"]) if offload < 0 else offload,
                         checkpoint_layers=a.get("checkpoint_layers"),
                         mlp_tile_tokens=a["mlp_tile_tokens"], loss_tile_tokens=a["loss_tile_tokens"],
                         lean_rms_norm=bool(a["lean_rms_norm"]),
+                        host_optimizer_states=bool(a.get("host_optimizer_states")),
                         zero=ZeroSettings(optimizer_offload=bool(a["offload_optimizer"])))
     run = Run(model=model, world=record["world_size"], seq_len=a["seq_len"], checkpointing=bool(a["checkpointing"]))
     est = estimate(run, settings, rates_for(gpu_name), gpu_name)
@@ -136,9 +138,20 @@ def main():
     ap.add_argument("--steps", type=int, default=2, help="steps per run (step 0 has no optimizer states yet)")
     ap.add_argument("--budget-s", type=float, default=560.0, help="start no run after this many seconds")
     ap.add_argument("--predict", help="re-predict the runs of this JSON with the current planner (no GPU)")
+    ap.add_argument("--records", help="with --out: a glob of bench_train records (e.g. bench/results/alstcmp_ds_*.json) "
+                                      "gathered as the runs of a new file, then predicted as with --predict")
     ap.add_argument("--commit", default="")
     args = ap.parse_args()
 
+    if args.records:
+        import glob
+        paths = sorted(p for p in glob.glob(args.records) if not p.endswith("_summary.json"))
+        records = [(p, json.load(open(p))) for p in paths]
+        payload = {"command": " ".join(sys.argv), "runs": [
+            {"name": os.path.basename(p)[:-len(".json")], "source": p, "record": r} for p, r in records
+            if r.get("summary", {}).get("tokens_per_s") and "oom" not in r]}
+        args.predict = args.out
+        write_json(args.out, payload)
     if args.predict:
         with open(args.predict) as f:
             payload = json.load(f)

@@ -228,7 +228,8 @@ def main():
             row.update(tokens_per_s=S * dp / dt, tflops_per_gpu=flops_step / world / dt / 1e12)
             if kind == "warm":
                 row["probe_warm"] = True
-        row.update(peak_gib=peak(), **phases, **host_memory(ledger, default_pool() if lc is not None else None))
+        row.update(peak_gib=peak(), **phases, **host_memory(ledger, default_pool() if lc is not None else None,
+                                                            host_moments_bytes(engine)))
         if args.mode == "alst":  # 0: backward gave every copy back (a probe's stopped backward holds the rest)
             row["host_pinned_held_after_step_gib"] = ledger.held / 2 ** 30
         steps.append(row)
@@ -259,7 +260,20 @@ def main():
         dist.destroy_process_group()
 
 
-def host_memory(ledger, pool) -> dict:
+def host_moments_bytes(engine) -> int:
+    """Bytes of host memory holding HostStateAdamW's moments (``long_context.host_optimizer_states``), page
+    rounded as they are locked; 0 for any other optimizer and without CUDA (nothing is locked there)."""
+    from ds_longctx.memory.host_optimizer import MOMENTS, HostStateAdamW
+    from ds_longctx.memory.pinned import can_register, page_round
+
+    basic = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    if not isinstance(basic, HostStateAdamW) or not can_register():
+        return 0
+    return sum(page_round(state[m].untyped_storage().nbytes()) for state in basic.state.values()
+               for m in MOMENTS if m in state)
+
+
+def host_memory(ledger, pool, moments: int = 0) -> dict:
     """A step's host memory, GiB: the offloaded checkpoints at their most (alst), the offload pool (ds_longctx),
     the pinned memory torch's host allocator held at its most (CUDA; 0 on CPU), the process's resident set.
 
@@ -274,7 +288,9 @@ def host_memory(ledger, pool) -> dict:
         row["host_pool_gib"] = pool.held_bytes / 2 ** 30
         locked = pool.locked_bytes
         row["host_pool_locked_gib"] = locked / 2 ** 30
-    row["host_pinned_total_gib"] = row["host_pinned_allocator_gib"] + locked / 2 ** 30
+    if moments:  # HostStateAdamW's moments, locked outside the pool and torch's allocator
+        row["host_optimizer_moments_gib"] = moments / 2 ** 30
+    row["host_pinned_total_gib"] = row["host_pinned_allocator_gib"] + (locked + moments) / 2 ** 30
     if ledger.peak:
         row["host_pinned_gib"] = ledger.peak / 2 ** 30
     return row

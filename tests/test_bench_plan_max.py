@@ -2,6 +2,8 @@
 it checks is valid for that configuration, and the training bench records a pre-flight refusal."""
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 import pytest
@@ -69,3 +71,19 @@ def test_the_training_bench_records_a_pre_flight_refusal_instead_of_training(tmp
 
     assert "summary" not in d and d["ds_config"]["long_context"]["seq_len"] == 1024
     assert d["preflight_refused"].startswith("pre-flight: this step would not fit: GPU peak")
+
+
+def test_committed_training_records_are_predicted_by_the_current_planner_within_its_targets(tmp_path, monkeypatch):
+    """``bench_plan.py --records``: full-depth steps measured on the H200 (bench/results) against the planner."""
+    import bench.bench_plan as bp
+
+    out = tmp_path / "repredicted.json"
+    pattern = os.path.join(os.path.dirname(__file__), "..", "bench", "results",
+                           "alstcmp_ds_longctx_plan_llama3.2-3b_*.json")
+    monkeypatch.setattr(sys, "argv", ["bench_plan.py", "--records", pattern, "--out", str(out)])
+    bp.main()
+    runs = json.loads(out.read_text())["runs"]
+    assert len(runs) >= 3
+    for r in runs:  # the plan's targets: memory within 10%, time within 20% (these were within 5%)
+        assert r["gpu_peak_gib_within"] and r["host_pinned_gib_within"] and r["step_seconds_within"], r["name"]
+        assert abs(r["step_seconds_ratio"] - 1) < 0.05, r["name"]

@@ -17,6 +17,16 @@ def chunk_efficiency(chunk_size: int) -> float:
     return min(1.0, (chunk_size / 65536) ** 0.1)
 
 
+#: Elementwise work (norms, RoPE, activations, residuals, casts, copies) and the GPU's idle gaps between kernels,
+#: in passes over a layer's [tokens, hidden] bf16 activation at the device copy rate; a layer that is not
+#: recomputed runs its forward's share once. Fitted to 15 measured steps on one H200 (1-28 layers, 65K-1M
+#: tokens, hidden 3072 and 4096: ``bench/results/plan_h200x1_repredicted.json`` and
+#: ``plan_alstcmp_h200x1_repredicted.json``), which the matmul and attention terms alone under-predicted by up to
+#: 13%; a profile of a 4-layer step (``profile_ds_*``) puts a quarter of it in such kernels and idle time.
+PASSES_CHECKPOINTED = 400
+PASSES_UNCHECKED = 300
+
+
 def estimate_time(run: Run, settings: Settings, rates: Rates, gpu_name: str) -> Dict[str, float]:
     """Seconds of one step per rank: matmuls and attention at the measured rates, the transfers not hidden."""
     m = run.model
@@ -37,9 +47,7 @@ def estimate_time(run: Run, settings: Settings, rates: Rates, gpu_name: str) -> 
         attention_rate *= chunk_efficiency(settings.chunk_size)
     attention = flops["attention"] * run.micro_batch / settings.sp
     parts = {"matmul": matmul / rates.matmul_flops, "attention": attention / attention_rate}
-    # elementwise work (norms, RoPE, activations, residuals, casts): ~40 passes over [tokens, hidden] a
-    # checkpointed layer (forward 10, recompute 10, backward 20), ~30 a layer that is not recomputed
-    passes = 40 * checkpointed + 30 * (m.layers - checkpointed)
+    passes = PASSES_CHECKPOINTED * checkpointed + PASSES_UNCHECKED * (m.layers - checkpointed)
     parts["elementwise"] = tokens * passes * BF16 * w.h / rates.device_copy_bytes
     if settings.ulysses > 1:  # q, k, v, out there and back: forward, backward, and the recompute's q, k, v (and out)
         a2a = (2 * w.q + 2 * w.kv) * tokens * BF16 * (settings.ulysses - 1) / settings.ulysses
