@@ -149,7 +149,7 @@ def main():
         records = [(p, json.load(open(p))) for p in paths]
         payload = {"command": " ".join(sys.argv), "runs": [
             {"name": os.path.basename(p)[:-len(".json")], "source": p, "record": r} for p, r in records
-            if r.get("summary", {}).get("tokens_per_s") and "oom" not in r]}
+            if (r.get("summary") or {}).get("tokens_per_s") and "oom" not in r]}
         args.predict = args.out
         write_json(args.out, payload)
     if args.predict:

@@ -11,7 +11,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench.report_common import f, header, load  # noqa: E402
-from bench.report_long import against_alst, long_sequence_tables, profile_tables  # noqa: E402,F401
+from bench.report_long import long_sequence_tables, profile_tables  # noqa: E402
 from bench.report_planner import plan_check_tables, plan_max_tables  # noqa: E402
 
 def attention_tables():

@@ -60,7 +60,7 @@ def summarize(device_events: List[Tuple[str, float, float]], wall_s: float, top:
         entry = by_name.setdefault(name, [0.0, 0])
         entry[0] += (hi - lo) / 1e6
         entry[1] += 1
-        (copies if cls.startswith("copy_h") or cls == "copy_d2h" else compute).append((lo, hi))
+        (copies if cls in ("copy_h2d", "copy_d2h") else compute).append((lo, hi))
     busy = union_seconds(compute)
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
     return {"wall_s": wall_s, "gpu_busy_s": busy, "gpu_idle_s": max(0.0, wall_s - busy),
@@ -70,7 +70,8 @@ def summarize(device_events: List[Tuple[str, float, float]], wall_s: float, top:
 
 
 class StepProfiler:
-    """Profiles the steps it is asked to (``active(step)``); ``record()`` summarizes the last one."""
+    """Profiles one step: ``context(step)`` around every step (a profiler only around ``self.step``), then
+    ``finish(step, wall_s)`` returns that step's :func:`summarize` record (None for the others)."""
 
     def __init__(self, step: int):
         self.step = step

@@ -409,8 +409,6 @@ def initialize_error(case: str) -> str:
     (type and message), so the test can check that every rank raised the same error and none hung."""
     import torch.distributed as dist
 
-    import ds_longctx
-
     os.environ.setdefault("LOCAL_RANK", "0")
     _quiet()
     rank = dist.get_rank()
@@ -453,19 +451,14 @@ def initialize_error(case: str) -> str:
     else:
         raise ValueError(case)
     try:
-        ds_longctx.initialize(model=model, model_parameters=model.parameters(), config=config, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - reported to the test
-        return f"{type(exc).__name__}: {exc}"
+        return _initialize_error(model, config, kwargs)
     finally:
         os.environ.pop("DS_LONGCTX_MACHINE", None)
-    return "no error"
 
 
 def host_optimizer_error(case: str) -> str:
     """Every rank: ``ds_longctx.initialize`` with ``host_optimizer_states`` and a config or call it cannot honour;
     return what it raised."""
-    import ds_longctx
-
     os.environ.setdefault("LOCAL_RANK", "0")
     _quiet()
     model = build_model("llama", 32)
@@ -485,6 +478,13 @@ def host_optimizer_error(case: str) -> str:
         config["optimizer"]["params"]["amsgrad"] = True
     else:
         raise ValueError(case)
+    return _initialize_error(model, config, kwargs)
+
+
+def _initialize_error(model, config, kwargs) -> str:
+    """What ``ds_longctx.initialize`` raised for this model and config (``"no error"`` when nothing)."""
+    import ds_longctx
+
     try:
         ds_longctx.initialize(model=model, model_parameters=model.parameters(), config=config, **kwargs)
     except Exception as exc:  # noqa: BLE001 - reported to the test

@@ -81,6 +81,19 @@ def test_fused_tiles_compute_the_same_norm_within_one_rounding_and_the_same_grad
         assert dx.dtype == x.dtype and dw.dtype == module.weight.dtype
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_a_frozen_weight_gets_no_gradient_and_the_input_the_same_one(fused):
+    torch.manual_seed(2)
+    weight = (torch.randn(64) * 0.3 + 1).to(torch.bfloat16).requires_grad_()
+    x = (torch.randn(2, 21, 64) * 3).to(torch.bfloat16).requires_grad_()
+    g = torch.randn(2, 21, 64).to(torch.bfloat16)
+    dx_trained, _ = torch.autograd.grad(rms_norm(x, weight, 1e-5, tile_rows=16, fused=fused), (x, weight), g)
+    frozen = weight.detach()
+    y = rms_norm(x, frozen, 1e-5, tile_rows=16, fused=fused)
+    (dx_frozen,) = torch.autograd.grad(y, (x,), g)
+    assert torch.equal(dx_frozen, dx_trained) and frozen.grad is None
+
+
 def test_fused_norms_need_the_lean_norms():
     from ds_longctx.config import LongContextConfig, LongContextConfigError
 

@@ -16,6 +16,8 @@ the first call of each compiles it. Its rounding may differ from the eager path'
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 # Rows (tokens x heads for per-head norms) per tile: the fp32 temporaries of a tile at hidden 4096 take
@@ -38,16 +40,18 @@ def _forward_tile(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.
     rstd.copy_(r)
 
 
-def _backward_tile(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dx: torch.Tensor,
-                   dw: torch.Tensor) -> None:
-    """The gradients of a tile: ``dx`` written, ``dw`` (fp32 ``[hidden]``) accumulated, in place."""
+def _backward_tile(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                   dx: Optional[torch.Tensor], dw: Optional[torch.Tensor]) -> None:
+    """The gradients of a tile, in place: ``dx`` written, ``dw`` (fp32 ``[hidden]``) accumulated (None: not
+    needed, e.g. a frozen weight)."""
     h = x.to(torch.float32) * rstd
-    # y = w * cast(h): dw sums g * cast(h) over the rows
-    dw.add_((g.to(torch.float32) * h.to(x.dtype).to(torch.float32)).sum(0))
-    # through the cast (the grad of cast(h) is g * w in the output dtype), then h = x * rstd(x):
-    # dx = rstd * (gh - h * mean(gh * h))
-    gh = (g * weight).to(torch.float32)
-    dx.copy_(rstd * (gh - h * (gh * h).mean(-1, keepdim=True)))
+    if dw is not None:  # y = w * cast(h): dw sums g * cast(h) over the rows
+        dw.add_((g.to(torch.float32) * h.to(x.dtype).to(torch.float32)).sum(0))
+    if dx is not None:
+        # through the cast (the grad of cast(h) is g * w in the output dtype), then h = x * rstd(x):
+        # dx = rstd * (gh - h * mean(gh * h))
+        gh = (g * weight).to(torch.float32)
+        dx.copy_(rstd * (gh - h * (gh * h).mean(-1, keepdim=True)))
 
 
 _COMPILED = {}
@@ -80,13 +84,12 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
         x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-        dx = torch.empty_like(x2)
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        dx = torch.empty_like(x2) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         _, backward_tile = _tile_functions(ctx.fused)
         for sl in _tiles(x2.shape[0], ctx.tile_rows):
-            backward_tile(x2[sl], g2[sl], weight, rstd[sl], dx[sl], dw)
-        return (dx.view_as(x) if ctx.needs_input_grad[0] else None,
-                dw.to(weight.dtype) if ctx.needs_input_grad[1] else None, None, None, None)
+            backward_tile(x2[sl], g2[sl], weight, rstd[sl], None if dx is None else dx[sl], dw)
+        return (None if dx is None else dx.view_as(x), None if dw is None else dw.to(weight.dtype), None, None, None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, tile_rows: int = TILE_ROWS,
