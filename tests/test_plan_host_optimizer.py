@@ -103,3 +103,25 @@ def test_the_moments_on_the_host_are_never_planned_with_deepspeeds_optimizer_off
     winner, _ = best(run, GPU_52, margins, fixed_fields(LongContextConfig.from_block({}), LLAMA_3B.layers,
                                                         ZeroSettings(optimizer_offload=True)))
     assert winner is None or not winner.settings.host_optimizer_states
+
+
+def test_with_the_moments_on_the_host_the_plan_offloads_only_the_checkpoints_the_host_still_holds():
+    """262K tokens of the 3B on a GPU of 53.9 GiB (0.68x ALST's measured peak there): every layer's checkpoint and
+    kept attention output in host memory plus the moments are more than the host holds, the moments on the GPU more
+    than it holds. The plan keeps the attention outputs (no attention recompute) with the moments on the host and
+    all but the layers that fit on the GPU offloaded; both memories fit."""
+    run = Run(model=LLAMA_3B, world=1, seq_len=262144)
+    machine = Machine(gpus=1, gpu_memory=int(53.9 * GIB), host_memory=int(124.12 * GIB), gpu_name="NVIDIA H200")
+    margins = Margins(gpu=0, host=int(0.10 * machine.host_memory))
+    winner, _ = best(run, machine, margins)
+    assert winner is not None and winner.fits
+    chosen = winner.settings
+    assert chosen.host_optimizer_states and chosen.keep_attention_output
+    assert 0 < chosen.checkpoint_offload_layers < LLAMA_3B.layers
+    every_layer = chosen.with_(checkpoint_offload_layers=LLAMA_3B.layers)
+    from ds_longctx.plan.search import judge
+    assert not judge(run, every_layer, machine, margins).fits_host
+    assert not judge(run, chosen.with_(host_optimizer_states=False), machine, margins).fits_gpu
+    # recomputing the attention instead is slower
+    recompute, _ = best(run, machine, margins, {"keep_attention_output": False})
+    assert recompute.estimate.step_seconds > winner.estimate.step_seconds

@@ -210,7 +210,14 @@ def _judged(run: Run, settings: Settings, machine: Machine, margins: Margins, fi
             or settings.zero.optimizer_offload
             or verdict.estimate.gpu_peak - MOMENT_BYTES * run.model.params // run.world > verdict.gpu_limit):
         return [verdict]
-    return [verdict, judge(run, settings.with_(host_optimizer_states=True), machine, margins)]
+    moved = settings.with_(host_optimizer_states=True)
+    verdicts = [verdict, judge(run, moved, machine, margins)]
+    # the moments take host memory the checkpoint offload counted on: also offload only as many layers as the
+    # host still holds, the rest of the checkpoints (and kept outputs) staying on the GPU the moments left
+    for count in _offload_options(run, moved.with_(checkpoint_offload_layers=0), machine, margins, fixed):
+        if count not in (0, settings.checkpoint_offload_layers):
+            verdicts.append(judge(run, moved.with_(checkpoint_offload_layers=count), machine, margins))
+    return verdicts
 
 
 #: Layers left unchecked hold their whole activations on the GPU for backward: they are used only where they
