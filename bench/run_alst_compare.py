@@ -18,7 +18,9 @@ transformers' gradient checkpointing and cuDNN SDPA), ``alst`` (``--mode alst``,
 ``ds_longctx`` (cuDNN kernel, FPDT chunks offloaded, checkpoints offloaded, tiled MLP and loss) and
 ``ds_longctx_fa4`` (the same with the ``auto`` kernel: FlashAttention-4 where installed), ``ds_longctx_plan``
 (the configuration ``ds-longctx plan`` chooses for the length on this machine, cuDNN kernel; its plan JSON is
-kept as ``<prefix>plan_<model>_<S>.json``) and ``ds_longctx_plan_fa4`` (the same with the ``auto`` kernel). ``{chunk}`` in
+kept as ``<prefix>plan_<model>_<S>.json``) and ``ds_longctx_plan_fa4`` (the same with the ``auto`` kernel);
+``ds_longctx_lean*`` the fastest plan within ``ALST_SHARE`` of ALST's measured peak; ``*_fused`` with the norms in
+compiled kernels, ``*_fusedmlp`` with the MLP's gating compiled too. ``{chunk}`` in
 flags is the FPDT chunk: ``min(65536, S)``. Every run gets ``PYTORCH_CUDA_ALLOC_CONF`` of ``--alloc-conf``
 (expandable segments, as ALST's authors run).
 
@@ -66,6 +68,8 @@ VARIANTS: Dict[str, str] = {
     "ds_longctx_lean_fa4": PLANNED_WITHIN_ALST + " --kernel auto",
     "ds_longctx_plan_fused": PLANNED + " --kernel sdpa_cudnn --fused_norms",
     "ds_longctx_lean_fused": PLANNED_WITHIN_ALST + " --kernel sdpa_cudnn --fused_norms",
+    "ds_longctx_plan_fusedmlp": PLANNED + " --kernel sdpa_cudnn --fused_norms --fused_gated_mlp",
+    "ds_longctx_lean_fusedmlp": PLANNED_WITHIN_ALST + " --kernel sdpa_cudnn --fused_norms --fused_gated_mlp",
 }
 STOPS = ("oom", "failed", "timeout", "over_budget")  # statuses after which a variant's longer lengths are skipped
 

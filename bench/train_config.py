@@ -47,6 +47,8 @@ def ds_config(args, world):
                                "host_optimizer_states": bool(args.host_optimizer_states)}
         if args.fused_norms:  # not a planned setting: in the block only when asked for
             cfg["long_context"]["fused_norms"] = True
+        if args.fused_gated_mlp:
+            cfg["long_context"]["fused_gated_mlp"] = True
         if args.block_seq_len:  # the pre-flight check of initialize runs for this length
             cfg["long_context"]["seq_len"] = args.seq_len
     return cfg
@@ -74,6 +76,8 @@ def parse_args(argv=None):
                     help="ds_longctx: RMSNorms keep only their input for backward (0: the model's own norms)")
     ap.add_argument("--fused_norms", action="store_true",
                     help="ds_longctx: the lean norms' tiles as compiled kernels (long_context.fused_norms)")
+    ap.add_argument("--fused_gated_mlp", action="store_true",
+                    help="ds_longctx: the MLP's silu(gate) * up as compiled kernels (long_context.fused_gated_mlp)")
     ap.add_argument("--offload_optimizer", action="store_true", help="ZeRO-3 optimizer states on the CPU")
     ap.add_argument("--host_optimizer_states", action="store_true",
                     help="ds_longctx: AdamW's moments in pinned host memory, streamed through the GPU for the update "

@@ -104,6 +104,13 @@ class LongContextConfig(BaseModel):
         description="With lean_rms_norm: each norm tile's forward runs as one compiled kernel and its backward as "
                     "two (torch.compile), reading the input once instead of about nine fp32 passes; the first "
                     "step compiles them. Values may differ from the eager norms by one bf16 rounding step.")
+    fused_gated_mlp: bool = Field(
+        default=False, strict=True,
+        description="Hugging Face models with a SiLU-gated MLP (Llama, Qwen2, Qwen3, Mistral): silu(gate) * up and its "
+                    "backward run as compiled kernels (torch.compile), one read of gate and up instead of about five "
+                    "passes forward and eight backward, and the MLP keeps gate and up for backward but not their "
+                    "product's factor silu(gate) (one [S_local, intermediate] activation less); the first step "
+                    "compiles them. Values may differ from the eager MLP's by one bf16 rounding step.")
     checkpoint_offload: Union[Auto, StrictBool, LayerCount] = Field(
         default=False,
         description="With activation checkpointing on, keep each checkpointed layer's input (one [S_local, "

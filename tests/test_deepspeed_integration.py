@@ -354,9 +354,10 @@ def test_hf_model_on_shards_without_position_ids_gives_the_full_models_logits(po
 
 
 # (ulysses, ring, block): checkpoint_layers 2 of 4 with kept outputs, checkpoint offload of the first layer, MLP
-# tiles and FPDT chunks in host memory; with the attention recomputed; and no layer checkpointed (tiled loss)
+# tiles running the fused gating and FPDT chunks in host memory; with the attention recomputed; and no layer
+# checkpointed (tiled loss)
 CHECKPOINT_LAYERS = [
-    (1, 2, {"checkpoint_layers": 2, "checkpoint_offload": 1, "mlp_tile_tokens": 5,
+    (1, 2, {"checkpoint_layers": 2, "checkpoint_offload": 1, "mlp_tile_tokens": 5, "fused_gated_mlp": True,
             "fpdt": {"chunk_size": 8, "offload": True}}),
     (2, 1, {"checkpoint_layers": 2, "keep_attention_output": False, "checkpoint_offload": True}),
     (2, 1, {"checkpoint_layers": 0, "mlp_tile_tokens": 7, "fpdt": {"chunk_size": 8, "offload": True},
@@ -364,7 +365,7 @@ CHECKPOINT_LAYERS = [
 ]
 
 
-@pytest.mark.parametrize("ulysses,ring,block", CHECKPOINT_LAYERS, ids=["U1xR2-fpdt-tiles-offload1",
+@pytest.mark.parametrize("ulysses,ring,block", CHECKPOINT_LAYERS, ids=["U1xR2-fpdt-fused-tiles-offload1",
                                                                       "U2xR1-recompute-offloaded", "U2xR1-none"])
 def test_checkpoint_layers_give_the_float64_loss_and_gradients_of_no_checkpointing(pool, ulysses, ring, block):
     """A 4-layer Llama with every layer's gradient checkpointing on and ``checkpoint_layers`` N on 2 ranks: the

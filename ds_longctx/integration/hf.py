@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from ..memory.gated_mlp import fuse_gated_mlps
 from ..memory.norms import lean_rms_norms
 from .context import LongContext, attach
 from .hf_attention import ATTN_IMPLEMENTATION, HFModelError, hf_attention, register
@@ -83,6 +84,7 @@ def apply(model: torch.nn.Module, lc: LongContext) -> torch.nn.Module:
     attach(model, lc)
     configure_layers(model, lc)
     lean_rms_norms(model, lc.config.lean_rms_norm, fused=lc.config.fused_norms)
+    fuse_gated_mlps(model, lc.config.fused_gated_mlp)
     for old in getattr(model, _HOOK_ATTR, None) or ():
         old.remove()
     hooks = [model.register_forward_pre_hook(prepare_call, with_kwargs=True),

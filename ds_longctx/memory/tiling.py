@@ -12,7 +12,7 @@ backward, from all tiles, so ZeRO's gradient hooks fire as they do for the until
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.utils.checkpoint
@@ -37,15 +37,38 @@ def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile_toke
                       for t in x.split(tile_tokens, dim=dim)], dim=dim)
 
 
+_BASE_FORWARD_ATTR = "_ds_longctx_base_forward"
+
+
+def base_forward(module: torch.nn.Module) -> Callable:
+    """The forward a module's tiles run: the replacement :func:`set_base_forward` gave it, else its class's."""
+    replacement = module.__dict__.get(_BASE_FORWARD_ATTR)
+    return replacement if replacement is not None else type(module).forward.__get__(module)
+
+
+def set_base_forward(module: torch.nn.Module, forward: Optional[Callable]) -> None:
+    """Replace ``module``'s own computation by ``forward`` (None: back to its class's), under its tiling if it is
+    tiled: tiling and a replaced computation (e.g. fused kernels) compose in either order."""
+    current = module.__dict__.get("forward")
+    if forward is None:
+        module.__dict__.pop(_BASE_FORWARD_ATTR, None)
+        if current is not None and not isinstance(current, TiledForward):
+            del module.forward
+        return
+    object.__setattr__(module, _BASE_FORWARD_ATTR, forward)
+    if not isinstance(current, TiledForward):
+        module.forward = forward
+
+
 class TiledForward:
-    """A module's ``forward`` replaced by :func:`tiled` over its own ``forward`` (see :func:`tile_module`)."""
+    """A module's ``forward`` replaced by :func:`tiled` over its :func:`base_forward` (see :func:`tile_module`)."""
 
     def __init__(self, module: torch.nn.Module, tile_tokens: int):
-        self.inner = type(module).forward.__get__(module)
+        self.module = module
         self.tile_tokens = tile_tokens
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return tiled(self.inner, x, self.tile_tokens)
+        return tiled(base_forward(self.module), x, self.tile_tokens)
 
 
 def tile_module(module: torch.nn.Module, tile_tokens: int) -> None:
@@ -59,6 +82,9 @@ def untile_module(module: torch.nn.Module) -> None:
     """Undo :func:`tile_module`."""
     if isinstance(module.__dict__.get("forward"), TiledForward):
         del module.forward
+        replacement = module.__dict__.get(_BASE_FORWARD_ATTR)
+        if replacement is not None:
+            module.forward = replacement
 
 
-__all__ = ["TiledForward", "tile_module", "tiled", "untile_module"]
+__all__ = ["TiledForward", "base_forward", "set_base_forward", "tile_module", "tiled", "untile_module"]
