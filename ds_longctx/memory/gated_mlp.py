@@ -96,7 +96,7 @@ def fuse_gated_mlps(model: torch.nn.Module, enabled: bool = True) -> int:
     for module in model.modules():
         if is_gated_mlp(module):
             set_base_forward(module, FusedGatedMLPForward(module) if enabled else None)
-            n += enabled
+            n += 1 if enabled else 0
     return n
 
 

@@ -51,8 +51,8 @@ def set_base_forward(module: torch.nn.Module, forward: Optional[Callable]) -> No
     tiled: tiling and a replaced computation (e.g. fused kernels) compose in either order."""
     current = module.__dict__.get("forward")
     if forward is None:
-        module.__dict__.pop(_BASE_FORWARD_ATTR, None)
-        if current is not None and not isinstance(current, TiledForward):
+        previous = module.__dict__.pop(_BASE_FORWARD_ATTR, None)
+        if previous is not None and current is previous:  # another wrapper (tiles, the user's) stays
             del module.forward
         return
     object.__setattr__(module, _BASE_FORWARD_ATTR, forward)
