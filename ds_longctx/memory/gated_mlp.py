@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .compiled import compiled
 from .tiling import set_base_forward
 
 GATED_MLP_CLASSES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
@@ -35,29 +36,16 @@ def _backward_kernel(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor):
     return d_gate.to(gate.dtype), d_up.to(up.dtype)
 
 
-_COMPILED = {}
-
-
-def _kernels():
-    """The forward and backward, compiled once per process (dynamic shapes: tiles and lengths vary)."""
-    if not _COMPILED:
-        _COMPILED["forward"] = torch.compile(_forward_kernel, dynamic=True, fullgraph=True)
-        _COMPILED["backward"] = torch.compile(_backward_kernel, dynamic=True, fullgraph=True)
-    return _COMPILED["forward"], _COMPILED["backward"]
-
-
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        forward_kernel, _ = _kernels()
-        return forward_kernel(gate, up)
+        return compiled(_forward_kernel)(gate, up)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        _, backward_kernel = _kernels()
-        return backward_kernel(gate, up, grad.contiguous())
+        return compiled(_backward_kernel)(gate, up, grad.contiguous())
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from .compiled import compiled
+
 # Rows (tokens x heads for per-head norms) per tile: the fp32 temporaries of a tile at hidden 4096 take
 # 128 MiB each, small beside a layer, large enough that a launch per tile costs nothing.
 TILE_ROWS = 8192
@@ -54,17 +56,11 @@ def _backward_tile(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, rstd:
         dx.copy_(rstd * (gh - h * (gh * h).mean(-1, keepdim=True)))
 
 
-_COMPILED = {}
-
-
 def _tile_functions(fused: bool):
-    """The forward and backward of a tile: eager, or compiled once per process (dynamic row counts)."""
+    """The forward and backward of a tile: eager, or compiled."""
     if not fused:
         return _forward_tile, _backward_tile
-    if not _COMPILED:
-        _COMPILED["forward"] = torch.compile(_forward_tile, dynamic=True, fullgraph=True)
-        _COMPILED["backward"] = torch.compile(_backward_tile, dynamic=True, fullgraph=True)
-    return _COMPILED["forward"], _COMPILED["backward"]
+    return compiled(_forward_tile), compiled(_backward_tile)
 
 
 class _RMSNorm(torch.autograd.Function):
