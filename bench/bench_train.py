@@ -147,7 +147,7 @@ def main():
         # (the record's probe_layers, from the arguments, marks it a fit probe: no step finished, no rates)
         fit = FitProbe(decoder_layers(engine.module), args.probe_layers, peak_gib=peak, sync=Memory.sync)
     steps = []
-    profiler = StepProfiler(args.profile_step)
+    profiler = StepProfiler(args.profile_step, trace_path=args.profile_trace)
     alloc = lambda: Memory.allocated() / 2 ** 30  # noqa: E731
     plan = step_plan(seq_len=args.seq_len, steps=args.steps, probe_layers=args.probe_layers,
                      warm_seq_len=args.probe_warm_seq_len, multiple=lc.config.seq_multiple if lc is not None else 1)
@@ -197,12 +197,12 @@ def main():
                 if step == args.profile_step:
                     Memory.sync()
                     phases["backward_s"] = time.perf_counter() - t0 - phases["forward_s"]
-            if kind == "probe" and stopped is None:  # the hooks never fired: the probe would measure nothing
-                raise RuntimeError("the fit probe's hooks did not stop the backward (no decoder layer input "
-                                   "required a gradient?)")
-            if stopped is None:
-                engine.step()
-            Memory.sync()
+                if kind == "probe" and stopped is None:  # the hooks never fired: the probe would measure nothing
+                    raise RuntimeError("the fit probe's hooks did not stop the backward (no decoder layer input "
+                                       "required a gradient?)")
+                if stopped is None:  # inside the profiler: the optimizer's step is part of the step's GPU time
+                    engine.step()
+                Memory.sync()
         except Exception as exc:  # noqa: BLE001 - an out-of-memory is a result, anything else a bug
             kind_oom = out_of_memory_kind(exc)
             if kind_oom is None:

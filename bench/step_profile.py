@@ -1,6 +1,6 @@
 """Where one training step's time goes on the GPU: ``bench_train.py --profile_step``.
 
-The step runs under ``torch.profiler`` (CUDA activity); its record says, in seconds: the step's wall time, the
+The step (forward, backward and the optimizer's step) runs under ``torch.profiler`` (CUDA activity); its record says, in seconds: the step's wall time, the
 time the GPU ran at least one compute kernel (the union of their intervals, so overlapping streams count
 once) and the rest (``gpu_idle_s``: launch gaps, host work, waits for copies), each kernel class's summed
 time (attention, matmul, copies host<->device and device<->device, the rest: elementwise, reductions,
@@ -11,7 +11,11 @@ or its surroundings are slow.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterable, List, Tuple
+import gzip
+import os
+import shutil
+import tempfile
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -69,12 +73,23 @@ def summarize(device_events: List[Tuple[str, float, float]], wall_s: float, top:
             "top_kernels": [{"name": n[:160], "seconds": round(s, 4), "calls": c} for n, (s, c) in ranked]}
 
 
+def write_trace(prof, path: str) -> None:
+    """The profiler's Chrome trace, gzipped, at ``path`` (a ``.json.gz`` is what chrome://tracing and Perfetto
+    open)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(raw)
+        with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
 class StepProfiler:
     """Profiles one step: ``context(step)`` around every step (a profiler only around ``self.step``), then
     ``finish(step, wall_s)`` returns that step's :func:`summarize` record (None for the others)."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, trace_path: Optional[str] = None):
         self.step = step
+        self.trace_path = trace_path
         self.prof = None
         self.result = None
 
@@ -82,7 +97,9 @@ class StepProfiler:
         if step != self.step or not torch.cuda.is_available():
             return contextlib.nullcontext()
         from torch.profiler import ProfilerActivity, profile
-        self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        # stacks only when a trace is kept: they slow the host side, so the summary alone runs without them
+        self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                            with_stack=self.trace_path is not None)
         return self.prof
 
     def finish(self, step: int, wall_s: float):
@@ -91,5 +108,8 @@ class StepProfiler:
         events = [(e.name, e.time_range.start, e.time_range.end) for e in self.prof.events()
                   if e.device_type == torch.autograd.DeviceType.CUDA]
         self.result = summarize(events, wall_s)
+        if self.trace_path is not None:
+            write_trace(self.prof, self.trace_path)
+            self.result["trace"] = os.path.basename(self.trace_path)
         self.prof = None
         return self.result

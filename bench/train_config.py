@@ -112,6 +112,10 @@ def parse_args(argv=None):
     ap.add_argument("--profile_step", type=int, default=-1,
                     help="run this step under torch.profiler: its row gets 'profile' (bench/step_profile.py: GPU busy "
                          "and idle seconds, time per kernel class, exposed host copies, the top kernels)")
+    ap.add_argument("--profile_trace", default=None,
+                    help="with --profile_step: also write the step's trace there (Chrome trace format, gzipped, "
+                         "with Python stacks: which code launched each kernel, what the host did while the GPU "
+                         "idled)")
     ap.add_argument("--probe_layers", type=int, default=0,
                     help="a fit probe (bench/fit_probe.py): the step at --seq_len stops after this many decoder "
                          "layers' backward (counted from the last; its peak so far is the step's peak), no "
