@@ -20,7 +20,8 @@ transformers' gradient checkpointing and cuDNN SDPA), ``alst`` (``--mode alst``,
 (the configuration ``ds-longctx plan`` chooses for the length on this machine, cuDNN kernel; its plan JSON is
 kept as ``<prefix>plan_<model>_<S>.json``) and ``ds_longctx_plan_fa4`` (the same with the ``auto`` kernel);
 ``ds_longctx_lean*`` the fastest plan within ``ALST_SHARE`` of ALST's measured peak; ``*_fused`` with the norms in
-compiled kernels, ``*_fusedmlp`` with the MLP's gating compiled too. ``{chunk}`` in
+compiled kernels, ``*_fusedmlp`` with the MLP's gating compiled too, ``*_fusedall`` with the rotary embedding
+too. ``{chunk}`` in
 flags is the FPDT chunk: ``min(65536, S)``. Every run gets ``PYTORCH_CUDA_ALLOC_CONF`` of ``--alloc-conf``
 (expandable segments, as ALST's authors run).
 
@@ -57,6 +58,7 @@ PLANNED_WITHIN_ALST = "--mode ds_longctx --checkpointing {plan_within_alst}"
 #: the GPU-memory target against ALST is 0.7x its peak; plans aim 2% under it (the planner's peaks were
 #: within 1-2% of the measured ones on this machine)
 ALST_SHARE = 0.68
+ALL_FUSED = "--fused_norms --fused_gated_mlp --fused_rope"
 VARIANTS: Dict[str, str] = {
     "deepspeed": "--mode deepspeed --checkpointing --ds_sdpa cudnn",
     "alst": "--mode alst --checkpointing --ds_sdpa cudnn",
@@ -70,6 +72,8 @@ VARIANTS: Dict[str, str] = {
     "ds_longctx_lean_fused": PLANNED_WITHIN_ALST + " --kernel sdpa_cudnn --fused_norms",
     "ds_longctx_plan_fusedmlp": PLANNED + " --kernel sdpa_cudnn --fused_norms --fused_gated_mlp",
     "ds_longctx_lean_fusedmlp": PLANNED_WITHIN_ALST + " --kernel sdpa_cudnn --fused_norms --fused_gated_mlp",
+    "ds_longctx_plan_fusedall": PLANNED + " --kernel sdpa_cudnn " + ALL_FUSED,
+    "ds_longctx_lean_fusedall": PLANNED_WITHIN_ALST + " --kernel sdpa_cudnn " + ALL_FUSED,
 }
 STOPS = ("oom", "failed", "timeout", "over_budget")  # statuses after which a variant's longer lengths are skipped
 

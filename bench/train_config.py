@@ -49,6 +49,8 @@ def ds_config(args, world):
             cfg["long_context"]["fused_norms"] = True
         if args.fused_gated_mlp:
             cfg["long_context"]["fused_gated_mlp"] = True
+        if args.fused_rope:
+            cfg["long_context"]["fused_rope"] = True
         if args.block_seq_len:  # the pre-flight check of initialize runs for this length
             cfg["long_context"]["seq_len"] = args.seq_len
     return cfg
@@ -78,6 +80,8 @@ def parse_args(argv=None):
                     help="ds_longctx: the lean norms' tiles as compiled kernels (long_context.fused_norms)")
     ap.add_argument("--fused_gated_mlp", action="store_true",
                     help="ds_longctx: the MLP's silu(gate) * up as compiled kernels (long_context.fused_gated_mlp)")
+    ap.add_argument("--fused_rope", action="store_true",
+                    help="ds_longctx: the rotary embedding of q and k as compiled kernels (long_context.fused_rope)")
     ap.add_argument("--offload_optimizer", action="store_true", help="ZeRO-3 optimizer states on the CPU")
     ap.add_argument("--host_optimizer_states", action="store_true",
                     help="ds_longctx: AdamW's moments in pinned host memory, streamed through the GPU for the update "

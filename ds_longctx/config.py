@@ -111,6 +111,12 @@ class LongContextConfig(BaseModel):
                     "passes forward and eight backward, and the MLP keeps gate and up for backward but not their "
                     "product's factor silu(gate) (one [S_local, intermediate] activation less); the first step "
                     "compiles them. Values may differ from the eager MLP's by one bf16 rounding step.")
+    fused_rope: bool = Field(
+        default=False, strict=True,
+        description="Hugging Face models (Llama, Qwen2, Qwen3, Mistral): the rotary position embedding of queries "
+                    "and keys and its backward run as compiled kernels (torch.compile), one pass over each tensor "
+                    "instead of five; the first step compiles them. Values may differ from the models' own by one "
+                    "bf16 rounding step. Other models in the process keep theirs.")
     checkpoint_offload: Union[Auto, StrictBool, LayerCount] = Field(
         default=False,
         description="With activation checkpointing on, keep each checkpointed layer's input (one [S_local, "

@@ -36,7 +36,7 @@ def test_full_block_resolves_to_its_values():
              "kernel": "sdpa_cudnn", "causal": False, "keep_attention_output": False, "checkpoint_offload": True,
              "checkpoint_layers": 12,
              "mlp_tile_tokens": 4096, "loss_tile_tokens": 2048, "load_balance": "zigzag",
-             "lean_rms_norm": False, "fused_norms": False, "fused_gated_mlp": False, "host_optimizer_states": True,
+             "lean_rms_norm": False, "fused_norms": False, "fused_gated_mlp": False, "fused_rope": False, "host_optimizer_states": True,
              "seq_len": 1048576,
              "preflight": False,
              "timeout_s": 600.0}

@@ -50,6 +50,7 @@ from .hf_attention import ATTN_IMPLEMENTATION, HFModelError, hf_attention, regis
 from .hf_call import prepare_call
 from .hf_layers import configure_layers, stash_checkpoints, tile_mlps
 from .hf_loss import capture_hidden, finish_call
+from .hf_rotary import fuse_rotary
 
 _HOOK_ATTR = "_ds_longctx_hook"
 
@@ -85,6 +86,7 @@ def apply(model: torch.nn.Module, lc: LongContext) -> torch.nn.Module:
     configure_layers(model, lc)
     lean_rms_norms(model, lc.config.lean_rms_norm, fused=lc.config.fused_norms)
     fuse_gated_mlps(model, lc.config.fused_gated_mlp)
+    fuse_rotary(model, lc.config.fused_rope)
     for old in getattr(model, _HOOK_ATTR, None) or ():
         old.remove()
     hooks = [model.register_forward_pre_hook(prepare_call, with_kwargs=True),
