@@ -78,6 +78,9 @@ def train_flags(ds_config: dict) -> List[str]:
     for key in ("mlp_tile_tokens", "loss_tile_tokens"):
         if block.get(key):
             flags += [f"--{key}", str(block[key])]
+    for key in ("fused_norms", "fused_gated_mlp", "fused_rope"):
+        if block.get(key):
+            flags.append(f"--{key}")
     if ds_config.get("zero_optimization", {}).get("offload_optimizer"):
         flags.append("--offload_optimizer")
     if block.get("host_optimizer_states"):

@@ -55,6 +55,18 @@ def test_a_plan_with_the_moments_in_host_memory_becomes_the_same_block_in_the_tr
     assert built["optimizer"]["type"] == "AdamW"
 
 
+def test_a_plan_with_fused_kernels_becomes_the_same_block_in_the_training_bench(monkeypatch):
+    import bench.bench_train as bt
+
+    fused = {"fused_norms": True, "fused_gated_mlp": True, "fused_rope": True}
+    planned = {**PLANNED, "long_context": {**PLANNED["long_context"], **fused}}
+    argv = ["bench_train.py", "--out", "x.json", "--seq_len", "524288", "--checkpointing", "--block_seq_len", "1",
+            *train_flags(planned)]
+    monkeypatch.setattr(sys, "argv", argv)
+    args, _ = bt.parse_args()
+    assert bt.ds_config(args, world=1)["long_context"] == planned["long_context"]
+
+
 def test_the_refused_length_is_at_least_ten_percent_longer_and_divisible_by_the_chunk():
     block = PLANNED["long_context"]
     longer = refused_length(524288, block)

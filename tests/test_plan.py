@@ -269,6 +269,20 @@ def test_each_unchecked_layer_keeps_its_whole_activations_and_the_checkpointed_o
     assert "activations" not in estimate_memory(run, Settings())["forward"]
 
 
+def test_the_fused_gating_keeps_one_intermediate_wide_activation_less_per_layer_and_the_block_says_so():
+    tokens = 1024
+    run = Run(model=SMALL, world=1, seq_len=tokens)
+    one_less = tokens * 2 * SMALL.intermediate  # act(gate), bf16
+    eager = estimate_memory(run, Settings(checkpoint_layers=1))
+    fused = estimate_memory(run, Settings(checkpoint_layers=1, fused_gated_mlp=True))
+    assert eager["forward"]["activations"] - fused["forward"]["activations"] == 3 * one_less
+    assert eager["checkpointed_backward"]["layer_saved"] - fused["checkpointed_backward"]["layer_saved"] == one_less
+    settings = Settings(fused_norms=True, fused_gated_mlp=True, fused_rope=True)
+    block = settings.block(SMALL.layers)
+    assert (block["fused_norms"], block["fused_gated_mlp"], block["fused_rope"]) == (True, True, True)
+    assert Settings.from_block(block, SMALL.layers, ZeroSettings()) == settings
+
+
 def test_the_last_layer_backward_recomputes_only_when_it_is_checkpointed():
     run = Run(model=SMALL, world=1, seq_len=1024)
     every = estimate_memory(run, Settings())

@@ -65,8 +65,14 @@ def layer_saved(settings: Settings, w: Widths, tokens: int, recompute: bool) -> 
     if not (recompute and settings.keep_attention_output):
         saved += kept_bytes(tokens, w)  # the attention output the o-projection saves
     if settings.mlp_tile_tokens is None:
-        saved += tokens * 4 * BF16 * w.i  # gate, up, act(gate), act(gate) * up
+        saved += tokens * mlp_saved_widths(settings) * BF16 * w.i
     return saved
+
+
+def mlp_saved_widths(settings: Settings) -> int:
+    """``intermediate``-wide tensors a gated MLP saves for its backward: gate, up, act(gate) and the product
+    (the down projection's input); the fused gating (``fused_gated_mlp``) keeps no act(gate)."""
+    return 3 if settings.fused_gated_mlp else 4
 
 
 def unchecked_layer_bytes(settings: Settings, w: Widths, tokens: int) -> int:
@@ -76,4 +82,4 @@ def unchecked_layer_bytes(settings: Settings, w: Widths, tokens: int) -> int:
 
 
 __all__ = ["BF16", "FP32", "Widths", "attention_state", "checkpointed_layers", "kept_bytes", "layer_saved",
-           "norm_saved", "unchecked_layer_bytes"]
+           "mlp_saved_widths", "norm_saved", "unchecked_layer_bytes"]

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Dict
 
 from ..geometry import ChunkGeometry
-from .activations import (BF16, FP32, Widths, checkpointed_layers, kept_bytes, layer_saved, norm_saved,
-                          unchecked_layer_bytes)
+from .activations import (BF16, FP32, Widths, checkpointed_layers, kept_bytes, layer_saved, mlp_saved_widths,
+                          norm_saved, unchecked_layer_bytes)
 from .host_memory import HostBuffer, estimate_host, host_pageable, pool_buffers
 from .host_optimizer import staging_bytes
 from .machine import GIB
@@ -140,12 +140,14 @@ def _layer_backward(run: Run, settings: Settings, w: Widths, tokens: int, recomp
     mlp_tokens = min(tokens, settings.mlp_tile_tokens or tokens)
     tile = 0
     if settings.mlp_tile_tokens is not None:
-        tile = mlp_tokens * 4 * BF16 * w.i  # one tile's recomputed activations
+        tile = mlp_tokens * mlp_saved_widths(settings) * BF16 * w.i  # one tile's recomputed activations
     # MLP phase, at the product's backward: d(down's input), d(act), d(up) live while the down projection's
     # saved input is already freed (net two intermediate-wide tensors over the saved ones), plus the
     # output's and the input's gradients
     mlp_phase = tile + mlp_tokens * 2 * BF16 * w.i + tokens * 2 * BF16 * w.h
-    mlp_saved = tokens * BF16 * w.h + (0 if settings.mlp_tile_tokens else tokens * 4 * BF16 * w.i)
+    mlp_saved = tokens * BF16 * w.h
+    if not settings.mlp_tile_tokens:
+        mlp_saved += tokens * mlp_saved_widths(settings) * BF16 * w.i
     if settings.chunk_size is None:
         # attention phase: d(out), dq/dk/dv, the kernel's fp32 dq accumulator, the residual gradient
         attention_phase = tokens * (BF16 * (2 * w.q + 2 * w.kv) + FP32 * w.q + 2 * BF16 * w.h)

@@ -70,6 +70,9 @@ class Settings:
     mlp_tile_tokens: Optional[int] = None
     loss_tile_tokens: Optional[int] = None
     lean_rms_norm: bool = True
+    fused_norms: bool = False
+    fused_gated_mlp: bool = False
+    fused_rope: bool = False
     host_optimizer_states: bool = False
     zero: ZeroSettings = ZeroSettings()
 
@@ -95,7 +98,9 @@ class Settings:
             "checkpoint_layers": None if checkpointed >= layers else checkpointed,
             "checkpoint_offload": True if offload and offload >= checkpointed else (offload if offload else False),
             "mlp_tile_tokens": self.mlp_tile_tokens, "loss_tile_tokens": self.loss_tile_tokens,
-            "lean_rms_norm": self.lean_rms_norm, "host_optimizer_states": self.host_optimizer_states,
+            "lean_rms_norm": self.lean_rms_norm, "fused_norms": self.fused_norms,
+            "fused_gated_mlp": self.fused_gated_mlp, "fused_rope": self.fused_rope,
+            "host_optimizer_states": self.host_optimizer_states,
         }
         if seq_len is not None:
             block["seq_len"] = seq_len
@@ -129,7 +134,8 @@ class Settings:
                    checkpoint_layers=None if checkpointed >= layers else checkpointed,
                    checkpoint_offload_layers=min(checkpointed, layers_offloaded),
                    mlp_tile_tokens=block.get("mlp_tile_tokens"), loss_tile_tokens=block.get("loss_tile_tokens"),
-                   lean_rms_norm=block.get("lean_rms_norm", True),
+                   lean_rms_norm=block.get("lean_rms_norm", True), fused_norms=block.get("fused_norms", False),
+                   fused_gated_mlp=block.get("fused_gated_mlp", False), fused_rope=block.get("fused_rope", False),
                    host_optimizer_states=bool(block.get("host_optimizer_states", False)), zero=zero)
 
 
