@@ -134,7 +134,7 @@ def _plan(args: argparse.Namespace) -> int:
     fixed = fixed_fields(cfg, model.layers, zero) if cfg is not None else None
     reason = None
     if seq_len is None:
-        verdict = longest(run, machine, margins, fixed, base=Settings(kernel=args.kernel))
+        verdict = longest(run, machine, margins, fixed, base=Settings.recommended(args.kernel))
         if verdict is None:
             print(f"ds-longctx plan: not even {run.with_seq_len(32768).seq_len} tokens fit {model.name} on "
                   f"{machine.gpus} GPU(s); use more GPUs or offload the optimizer", file=sys.stderr)
@@ -148,12 +148,12 @@ def _plan(args: argparse.Namespace) -> int:
                 resolved = resolve(cfg, run, machine, margins, zero)
                 verdict = judge(run, settings_of(resolved, model.layers, zero), machine, margins)
                 if not verdict.fits:
-                    winner, _ = best(run, machine, margins, None, base=Settings(kernel=args.kernel))
+                    winner, _ = best(run, machine, margins, None, base=Settings.recommended(args.kernel))
                     reason = (f"does not fit: {verdict.why_not()}; " + (
                         f"fastest that fits: {winner.settings.block(model.layers)}" if winner else
                         "no configuration fits on these GPUs"))
             else:
-                winner, smallest = best(run, machine, margins, None, base=Settings(kernel=args.kernel))
+                winner, smallest = best(run, machine, margins, None, base=Settings.recommended(args.kernel))
                 verdict = winner or smallest
                 if winner is None:
                     reason = (f"nothing fits; the smallest GPU peak does not fit either: {smallest.why_not()}; "

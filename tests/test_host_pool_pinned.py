@@ -184,3 +184,32 @@ def test_unpinned_buffers_and_machines_without_cuda_register_nothing(cuda, monke
             pool.lease().acquire((7,), torch.uint8, pin=True)
     assert cuda.registered == [] and pool.locked_bytes == 0
 
+
+
+class PendingCopy:
+    """Stands in for the CUDA event of a copy still running: ``synchronize`` is when the host would wait."""
+
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def synchronize(self):
+        self.log.append(("wait", self.name))
+
+
+def test_a_lease_ends_without_waiting_for_its_copies_and_the_buffer_waits_for_them_before_reuse_or_free():
+    pool, log = HostPool(), []
+    lease = pool.lease()
+    buf = lease.acquire((4, 8), torch.float32, pin=False)
+    lease.after(PendingCopy(log, "d2h"), stream="d2h")
+    lease.after(PendingCopy(log, "h2d"), stream="h2d")
+    lease.release()
+    assert log == [] and pool.leased_bytes == 0  # back in the pool, the host never stalled at the end of a layer
+    again = pool.lease().acquire((4, 8), torch.float32, pin=False)
+    assert again.data_ptr() == buf.data_ptr() and sorted(log) == [("wait", "d2h"), ("wait", "h2d")]
+    log.clear()
+    second = pool.lease()
+    second.acquire((2, 2), torch.float32, pin=False)
+    second.after(PendingCopy(log, "late"), stream="d2h")
+    second.release()
+    pool.release()  # freeing an idle buffer waits for its copy first
+    assert log == [("wait", "late")]

@@ -283,6 +283,23 @@ def test_the_fused_gating_keeps_one_intermediate_wide_activation_less_per_layer_
     assert Settings.from_block(block, SMALL.layers, ZeroSettings()) == settings
 
 
+def test_within_alsts_memory_at_131k_the_plan_is_one_attention_call_with_the_fused_kernels():
+    """Llama-3.2-3B at 131K tokens on a GPU of 0.68 x ALST's measured peak (bench/run_alst_compare.py's lean
+    plan): the fused gating's smaller layer makes one unchunked attention call fit, which ran 2% faster than
+    64K FPDT chunks on an H200 (bench/results/alstcmp_ds_longctx_lean*_fusedall_llama3.2-3b_131072.json)."""
+    model = ModelSpec.from_config({**LLAMA_3B, "max_position_embeddings": 131072})
+    machine = Machine(gpus=1, gpu_memory=int(0.68 * 64.43 * GIB), host_memory=int(124.23 * GIB),
+                      gpu_name="NVIDIA H200")
+    margins = Margins(gpu=0, host=int(0.10 * machine.host_memory))
+    run = Run(model=model, world=1, seq_len=131072)
+    winner, _ = best(run, machine, margins, None, Settings.recommended("sdpa_cudnn"))
+    chosen = winner.settings
+    assert (chosen.chunk_size, chosen.fused_gated_mlp, chosen.host_optimizer_states) == (None, True, True)
+    # without the fused gating the unchunked layer does not fit: FPDT's chunks were the choice
+    eager, _ = best(run, machine, margins, None, Settings(kernel="sdpa_cudnn"))
+    assert eager.settings.chunk_size == 65536 and eager.settings.fpdt_offload
+
+
 def test_the_last_layer_backward_recomputes_only_when_it_is_checkpointed():
     run = Run(model=SMALL, world=1, seq_len=1024)
     every = estimate_memory(run, Settings())

@@ -45,7 +45,9 @@ class HostPool:
 
     def __init__(self, limit_bytes: Optional[int] = None):
         self.limit_bytes = limit_bytes
-        self._idle: Dict[Key, List[torch.Tensor]] = {}
+        # idle buffers with the events of the last copies that touched them: a buffer handed back while its
+        # copy is in flight waits for it only when it is handed out again (or freed), not when it comes back
+        self._idle: Dict[Key, List[Tuple[torch.Tensor, Tuple]]] = {}
         self._locked: Dict[int, pinned_memory.PinnedBuffer] = {}  # by data_ptr: the registered buffers held
         self.held_bytes = 0        # allocated and not yet released, idle or leased
         self.leased_bytes = 0
@@ -59,7 +61,8 @@ class HostPool:
         key = (tuple(int(d) for d in shape), dtype, bool(pin))
         idle = self._idle.get(key)
         if idle:
-            buf = idle.pop()
+            buf, pending = idle.pop()
+            _wait(pending)
         else:
             buf = self._allocate(key)
         self.leased_bytes += self._occupied(buf)
@@ -105,14 +108,17 @@ class HostPool:
         if record is not None:
             record.unregister()
 
-    def give_back(self, buffers: Sequence[torch.Tensor], pinned: Sequence[bool]) -> None:
-        """Return leased buffers (their last device copies must be complete: callers pass ordered events)."""
+    def give_back(self, buffers: Sequence[torch.Tensor], pinned: Sequence[bool], pending: Sequence = ()) -> None:
+        """Return leased buffers. ``pending``: events of the last copies touching them (each the latest of its
+        stream); the buffers are reused or freed only once those are done, and the caller does not wait."""
+        pending = tuple(pending)
         for buf, pin in zip(buffers, pinned):
             self.leased_bytes -= self._occupied(buf)
             if self._released:
+                _wait(pending)
                 self._drop(buf)  # released while leased: drop it now instead of keeping it idle
                 continue
-            self._idle.setdefault((tuple(buf.shape), buf.dtype, pin), []).append(buf)
+            self._idle.setdefault((tuple(buf.shape), buf.dtype, pin), []).append((buf, pending))
 
     def lease(self) -> "Lease":
         """A group of buffers handed back together (by :meth:`Lease.release` or when the lease is collected)."""
@@ -122,7 +128,8 @@ class HostPool:
     def release(self) -> None:
         """Free every idle buffer; buffers still leased are freed when their lease ends."""
         for bufs in self._idle.values():
-            for buf in bufs:
+            for buf, pending in bufs:
+                _wait(pending)
                 self._drop(buf)
         self._idle.clear()
         self._released = True
@@ -147,12 +154,21 @@ class HostPool:
                 f"allocations={self.allocations}, limit={self.limit_bytes})")
 
 
+def _wait(events) -> None:
+    """Block until these copies are done (a copy may still read or write the buffer): waits on those copies
+    only, never the device."""
+    for ev in events:
+        ev.synchronize()
+
+
 def _return(pool_ref, buffers, pinned, events):
-    for ev in events.values():
-        ev.synchronize()  # a copy may still read/write the buffer; waits only on that copy, never the device
     pool = pool_ref()
-    if pool is not None:
-        pool.give_back(buffers, pinned)
+    if pool is None:
+        _wait(events.values())
+        return
+    # the copies may still run: the pool waits for them when it hands the buffers out again, so the host does
+    # not stall here (at the end of a layer's backward) while the GPU's queue drains
+    pool.give_back(buffers, pinned, pending=events.values())
 
 
 class Lease:

@@ -69,7 +69,8 @@ def resolve(cfg: LongContextConfig, run: Run, machine: Machine, margins: Margins
     Raises :class:`PlanError` when nothing fits with the fields the block pins."""
     if not cfg.auto_fields:
         return cfg
-    base = base.with_(kernel=cfg.kernel, lean_rms_norm=cfg.lean_rms_norm, zero=zero)
+    base = base.with_(kernel=cfg.kernel, lean_rms_norm=cfg.lean_rms_norm, fused_norms=cfg.fused_norms,
+                      fused_gated_mlp=cfg.fused_gated_mlp, fused_rope=cfg.fused_rope, zero=zero)
     winner, smallest = best(run, machine, margins, fixed_fields(cfg, run.model.layers, zero), base)
     if winner is None:
         raise PlanError(_nothing_fits(run, machine, smallest, what=f"the {BLOCK_KEY} block's fixed values"))

@@ -76,6 +76,12 @@ class Settings:
     host_optimizer_states: bool = False
     zero: ZeroSettings = ZeroSettings()
 
+    @classmethod
+    def recommended(cls, kernel: str = "auto", **fields) -> "Settings":
+        """What ``ds-longctx plan`` starts its search from: the compiled norms, gating and rotary embedding on
+        (each faster and none larger than the eager one; measured on an H200 in bench/results/alstcmp_*)."""
+        return cls(kernel=kernel, fused_norms=True, fused_gated_mlp=True, fused_rope=True, **fields)
+
     @property
     def sp(self) -> int:
         return self.ulysses * self.ring

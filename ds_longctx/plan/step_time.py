@@ -11,10 +11,17 @@ from .rates import Rates, resolve_kernel
 from .settings import Run, Settings
 
 
+#: FPDT's chunk pipeline against one attention call, at chunks of 64K tokens and more: the full-depth 3B step at
+#: 131K tokens on one H200 took 26.15 s with 64K chunks offloaded and 25.6 s unchunked, the rest alike
+#: (``bench/results/alstcmp_ds_longctx_lean*_fusedall_llama3.2-3b_131072.json``): 0.55 s over 19 s of attention
+FPDT_PIPELINE_EFFICIENCY = 0.97
+
+
 def chunk_efficiency(chunk_size: int) -> float:
-    """FPDT's attention rate against the unchunked kernel's: 1 from 64K-token chunks, lower below
-    (more, shorter kernel launches and merges; measured 1.03x at 64K, bench/results/fpdt_*)."""
-    return min(1.0, (chunk_size / 65536) ** 0.1)
+    """FPDT's attention rate against the unchunked kernel's: :data:`FPDT_PIPELINE_EFFICIENCY` from 64K-token
+    chunks, lower below (more, shorter kernel launches and merges; bench/results/fpdt_*), so that where both fit
+    the search prefers one attention call."""
+    return FPDT_PIPELINE_EFFICIENCY * min(1.0, (chunk_size / 65536) ** 0.1)
 
 
 #: Elementwise work (norms, RoPE, activations, residuals, casts, copies) and the GPU's idle gaps between kernels,
