@@ -1,8 +1,8 @@
 """Where one training step's time goes on the GPU: ``bench_train.py --profile_step``.
 
-The step (forward, backward and the optimizer's step) runs under ``torch.profiler`` (CUDA activity); its record says, in seconds: the step's wall time, the
-time the GPU ran at least one compute kernel (the union of their intervals, so overlapping streams count
-once) and the rest (``gpu_idle_s``: launch gaps, host work, waits for copies), each kernel class's summed
+The step (forward, backward and the optimizer's step) runs under ``torch.profiler`` (CUDA activity); its record
+says, in seconds: the step's wall time, the time the GPU ran at least one compute kernel (the union of their
+intervals, so overlapping streams count once) and the rest (``gpu_idle_s``: launch gaps, host work, waits for copies), each kernel class's summed
 time (attention, matmul, copies host<->device and device<->device, the rest: elementwise, reductions,
 norms), the busy time of the copies that overlapped no compute kernel (``exposed_copy_s``), and the 25
 kernels with the largest summed time. Attention's share against the planner's rate tells whether the kernel

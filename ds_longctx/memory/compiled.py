@@ -1,4 +1,4 @@
-"""Elementwise functions of the memory layer (norm tiles, the MLP's gating) as ``torch.compile``d kernels."""
+"""Elementwise functions (norm tiles, the MLP's gating, the rotary embedding) as ``torch.compile``d kernels."""
 from __future__ import annotations
 
 import functools
