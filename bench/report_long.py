@@ -9,7 +9,9 @@ def long_sequence_tables(rows=None):
     """Plain ZeRO-3, ALST and ds_longctx at growing lengths (``bench/run_alst_compare.py``): per model, each run
     label's rate, GPU peak and host memory by length, then the longest length each label trained."""
     if rows is None:
-        rows = [(n, d) for n, d in load("alstcmp_*.json") if not n.endswith("_summary.json")]
+        # the sweeps' plan JSONs share the prefix; a run's record names its mode
+        rows = [(n, d) for pattern in ("alstcmp_*.json", "alstcmp8b*.json") for n, d in load(pattern)
+                if not n.endswith("_summary.json") and "mode" in d]
     if not rows:
         return []
     from bench.models import run_model_name
