@@ -49,6 +49,13 @@ CONFIGS = {
     + TILES,
     "3b_full_262k_partial": LLAMA_3B + ["--seq_len", "262144", "--loss_tile_tokens", "4096",
                                         "--checkpoint_offload", "14", "--chunk_size", "65536", "--offload"] + TILES,
+    # inputs rebuilt in backward (checkpoint_every): every third layer's input in host memory, the attention
+    # recomputed, AdamW's moments in host memory; every second layer's on the GPU
+    "3b_full_131k_every3_offload": LLAMA_3B + ["--seq_len", "131072", "--loss_tile_tokens", "4096",
+                                               "--keep_attention_output", "0", "--checkpoint_offload",
+                                               "--checkpoint_every", "3", "--host_optimizer_states"] + TILES,
+    "3b_full_131k_every2_device": LLAMA_3B + ["--seq_len", "131072", "--loss_tile_tokens", "4096",
+                                              "--checkpoint_every", "2", "--host_optimizer_states"] + TILES,
     "1l_1m_all_offload": LLAMA_8B_WIDTHS + ["--layers", "1", "--seq_len", "1048576", "--chunk_size", "65536",
                                             "--offload", "--checkpoint_offload", "--offload_optimizer"] + TILES,
 }
@@ -70,6 +77,7 @@ def predict(record: dict, gpu_name: str) -> dict:
                         # -1: every checkpointed layer (the first checkpoint_layers, else all)
                         checkpoint_offload_layers=(a.get("checkpoint_layers") or a["layers"]) if offload < 0 else offload,
                         checkpoint_layers=a.get("checkpoint_layers"),
+                        checkpoint_every=a.get("checkpoint_every") or 1,
                         mlp_tile_tokens=a["mlp_tile_tokens"], loss_tile_tokens=a["loss_tile_tokens"],
                         lean_rms_norm=bool(a["lean_rms_norm"]),
                         host_optimizer_states=bool(a.get("host_optimizer_states")),

@@ -70,6 +70,8 @@ def train_flags(ds_config: dict) -> List[str]:
         flags.append("--offload")
     if block.get("checkpoint_layers") is not None:
         flags += ["--checkpoint_layers", str(int(block["checkpoint_layers"]))]
+    if block.get("checkpoint_every", 1) != 1:
+        flags += ["--checkpoint_every", str(int(block["checkpoint_every"]))]
     offload = block.get("checkpoint_offload")
     if offload is True:
         flags.append("--checkpoint_offload")

@@ -43,6 +43,7 @@ def ds_config(args, world):
                                "checkpoint_offload": (True if args.checkpoint_offload < 0
                                                       else args.checkpoint_offload or False),
                                "checkpoint_layers": args.checkpoint_layers,
+                               "checkpoint_every": args.checkpoint_every,
                                "lean_rms_norm": bool(args.lean_rms_norm),
                                "host_optimizer_states": bool(args.host_optimizer_states)}
         if args.fused_norms:  # not a planned setting: in the block only when asked for
@@ -89,6 +90,9 @@ def parse_args(argv=None):
     ap.add_argument("--checkpoint_layers", type=int, default=None,
                     help="ds_longctx with --checkpointing: only the first N decoder layers checkpointed, the rest "
                          "keep their activations (default: every layer)")
+    ap.add_argument("--checkpoint_every", type=int, default=1,
+                    help="ds_longctx with --checkpointing: only every N-th checkpointed layer keeps its input, the "
+                         "others rebuild it in backward (long_context.checkpoint_every)")
     ap.add_argument("--checkpoint_offload", type=int, nargs="?", const=-1, default=0,
                     help="ds_longctx: the checkpointed layers' inputs and kept outputs wait in pinned host memory "
                          "(alone: every layer; N: the first N layers)")

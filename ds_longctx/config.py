@@ -134,6 +134,16 @@ class LongContextConfig(BaseModel):
                     "the checkpointed layers recompute). Kept attention outputs and checkpoint_offload apply to the "
                     "checkpointed layers only. null: every layer as the model's gradient checkpointing says; auto: "
                     "chosen by the planner (as many unchecked layers as the GPU holds, when that is faster).")
+    checkpoint_every: Union[Auto, PositiveInt] = Field(
+        default=1,
+        description="With activation checkpointing on: keep the input of every N-th checkpointed layer only; each "
+                    "layer in between rebuilds its input in backward by running the layer before it forward once "
+                    "more (without grad, from that layer's kept or itself rebuilt input). N times fewer kept "
+                    "inputs (one [S_local, hidden] activation per layer, on the GPU or with checkpoint_offload in "
+                    "host memory: what limits a deep model's longest sequence) for (N - 1) / 2 extra layer "
+                    "forwards per layer. Applies to consecutive checkpointed layers called with their hidden "
+                    "states as their one positional argument (transformers' decoder layers). 1: every layer keeps "
+                    "its input; auto: chosen by the planner (1 unless only a larger N fits).")
     mlp_tile_tokens: Union[Auto, PositiveInt, None] = Field(
         default=None,
         description="Hugging Face models: run each decoder layer's MLP over tiles of this many local tokens, "

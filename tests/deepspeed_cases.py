@@ -151,7 +151,7 @@ def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kerne
               keep_attention_output: bool = True, mlp_tile_tokens: Optional[int] = None,
               loss_tile_tokens: Optional[int] = None, checkpoint_offload: bool = False,
               grad_accum: int = 1, checkpoint_layers: Optional[int] = None,
-              host_optimizer_states: bool = False) -> dict:
+              host_optimizer_states: bool = False, checkpoint_every: int = 1) -> dict:
     return {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -164,7 +164,8 @@ def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kerne
         "long_context": {"ulysses_degree": ulysses, "ring_degree": ring, "kernel": kernel, "fpdt": fpdt or {},
                          "keep_attention_output": keep_attention_output, "mlp_tile_tokens": mlp_tile_tokens,
                          "loss_tile_tokens": loss_tile_tokens, "checkpoint_offload": checkpoint_offload,
-                         "checkpoint_layers": checkpoint_layers, "host_optimizer_states": host_optimizer_states},
+                         "checkpoint_layers": checkpoint_layers, "host_optimizer_states": host_optimizer_states,
+                         "checkpoint_every": checkpoint_every},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
@@ -176,7 +177,7 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
                          mlp_tile_tokens: Optional[int] = None, loss_in_model: bool = False,
                          loss_tile_tokens: Optional[int] = None, checkpoint_offload: bool = False,
                          grad_accum: int = 1, packed: bool = False, checkpoint_layers: Optional[int] = None,
-                         host_optimizer_states: bool = False) -> dict:
+                         host_optimizer_states: bool = False, checkpoint_every: int = 1) -> dict:
     """Every rank: ZeRO training through ``ds_longctx.initialize``. Returns this rank's per-step losses,
     local-kernel forward calls and host bytes leased at the end of the forward, coordinates, what DeepSpeed
     was told, and (rank 0) the final full parameters.
@@ -189,7 +190,8 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
     ``d * grad_accum + m`` (a step averages over replicas and micro-batches alike), one loss per micro-batch.
     ``packed``: batches of packed documents (:func:`full_batch`), their boundaries passed to the model.
     ``checkpoint_layers``: the block's (only the first layers checkpointed). ``host_optimizer_states``: the block's
-    (the optimizer block's AdamW as HostStateAdamW, its moments in host memory)."""
+    (the optimizer block's AdamW as HostStateAdamW, its moments in host memory). ``checkpoint_every``: the block's
+    (only every N-th checkpointed layer keeps its input)."""
     import deepspeed
 
     import ds_longctx
@@ -205,7 +207,7 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
                        keep_attention_output=checkpointing != "recompute", mlp_tile_tokens=mlp_tile_tokens,
                        loss_tile_tokens=loss_tile_tokens, checkpoint_offload=checkpoint_offload,
                        grad_accum=grad_accum, checkpoint_layers=checkpoint_layers,
-                       host_optimizer_states=host_optimizer_states)
+                       host_optimizer_states=host_optimizer_states, checkpoint_every=checkpoint_every)
     engine, _, _, _ = ds_longctx.initialize(model=model, model_parameters=model.parameters(), config=config)
     if checkpointing == "recompute":
         engine.module.gradient_checkpointing_enable()

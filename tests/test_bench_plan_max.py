@@ -16,18 +16,21 @@ PLANNED = {
     "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True}},
     "long_context": {"ulysses_degree": 1, "ring_degree": 1, "kernel": "auto",
                      "fpdt": {"chunk_size": 32768, "offload": True}, "keep_attention_output": False,
-                     "checkpoint_offload": 3, "checkpoint_layers": None, "mlp_tile_tokens": 16384, "loss_tile_tokens": None,
+                     "checkpoint_offload": 3, "checkpoint_layers": None, "checkpoint_every": 1,
+                     "mlp_tile_tokens": 16384, "loss_tile_tokens": None,
                      "lean_rms_norm": True, "host_optimizer_states": False, "seq_len": 524288},
 }
 
 
-@pytest.mark.parametrize("checkpoint_offload,checkpoint_layers", [(3, None), (True, None), (False, None), (2, 20)])
+@pytest.mark.parametrize("checkpoint_offload,checkpoint_layers,checkpoint_every",
+                         [(3, None, 1), (True, None, 3), (False, None, 1), (2, 20, 2)])
 def test_a_planned_configuration_becomes_the_same_block_in_the_training_bench(monkeypatch, checkpoint_offload,
-                                                                            checkpoint_layers):
+                                                                            checkpoint_layers, checkpoint_every):
     import bench.bench_train as bt
 
     planned = {**PLANNED, "long_context": {**PLANNED["long_context"], "checkpoint_offload": checkpoint_offload,
-                                           "checkpoint_layers": checkpoint_layers}}
+                                           "checkpoint_layers": checkpoint_layers,
+                                           "checkpoint_every": checkpoint_every}}
     argv = ["bench_train.py", "--out", "x.json", "--seq_len", "524288", "--checkpointing", "--block_seq_len", "1",
             *train_flags(planned)]
     monkeypatch.setattr(sys, "argv", argv)

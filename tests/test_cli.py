@@ -33,7 +33,8 @@ def test_valid_config_prints_the_resolved_block(capsys):
     assert json.loads(out) == {"long_context": {"ulysses_degree": 4, "ring_degree": 2,
                                                 "fpdt": {"chunk_size": 16384, "offload": True},
                                                 "kernel": "auto", "causal": True, "keep_attention_output": True,
-                                                "checkpoint_offload": True, "checkpoint_layers": None, "mlp_tile_tokens": 16384, "loss_tile_tokens": None,
+                                                "checkpoint_offload": True, "checkpoint_layers": None, "checkpoint_every": 1,
+                                                "mlp_tile_tokens": 16384, "loss_tile_tokens": None,
                                                     "lean_rms_norm": True, "fused_norms": False, "fused_gated_mlp": False, "fused_rope": False, "host_optimizer_states": False,
                                                 "load_balance": "zigzag", "seq_len": None, "preflight": True,
                                                 "timeout_s": None}}

@@ -34,7 +34,7 @@ def test_missing_block_means_no_sequence_parallelism():
 def test_full_block_resolves_to_its_values():
     block = {"ulysses_degree": 4, "ring_degree": 2, "fpdt": {"chunk_size": 4096, "offload": True},
              "kernel": "sdpa_cudnn", "causal": False, "keep_attention_output": False, "checkpoint_offload": True,
-             "checkpoint_layers": 12,
+             "checkpoint_layers": 12, "checkpoint_every": 2,
              "mlp_tile_tokens": 4096, "loss_tile_tokens": 2048, "load_balance": "zigzag",
              "lean_rms_norm": False, "fused_norms": False, "fused_gated_mlp": False, "fused_rope": False, "host_optimizer_states": True,
              "seq_len": 1048576,

@@ -163,6 +163,34 @@ def test_layers_left_unchecked_train_like_one_process_without_being_recomputed(p
             assert res["leased_after_forward"] == [layer_input] * STEPS
 
 
+# (ulysses, ring, fpdt chunk_size with offload or None, checkpointing, checkpoint_offload)
+REBUILT_INPUTS = [(2, 1, 8, "recompute", True), (1, 2, None, "keep", False)]
+
+
+@pytest.mark.parametrize("ulysses,ring,chunk_size,checkpointing,offload", REBUILT_INPUTS,
+                         ids=[f"U{u}xR{r}-C{c}-{m}" + ("-offloaded" if o else "") for u, r, c, m, o in REBUILT_INPUTS])
+def test_layers_rebuilding_their_inputs_train_like_one_process(pool, ulysses, ring, chunk_size, checkpointing,
+                                                               offload):
+    """``checkpoint_every: 2`` under ZeRO-3: the second layer's input is not kept but rebuilt in backward by the
+    first layer's forward once more (its parameters gathered again, its attention's communication redone): the
+    same training; the first layer's attention runs once more per step, and only its input waits in host
+    memory."""
+    fpdt = {"chunk_size": chunk_size, "offload": True} if chunk_size else None
+    results = pool.run(cases.train_with_deepspeed, "llama", ulysses, ring, STEPS, SEQ, BATCH, fpdt=fpdt,
+                       checkpointing=checkpointing, checkpoint_offload=offload, checkpoint_every=2, timeout=300)
+    check_run(results, reference("llama", WORLD // (ulysses * ring)), "llama", ulysses, ring)
+    plain = pool.run(cases.train_with_deepspeed, "llama", ulysses, ring, 1, SEQ, BATCH, fpdt=fpdt, timeout=300)
+    once = plain[0]["forwards"][0]
+    assert once > 0 and once % cases.LAYERS == 0
+    per_layer = once // cases.LAYERS
+    recomputed = 0 if checkpointing == "keep" else once
+    layer_input = BATCH * SEQ // (ulysses * ring) * cases.HIDDEN * 4  # fp32 [BATCH, SEQ / sp, hidden]
+    for res in results:
+        assert res["forwards"] == [once + recomputed + per_layer] * STEPS
+        if offload and chunk_size is None:
+            assert res["leased_after_forward"] == [layer_input] * STEPS
+
+
 # (kind, ulysses, ring, FPDT chunk_size with offload or None, checkpointing)
 PACKED = [("qwen3", 1, 4, None, None), ("mistral", 4, 1, None, None), ("llama", 1, 2, None, "keep"),
           ("llama", 2, 2, 8, "keep")]

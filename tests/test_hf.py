@@ -194,3 +194,45 @@ def test_checkpoint_layers_beyond_the_model_are_refused_naming_its_layers():
     lc = LongContext(Topology(), LongContextConfig.from_block({"checkpoint_layers": 5}))
     with pytest.raises(LongContextConfigError, match="checkpoint_layers: 5 exceeds the model's 4 decoder layers"):
         apply(model, lc)
+
+
+@pytest.mark.parametrize("every", [2, 3])
+@pytest.mark.parametrize("block", [
+    {"keep_attention_output": True},
+    {"keep_attention_output": False, "checkpoint_offload": True},
+    {"keep_attention_output": False, "fpdt": {"chunk_size": 8, "offload": True}, "checkpoint_offload": 3},
+], ids=["kept_outputs", "offloaded_inputs", "fpdt_offload"])
+def test_checkpoint_every_rebuilds_inputs_with_the_gradients_of_no_checkpointing(every, block):
+    """A 4-layer model with gradient checkpointing and ``checkpoint_every`` N: the loss and every gradient of the
+    model without checkpointing (float64); in backward the layers at offset j of each group of N run their layer
+    before's forward j times more, the attention included (the rerun keeps nothing)."""
+    from tests.dist_cases import counted_kernel_forwards
+
+    def build(extra):
+        model = cases.build_model("llama", 32, layers=4).double()
+        lc = LongContext(Topology(), LongContextConfig.from_block({"kernel": "reference", **extra}))
+        apply(model, lc)
+        return model, lc
+
+    reference, lc = build({})
+    model, _ = build({**block, "checkpoint_every": every})
+    model.gradient_checkpointing_enable()
+    model.train()
+    mlp_calls = []
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: mlp_calls.append(i))
+    batch = lc.shard_batch(cases.full_batch(0, 0, 2, 32))
+    want = reference(input_ids=batch["input_ids"], shift_labels=batch["shift_labels"]).loss
+    want.backward()
+    with counted_kernel_forwards() as counted:
+        got = model(input_ids=batch["input_ids"], shift_labels=batch["shift_labels"]).loss
+        got.backward()
+    assert abs(got.item() - want.item()) < 1e-12 * abs(want.item())
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert ((p.grad - q.grad).norm() / q.grad.norm()).item() < 1e-10, name
+    reruns = [layer for i in range(4) for layer in range(i - i % every, i)]  # offset j reruns the j layers before it
+    assert sorted(mlp_calls) == sorted([0, 1, 2, 3] * 2 + reruns)
+    recomputed_attention = 0 if block["keep_attention_output"] else 4
+    chunks = 32 // block.get("fpdt", {}).get("chunk_size", 32)
+    kernel_calls = chunks * (chunks + 1) // 2  # FPDT: one kernel per causal (query chunk, key chunk) pair
+    assert counted.forwards == (4 + recomputed_attention + len(reruns)) * kernel_calls

@@ -385,3 +385,42 @@ def test_plan_prints_the_chosen_checkpoint_layers_in_its_block(capsys, tmp_path)
     assert LongContextConfig.from_block(block).checkpoint_layers == block["checkpoint_layers"]
     code, out, _ = _plan(capsys, tmp_path, *flags)
     assert f"checkpoint_layers       {block['checkpoint_layers']}" in out
+
+
+def test_checkpoint_every_keeps_one_input_per_group_and_reruns_the_layers_before_the_others():
+    """``checkpoint_every`` N: only the first layer of each group of N keeps its input (on the GPU or, offloaded, on
+    the host); the last layer's backward holds its rebuilt input; the step runs (N - 1) / 2 more layer forwards
+    per layer (the layer at offset j reruns j)."""
+    run = Run(model=SMALL, world=1, seq_len=4096)  # 4 layers
+    rates = rates_for("NVIDIA H200")
+    per_layer_input = 4096 * SMALL.hidden * 2
+    every_layer = estimate(run, Settings(keep_attention_output=False), rates)
+    for every, kept, reruns in ((2, 2, 2), (3, 2, 3), (4, 1, 6)):
+        settings = Settings(keep_attention_output=False, checkpoint_every=every)
+        moments = estimate_memory(run, settings)
+        assert moments["forward"]["checkpoints"] == kept * per_layer_input
+        # the last layer (offset 3 % every) rebuilds its input unless it starts a group
+        rebuilt = moments["layer_backward"].get("rebuilt_input", 0)
+        assert rebuilt == (per_layer_input if 3 % every else 0)
+        offloaded = estimate_host(run, settings.with_(checkpoint_offload_layers=4))
+        assert offloaded["checkpoint_offload"] == kept * per_layer_input
+        forward_matmuls = 2 * (SMALL.layer_params - 2 * SMALL.hidden) * 4096
+        got = estimate(run, settings, rates)
+        assert got.time_components["matmul"] - every_layer.time_components["matmul"] == pytest.approx(
+            reruns * forward_matmuls / rates.matmul_flops, rel=1e-12)
+        assert got.step_seconds > every_layer.step_seconds
+
+
+def test_the_search_rebuilds_inputs_only_where_keeping_every_input_does_not_fit():
+    """Full-depth Llama-3.2-3B on one H200: where every layer keeping its input fits, the plan keeps them (rebuilding
+    is never faster); the longest sequence rebuilds inputs and is longer than the longest with every input kept."""
+    machine, model = H200, ModelSpec.from_config(LLAMA_3B)
+    margins = Margins.default(machine)
+    verdict, _ = best(Run(model=model, world=1, seq_len=262144), machine, margins)
+    assert verdict.settings.checkpoint_every == 1
+    run = Run(model=model, world=1, seq_len=1)
+    longest_fit = longest(run, machine, margins, granule=131072, fine=32768)
+    kept_every = longest(run, machine, margins, fixed={"checkpoint_every": 1}, granule=131072, fine=32768)
+    assert longest_fit.settings.checkpoint_every > 1
+    assert longest_fit.run.seq_len >= 1.5 * kept_every.run.seq_len
+    assert longest_fit.settings.block(model.layers)["checkpoint_every"] == longest_fit.settings.checkpoint_every

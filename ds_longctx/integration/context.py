@@ -12,6 +12,7 @@ import torch
 from ..config import AUTO, LongContextConfig
 from ..layout import positions
 from ..memory.checkpoint_offload import CheckpointOffload
+from ..memory.input_recompute import InputRecompute
 from ..topology import Topology
 from .watch import RankWatch
 
@@ -45,6 +46,9 @@ class LongContext:
         offload = config.checkpoint_offload
         self.checkpoint_offload = (CheckpointOffload(min_bytes=0, max_regions=None if offload is True else offload)
                                    if offload not in (False, 0, AUTO) else None)
+        # One per model too: it chains the checkpointed layers in forward order to rebuild the inputs it does not keep.
+        every = config.checkpoint_every
+        self.layer_inputs = InputRecompute(every) if every != AUTO and every > 1 else None
 
     def during(self, doing: str):
         """Context manager: run a block (e.g. ``"step 12"``) so that when a collective in it breaks, every

@@ -96,6 +96,8 @@ def prepare_call(model: torch.nn.Module, args, kwargs):
     configure_layers(model, lc)
     if lc.checkpoint_offload is not None:
         lc.checkpoint_offload.begin_forward()
+    if lc.layer_inputs is not None:
+        lc.layer_inputs.begin_forward()
     signature = inspect.signature(model.forward)
     arguments = _bind(signature, args, kwargs)
     if arguments is None:

@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..memory.checkpoint_offload import CheckpointOffload
+from ..memory.input_recompute import InputRecompute
 from ..memory.remat import StashingCheckpoint
 from ..memory.tiling import tile_module, untile_module
 from .context import LongContext
@@ -26,7 +27,7 @@ def configure_layers(model: torch.nn.Module, lc: LongContext) -> None:
         return
     if cfg.checkpoint_layers is not None:
         cfg.check_layers(_decoder_layer_count(model))
-    stash_checkpoints(model, cfg.keep_attention_output, lc.checkpoint_offload, cfg.checkpoint_layers)
+    stash_checkpoints(model, cfg.keep_attention_output, lc.checkpoint_offload, cfg.checkpoint_layers, lc.layer_inputs)
     if model.__dict__.get(_TILES_ATTR, _UNSET) != cfg.mlp_tile_tokens:
         tile_mlps(model, cfg.mlp_tile_tokens)
         object.__setattr__(model, _TILES_ATTR, cfg.mlp_tile_tokens)
@@ -42,7 +43,8 @@ def _checkpoint_owners(model: torch.nn.Module) -> List[Tuple[torch.nn.Module, bo
 
 
 def stash_checkpoints(model: torch.nn.Module, keep_attention_output: bool,
-                      offload: Optional[CheckpointOffload] = None, checkpoint_layers: Optional[int] = None) -> int:
+                      offload: Optional[CheckpointOffload] = None, checkpoint_layers: Optional[int] = None,
+                      inputs: Optional[InputRecompute] = None) -> int:
     """Wrap the checkpoint function of every checkpointing layer of ``model`` (transformers'
     ``_gradient_checkpointing_func``) in a :class:`~ds_longctx.memory.remat.StashingCheckpoint`, or rewrap
     it with a new ``keep_attention_output`` / ``offload``. With ``checkpoint_layers`` N only the first N
@@ -56,11 +58,11 @@ def stash_checkpoints(model: torch.nn.Module, keep_attention_output: bool,
         fn = module._gradient_checkpointing_func
         if isinstance(fn, StashingCheckpoint):
             if (fn.keep_attention_output == keep_attention_output and fn.offload is offload
-                    and fn.checkpoints == checkpoints):
+                    and fn.checkpoints == checkpoints and fn.inputs is inputs):
                 continue
             fn = fn.inner
         module._gradient_checkpointing_func = StashingCheckpoint(fn, keep_attention_output, offload,
-                                                                 checkpoints=checkpoints)
+                                                                 checkpoints=checkpoints, inputs=inputs)
         wrapped += 1
     return wrapped
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.utils.checkpoint
@@ -49,6 +49,7 @@ import torch.utils.checkpoint
 from .checkpoint_offload import CheckpointOffload
 from .chunk_store import HostCopy
 from .host_pool import HostPool, default_pool
+from .input_recompute import InputRecompute
 
 _local = threading.local()
 
@@ -240,8 +241,32 @@ def _stash(keep_attention_output: bool, offload: Optional[CheckpointOffload]) ->
     return AttentionStash(keep_attention_output, offload.pool or default_pool() if offload is not None else None)
 
 
+def _run_region(inner: Callable, fn: Callable, args: Tuple, kwargs: Dict[str, Any], keep_attention_output: bool,
+                offload: Optional[CheckpointOffload], inputs: Optional[InputRecompute]) -> Any:
+    """One checkpointed region: ``inner`` (a checkpoint function) of ``fn`` in its own stash, its saved input in
+    host memory when ``offload`` takes this region, or rebuilt in backward when ``inputs`` says so."""
+    offload = _region_offload(offload)
+    run = _stash(keep_attention_output, offload).wrap(fn)
+    if inputs is not None:
+        with inputs.region(_rerunnable(fn, kwargs), args, offload) as done:
+            out = inner(run, *args, **kwargs)
+            done(out)
+            return out
+    if offload is None:
+        return inner(run, *args, **kwargs)
+    with offload.hooks():
+        return inner(run, *args, **kwargs)
+
+
+def _rerunnable(fn: Callable, kwargs: Dict[str, Any]) -> Callable[[torch.Tensor], Any]:
+    """``fn`` as :class:`~ds_longctx.memory.input_recompute.InputRecompute` reruns it in backward: in a stash of
+    its own that keeps nothing, so the rerun touches neither the region's stash nor a region running around it."""
+    return lambda hidden: AttentionStash(keep_output=False).wrap(fn)(hidden, **kwargs)
+
+
 def checkpoint(fn: Callable, *args: Any, keep_attention_output: bool = True, use_reentrant: bool = False,
-               offload: Optional[CheckpointOffload] = None, **kwargs: Any) -> Any:
+               offload: Optional[CheckpointOffload] = None, inputs: Optional[InputRecompute] = None,
+               **kwargs: Any) -> Any:
     """:func:`torch.utils.checkpoint.checkpoint` of ``fn(*args, **kwargs)``, except that the distributed
     attention calls inside ``fn`` keep their output and log-sum-exp instead of running again in backward.
 
@@ -251,14 +276,14 @@ def checkpoint(fn: Callable, *args: Any, keep_attention_output: bool = True, use
     a plain ``torch.utils.checkpoint`` its chunks from the forward stay alive until backward. With a
     :class:`~ds_longctx.memory.checkpoint_offload.CheckpointOffload` (one per model) the region's saved
     inputs and kept attention outputs wait in host memory until backward (the first ``max_regions`` regions
-    of each forward, when it sets a number).
+    of each forward, when it sets a number). With an
+    :class:`~ds_longctx.memory.input_recompute.InputRecompute` (one per model) only every ``every``-th region
+    keeps its input; the others rebuild it in backward by rerunning the region before them.
     """
-    offload = _region_offload(offload)
-    run = _stash(keep_attention_output, offload).wrap(fn)
-    if offload is None:
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=use_reentrant, **kwargs)
-    with offload.hooks():
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=use_reentrant, **kwargs)
+    def inner(run: Callable, *run_args: Any, **run_kwargs: Any) -> Any:
+        return torch.utils.checkpoint.checkpoint(run, *run_args, use_reentrant=use_reentrant, **run_kwargs)
+
+    return _run_region(inner, fn, args, kwargs, keep_attention_output, offload, inputs)
 
 
 class StashingCheckpoint:
@@ -268,26 +293,25 @@ class StashingCheckpoint:
 
     ``checkpoints=False`` runs ``fn`` as it is, without ``inner``: plain autograd that keeps the layer's
     activations for backward and recomputes nothing (a layer left out of ``checkpoint_layers``). Such a layer
-    takes no stash and no offload region, so the offload's layer count covers checkpointed layers only."""
+    takes no stash and no offload region, so the offload's layer count covers checkpointed layers only, and
+    starts a new group of ``inputs`` (the next checkpointed layer keeps its input)."""
 
     def __init__(self, inner: Callable, keep_attention_output: bool = True,
-                 offload: Optional[CheckpointOffload] = None, checkpoints: bool = True):
+                 offload: Optional[CheckpointOffload] = None, checkpoints: bool = True,
+                 inputs: Optional[InputRecompute] = None):
         self.inner, self.keep_attention_output, self.offload = inner, keep_attention_output, offload
-        self.checkpoints = checkpoints
+        self.checkpoints, self.inputs = checkpoints, inputs
 
     def __call__(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         if not self.checkpoints:
+            if self.inputs is not None:
+                self.inputs.break_chain()
             return fn(*args, **kwargs)
-        offload = _region_offload(self.offload)
-        run = _stash(self.keep_attention_output, offload).wrap(fn)
-        if offload is None:
-            return self.inner(run, *args, **kwargs)
-        with offload.hooks():
-            return self.inner(run, *args, **kwargs)
+        return _run_region(self.inner, fn, args, kwargs, self.keep_attention_output, self.offload, self.inputs)
 
     def __repr__(self) -> str:
         return (f"StashingCheckpoint({self.inner!r}, keep_attention_output={self.keep_attention_output}, "
-                f"offload={self.offload!r}, checkpoints={self.checkpoints})")
+                f"offload={self.offload!r}, checkpoints={self.checkpoints}, inputs={self.inputs!r})")
 
 
 __all__ = ["AttentionStash", "AttentionStashError", "StashedCall", "StashingCheckpoint", "active_stash", "checkpoint",

@@ -22,6 +22,18 @@ def checkpointed_layers(run: Run, settings: Settings) -> int:
     return settings.checkpointed(run.model.layers) if run.checkpointing else 0
 
 
+def keeps_input(layer: int, settings: Settings) -> bool:
+    """Whether checkpointed ``layer`` keeps its input to backward (with ``checkpoint_every`` N, the first of each
+    group of N: the others rebuild theirs by rerunning the layers before them in their group)."""
+    return layer % settings.checkpoint_every == 0
+
+
+def rerun_layers(run: Run, settings: Settings) -> int:
+    """Extra layer forwards per step that rebuild inputs in backward: the layer at offset j of its group reruns
+    the j layers before it."""
+    return sum(layer % settings.checkpoint_every for layer in range(checkpointed_layers(run, settings)))
+
+
 class Widths:
     """Per-token sizes of one rank's tensors (elements), from the model and the settings."""
 
@@ -81,5 +93,5 @@ def unchecked_layer_bytes(settings: Settings, w: Widths, tokens: int) -> int:
     return layer_saved(settings, w, tokens, recompute=False) + tokens * BF16 * w.h
 
 
-__all__ = ["BF16", "FP32", "Widths", "attention_state", "checkpointed_layers", "kept_bytes", "layer_saved",
-           "mlp_saved_widths", "norm_saved", "unchecked_layer_bytes"]
+__all__ = ["BF16", "FP32", "Widths", "attention_state", "checkpointed_layers", "keeps_input", "kept_bytes",
+           "layer_saved", "mlp_saved_widths", "norm_saved", "rerun_layers", "unchecked_layer_bytes"]

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Dict
 
 from ..geometry import ChunkGeometry
-from .activations import (BF16, FP32, Widths, checkpointed_layers, kept_bytes, layer_saved, mlp_saved_widths,
-                          norm_saved, unchecked_layer_bytes)
+from .activations import (BF16, FP32, Widths, checkpointed_layers, keeps_input, kept_bytes, layer_saved,
+                          mlp_saved_widths, norm_saved, unchecked_layer_bytes)
 from .host_memory import HostBuffer, estimate_host, host_pageable, pool_buffers
 from .host_optimizer import staging_bytes
 from .machine import GIB
@@ -98,7 +98,7 @@ def _stored(run: Run, settings: Settings, w: Widths, tokens: int) -> Dict[str, i
     checkpointed = checkpointed_layers(run, settings)
     if run.checkpointing:
         on_gpu = [layer for layer in range(checkpointed) if not _layer_offloaded(layer, settings)]
-        parts["checkpoints"] = len(on_gpu) * tokens * BF16 * w.h
+        parts["checkpoints"] = sum(keeps_input(layer, settings) for layer in on_gpu) * tokens * BF16 * w.h
         kept_on_gpu = settings.keep_attention_output and not settings.fpdt_offload
         parts["kept_attention"] = len(on_gpu) * kept_bytes(tokens, w) if kept_on_gpu else 0
     if checkpointed < m.layers:
@@ -231,6 +231,10 @@ def _recompute_working_set(run: Run, settings: Settings, w: Widths, tokens: int,
         if settings.keep_attention_output:
             back += kept_bytes(tokens, w)
         parts["offload_prefetch"] = back
+    if not keeps_input(layer, settings) and not _layer_offloaded(layer, settings):
+        # its input, rebuilt by rerunning the layer before it (whose forward's working set is smaller than this
+        # backward's, and whose input is freed when the rerun returns)
+        parts["rebuilt_input"] = tokens * BF16 * w.h
     parts.update(_layer_backward(run, settings, w, tokens, recompute=True))
     return parts
 

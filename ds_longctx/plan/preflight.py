@@ -23,7 +23,8 @@ class PlanError(ValueError):
 #: Settings fields the block's "auto" values stand for.
 _AUTO_FIELDS = {"fpdt.chunk_size": "chunk_size", "fpdt.offload": "fpdt_offload",
                 "keep_attention_output": "keep_attention_output", "checkpoint_layers": "checkpoint_layers",
-                "checkpoint_offload": "checkpoint_offload_layers", "mlp_tile_tokens": "mlp_tile_tokens",
+                "checkpoint_offload": "checkpoint_offload_layers", "checkpoint_every": "checkpoint_every",
+                "mlp_tile_tokens": "mlp_tile_tokens",
                 "loss_tile_tokens": "loss_tile_tokens"}
 
 

@@ -52,6 +52,7 @@ def table(record: Mapping[str, Any]) -> str:
         f"    keep_attention_output   {lc['keep_attention_output']}",
         f"    checkpoint_layers       {'all' if lc.get('checkpoint_layers') is None else lc['checkpoint_layers']}",
         f"    checkpoint_offload      {lc['checkpoint_offload']}",
+        f"    checkpoint_every        {lc.get('checkpoint_every', 1)}",
         f"    mlp / loss tile tokens  {lc['mlp_tile_tokens']} / {lc['loss_tile_tokens']}",
         f"    optimizer offload       {'offload_optimizer' in record['ds_config'].get('zero_optimization', {})}",
     ]

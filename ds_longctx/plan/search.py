@@ -24,6 +24,7 @@ from .settings import Run, Settings
 CHUNK_SIZES = (16384, 32768, 65536, 131072)
 MLP_TILES = (None, 16384, 4096)
 LOSS_TILES = (None, 4096)
+CHECKPOINT_EVERY = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -180,10 +181,11 @@ def candidates(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dic
              else list(factorizations(run, machine)))
     option = lambda name, values: [fixed[name]] if name in fixed else list(values)  # noqa: E731
     host_states = fixed.get("host_optimizer_states", base.host_optimizer_states)
-    for (ulysses, ring), chunk, keep, mlp, loss, opt in itertools.product(
+    for (ulysses, ring), chunk, keep, mlp, loss, opt, every in itertools.product(
             pairs, option("chunk_size", (None,) + CHUNK_SIZES), option("keep_attention_output", (True, False)),
             option("mlp_tile_tokens", MLP_TILES), option("loss_tile_tokens", LOSS_TILES),
-            option("optimizer_offload", (False, True))):
+            option("optimizer_offload", (False, True)),
+            option("checkpoint_every", CHECKPOINT_EVERY if run.checkpointing else (1,))):
         if opt and host_states:  # DeepSpeed's offloaded optimizer has its own moments on the CPU
             continue
         for fpdt_offload in option("fpdt_offload", (False, True) if chunk is not None else (False,)):
@@ -192,7 +194,8 @@ def candidates(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dic
             settings = base.with_(ulysses=ulysses, ring=ring, chunk_size=chunk, fpdt_offload=fpdt_offload,
                                   keep_attention_output=keep, mlp_tile_tokens=mlp, loss_tile_tokens=loss,
                                   zero=base.zero.__class__(**{**base.zero.__dict__, "optimizer_offload": opt}),
-                                  host_optimizer_states=host_states, checkpoint_offload_layers=0)
+                                  host_optimizer_states=host_states, checkpoint_offload_layers=0,
+                                  checkpoint_every=every)
             if not valid_for(run, settings):
                 continue
             for checkpoint_layers in _checkpoint_layer_counts(run, settings, machine, margins, fixed):

@@ -56,6 +56,7 @@ class Settings:
     ``checkpoint_layers``: how many decoder layers (the first ones) are checkpointed under activation
     checkpointing (None: all); the others keep their full activations. ``checkpoint_offload_layers``: how many
     checkpointed layers (the first ones) keep their input and kept attention output in pinned host memory.
+    ``checkpoint_every``: only every N-th checkpointed layer keeps its input; the others rebuild it in backward.
     ``host_optimizer_states``: AdamW's moments in pinned host memory, streamed through the GPU for the update
     (never together with ``zero.optimizer_offload``)."""
 
@@ -67,6 +68,7 @@ class Settings:
     keep_attention_output: bool = True
     checkpoint_layers: Optional[int] = None
     checkpoint_offload_layers: int = 0
+    checkpoint_every: int = 1
     mlp_tile_tokens: Optional[int] = None
     loss_tile_tokens: Optional[int] = None
     lean_rms_norm: bool = True
@@ -103,6 +105,7 @@ class Settings:
             "keep_attention_output": self.keep_attention_output,
             "checkpoint_layers": None if checkpointed >= layers else checkpointed,
             "checkpoint_offload": True if offload and offload >= checkpointed else (offload if offload else False),
+            "checkpoint_every": self.checkpoint_every,
             "mlp_tile_tokens": self.mlp_tile_tokens, "loss_tile_tokens": self.loss_tile_tokens,
             "lean_rms_norm": self.lean_rms_norm, "fused_norms": self.fused_norms,
             "fused_gated_mlp": self.fused_gated_mlp, "fused_rope": self.fused_rope,
@@ -139,6 +142,7 @@ class Settings:
                    keep_attention_output=block.get("keep_attention_output", True),
                    checkpoint_layers=None if checkpointed >= layers else checkpointed,
                    checkpoint_offload_layers=min(checkpointed, layers_offloaded),
+                   checkpoint_every=block.get("checkpoint_every", 1),
                    mlp_tile_tokens=block.get("mlp_tile_tokens"), loss_tile_tokens=block.get("loss_tile_tokens"),
                    lean_rms_norm=block.get("lean_rms_norm", True), fused_norms=block.get("fused_norms", False),
                    fused_gated_mlp=block.get("fused_gated_mlp", False), fused_rope=block.get("fused_rope", False),

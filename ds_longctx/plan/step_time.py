@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from .activations import BF16, Widths, checkpointed_layers
+from .activations import BF16, Widths, checkpointed_layers, rerun_layers
 from .host_memory import estimate_host, fpdt_chunk_sets
 from .host_optimizer import moments_step_seconds
 from .rates import Rates, resolve_kernel
@@ -32,6 +32,8 @@ def chunk_efficiency(chunk_size: int) -> float:
 #: 13%; a profile of a 4-layer step (``profile_ds_*``) puts a quarter of it in such kernels and idle time.
 PASSES_CHECKPOINTED = 400
 PASSES_UNCHECKED = 300
+#: a layer's forward alone, rerun to rebuild the next layer's input: about a third of an unchecked layer's passes
+PASSES_RERUN = 100
 
 
 def estimate_time(run: Run, settings: Settings, rates: Rates, gpu_name: str) -> Dict[str, float]:
@@ -43,7 +45,9 @@ def estimate_time(run: Run, settings: Settings, rates: Rates, gpu_name: str) -> 
     recompute_attention = checkpointed > 0 and not settings.keep_attention_output
     flops = m.flops_per_step(run.seq_len, recompute_layers=checkpointed > 0, recompute_attention=recompute_attention,
                              recomputed_layers=checkpointed)
-    matmul = flops["matmul"] * run.micro_batch / settings.sp
+    reruns = rerun_layers(run, settings)  # layer forwards once more, rebuilding inputs (checkpoint_every)
+    rerun_matmul = 2 * reruns * (m.layer_params - 2 * m.hidden) * run.seq_len
+    matmul = (flops["matmul"] + rerun_matmul) * run.micro_batch / settings.sp
     if settings.mlp_tile_tokens is not None:
         matmul += 2 * 3 * w.h * w.i * tokens * m.layers  # each tile's forward once more in backward
     if settings.loss_tile_tokens is not None:
@@ -52,9 +56,10 @@ def estimate_time(run: Run, settings: Settings, rates: Rates, gpu_name: str) -> 
     attention_rate = rates.attention_flops.get(kernel, rates.attention_flops["sdpa_cudnn"])
     if settings.chunk_size is not None:
         attention_rate *= chunk_efficiency(settings.chunk_size)
-    attention = flops["attention"] * run.micro_batch / settings.sp
+    rerun_attention = reruns * 2.0 * run.seq_len * run.seq_len * m.q_width  # causal forward, as flops_per_step's
+    attention = (flops["attention"] + rerun_attention) * run.micro_batch / settings.sp
     parts = {"matmul": matmul / rates.matmul_flops, "attention": attention / attention_rate}
-    passes = PASSES_CHECKPOINTED * checkpointed + PASSES_UNCHECKED * (m.layers - checkpointed)
+    passes = PASSES_CHECKPOINTED * checkpointed + PASSES_UNCHECKED * (m.layers - checkpointed) + PASSES_RERUN * reruns
     parts["elementwise"] = tokens * passes * BF16 * w.h / rates.device_copy_bytes
     if settings.ulysses > 1:  # q, k, v, out there and back: forward, backward, and the recompute's q, k, v (and out)
         a2a = (2 * w.q + 2 * w.kv) * tokens * BF16 * (settings.ulysses - 1) / settings.ulysses
