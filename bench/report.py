@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bench.report_common import f, header, load  # noqa: E402
 from bench.report_long import long_sequence_tables, profile_tables  # noqa: E402
-from bench.report_planner import plan_check_tables, plan_max_tables  # noqa: E402
+from bench.report_planner import plan_check_tables, plan_longest_tables, plan_max_tables  # noqa: E402
 
 def attention_tables():
     out = []
@@ -188,6 +188,10 @@ def main():
     lines = plan_max_tables()
     if lines:
         print("## The planner's longest length, trained\n")
+        print("\n".join(lines))
+    lines = plan_longest_tables()
+    if lines:
+        print("## The planner's longest length, predicted\n")
         print("\n".join(lines))
     lines = long_sequence_tables()
     if lines:

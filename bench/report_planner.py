@@ -1,5 +1,5 @@
-"""The report's planner sections: predictions against measured steps (``bench_plan.py``) and the longest
-length trained (``bench_plan_max.py``)."""
+"""The report's planner sections: predictions against measured steps (``bench_plan.py``), the longest
+length trained (``bench_plan_max.py``) and the longest length predicted (``plan_longest.py``)."""
 from __future__ import annotations
 
 from bench.report_common import f, header, load
@@ -56,6 +56,29 @@ def plan_max_tables():
                        f"{f(plan.get('step_seconds'), '.0f')} / {f(m.get('step_seconds'), '.0f')} | "
                        f"{longer.get('seq_len')} | {'yes' if longer.get('refused') else 'NO'} |")
     out.append("")
+    for name, d in rows:
+        out.append(header(name, d))
+    return out
+
+
+def plan_longest_tables():
+    """The planner's longest length per model with every checkpointed layer keeping its input and with inputs
+    rebuilt in backward (``bench/plan_longest.py``, planner only)."""
+    rows = load("plan_longest_*.json")
+    if not rows:
+        return []
+    out = ["| model | layers | inputs | longest length | checkpoint_every | GPU peak GiB | pinned host GiB | "
+           "step s | file |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, d in rows:
+        for r in d["rows"]:
+            kept = "every input kept" if r["fixed"].get("checkpoint_every") == 1 else "rebuilt where needed"
+            every = (r.get("block") or {}).get("checkpoint_every", "-")
+            out.append(f"| {r['model'].split(':')[0]} | {r['layers']} | {kept} | {r.get('seq_len')} | {every} | "
+                       f"{f(r.get('gpu_peak_gib'), '.1f')} | {f(r.get('host_pinned_gib'), '.1f')} | "
+                       f"{f(r.get('step_seconds'), '.0f')} | `{name}` |")
+    out.append("")
+    out.append("Predicted, not run (a step at these lengths takes longer than a device call may run); the machine's "
+               "facts are the file's `machine`. Which predictions were checked on the GPU: README's ALST section.\n")
     for name, d in rows:
         out.append(header(name, d))
     return out
