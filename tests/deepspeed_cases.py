@@ -695,7 +695,8 @@ def sliding_window_error(ulysses: int, ring: int) -> str:
 
 #: Every value of the block the planner chooses, "auto".
 ALL_AUTO = {"fpdt": {"chunk_size": "auto", "offload": "auto"}, "keep_attention_output": "auto",
-            "checkpoint_offload": "auto", "mlp_tile_tokens": "auto", "loss_tile_tokens": "auto"}
+            "checkpoint_offload": "auto", "checkpoint_every": "auto", "mlp_tile_tokens": "auto",
+            "loss_tile_tokens": "auto"}
 #: ... and the checkpointed layers too: resolved for one length, they fill the GPU with that length's activations,
 #: so the cases of longer later batches leave them to the default.
 LAYERS_AUTO = {**ALL_AUTO, "checkpoint_layers": "auto"}

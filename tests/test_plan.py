@@ -128,7 +128,8 @@ def test_the_longest_sequence_fits_and_a_tenth_more_does_not_with_any_configurat
 def test_auto_values_resolve_to_the_searched_configuration():
     cfg = LongContextConfig.from_block({"fpdt": {"chunk_size": "auto", "offload": "auto"}, "mlp_tile_tokens": "auto",
                                         "loss_tile_tokens": "auto", "keep_attention_output": "auto",
-                                        "checkpoint_offload": "auto", "checkpoint_layers": "auto"})
+                                        "checkpoint_offload": "auto", "checkpoint_layers": "auto",
+                                        "checkpoint_every": "auto"})
     with pytest.raises(Exception, match="still \"auto\""):
         cfg.attention_kwargs()
     resolved = prepare(cfg, LLAMA_3B, {"zero_optimization": {"stage": 3}}, world=1, seq_len=262144, machine=H200)
