@@ -75,18 +75,28 @@ VARIANTS: Dict[str, str] = {
     "ds_longctx_plan_fusedall": PLANNED + " --kernel sdpa_cudnn " + ALL_FUSED,
     "ds_longctx_lean_fusedall": PLANNED_WITHIN_ALST + " --kernel sdpa_cudnn " + ALL_FUSED,
 }
-STOPS = ("oom", "failed", "timeout", "over_budget")  # statuses after which a variant's longer lengths are skipped
+STOPS = ("oom", "killed", "failed", "timeout", "over_budget")  # statuses after which longer lengths are skipped
 
 
 class RunResult(NamedTuple):
-    """What one launch gave: ``status`` ok / oom / failed / timeout, its wall time, its steps' seconds, the
-    JSON it wrote (None if none) and a note (the error or the out-of-memory message)."""
+    """What one launch gave: ``status`` ok / oom / killed / failed / timeout, its wall time, its steps' seconds,
+    the JSON it wrote (None if none) and a note (the error or the out-of-memory message)."""
 
     status: str
     wall_s: float
     step_seconds: List[float]
     path: Optional[str]
     note: str = ""
+
+
+def failure(returncode: int, stderr: str) -> tuple:
+    """``(status, note)`` of a launch that exited with an error and no out-of-memory record: ``killed`` when a
+    rank died of SIGKILL, which no Python error precedes (on a host whose memory is full, the kernel's
+    out-of-memory killer: pinned memory cannot be swapped), else ``failed``."""
+    if returncode in (-9, 137) or "Signal 9 (SIGKILL)" in stderr:
+        return "killed", (f"rc {returncode}: a rank was killed by SIGKILL with no Python error (most likely the "
+                          f"kernel's out-of-memory killer: host memory full): {stderr[-600:]}")
+    return "failed", f"rc {returncode}: {stderr[-1500:]}"
 
 
 def predict_s(prev: RunResult, prev_len: int, seq_len: int, steps: int) -> float:
@@ -264,14 +274,16 @@ def make_launcher(args, variants: Dict[str, str]) -> Callable[[str, int, float],
         if not os.path.exists(out):  # a rank out of memory alone writes its own record
             others = [f"{out}.rank{r}" for r in range(1, args.gpus) if os.path.exists(f"{out}.rank{r}")]
             if not others:
-                return RunResult("failed", wall, [], None, f"rc {proc.returncode}: {proc.stderr[-1500:]}")
+                status, note = failure(proc.returncode, proc.stderr)
+                return RunResult(status, wall, [], None, note)
             out = others[0]
         d = json.load(open(out))
         seconds = scaling_seconds(d)
         if "oom" in d:
             return RunResult("oom", wall, seconds, out, f"{d['oom'].get('kind')}: {d['oom']['error'][:300]}")
         if proc.returncode != 0:
-            return RunResult("failed", wall, seconds, out, f"rc {proc.returncode}: {proc.stderr[-1500:]}")
+            status, note = failure(proc.returncode, proc.stderr)
+            return RunResult(status, wall, seconds, out, note)
         return RunResult("ok", wall, seconds, out)
     return launch
 

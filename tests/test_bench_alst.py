@@ -253,6 +253,23 @@ def test_sweep_stops_a_variant_after_its_out_of_memory_and_skips_runs_predicted_
     assert predict_s(RunResult("ok", 100.0, [10.0, 20.0], None), 1000, 2000, 3) == pytest.approx(70 + 20 * 4 * 3)
 
 
+def test_a_rank_killed_by_sigkill_is_recorded_as_killed_and_stops_the_variant():
+    from bench.run_alst_compare import RunResult, failure, sweep
+
+    torchrun_stderr = "torch.distributed.elastic...: Signal 9 (SIGKILL) received by PID 4242"
+    assert failure(1, torchrun_stderr)[0] == "killed" and "out-of-memory killer" in failure(1, torchrun_stderr)[1]
+    assert failure(-9, "")[0] == "killed"
+    assert failure(1, "ValueError: bad flag") == ("failed", "rc 1: ValueError: bad flag")
+
+    def launch(variant, seq_len, timeout_s):
+        if seq_len == 131072:
+            return RunResult(*failure(1, torchrun_stderr)[:1], 5.0, [], None, "")
+        return RunResult("ok", 10.0, [1.0], "x.json")
+
+    recs = sweep([65536, 131072, 262144], ["alst"], steps=1, budget_s=1e6, launch=launch, clock=lambda: 0.0)
+    assert [r["status"] for r in recs] == ["ok", "killed", "skipped"]
+
+
 def test_report_lists_each_length_and_the_longest_trained_per_run():
     from bench.report import long_sequence_tables
 
