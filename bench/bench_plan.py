@@ -97,7 +97,8 @@ def predict(record: dict, gpu_name: str) -> dict:
 
 
 def measured(record: dict) -> dict:
-    """Steady state of a bench_train record: the steps after the first optimizer step."""
+    """Steady state of a bench_train record: the steps after the first optimizer step (of a fit probe, its one
+    step at the length: its GPU peak is the whole step's, its time is not)."""
     steady = [r for r in record.get("steps", []) if r["step"] >= 1]
     if not steady:
         return {"oom": record.get("oom")}
@@ -115,7 +116,7 @@ def measured(record: dict) -> dict:
     return {"gpu_peak_gib": max(r["peak_gib"] for r in steady),
             "host_pinned_gib": pinned, "host_pinned_source": source,
             "host_pool_gib": max(r.get("host_pool_gib", 0.0) for r in steady),
-            "step_seconds": sum(r["seconds"] for r in steady) / len(steady),
+            "step_seconds": None if record.get("probe_layers") else sum(r["seconds"] for r in steady) / len(steady),
             "losses": [r["loss"] for r in record["steps"]], "oom": record.get("oom")}
 
 
@@ -147,7 +148,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=560.0, help="start no run after this many seconds")
     ap.add_argument("--predict", help="re-predict the runs of this JSON with the current planner (no GPU)")
     ap.add_argument("--records", help="with --out: a glob of bench_train records (e.g. bench/results/alstcmp_ds_*.json) "
-                                      "gathered as the runs of a new file, then predicted as with --predict")
+                                      "gathered as the runs of a new file, then predicted as with --predict (runs "
+                                      "that trained, and fit probes that fit)")
     ap.add_argument("--commit", default="")
     args = ap.parse_args()
 
@@ -157,7 +159,8 @@ def main():
         records = [(p, json.load(open(p))) for p in paths]
         payload = {"command": " ".join(sys.argv), "runs": [
             {"name": os.path.basename(p)[:-len(".json")], "source": p, "record": r} for p, r in records
-            if (r.get("summary") or {}).get("tokens_per_s") and "oom" not in r]}
+            if ((r.get("summary") or {}).get("tokens_per_s") or (r.get("summary") or {}).get("probe_peak_gib"))
+            and "oom" not in r]}
         args.predict = args.out
         write_json(args.out, payload)
     if args.predict:
