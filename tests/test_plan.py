@@ -425,3 +425,22 @@ def test_the_search_rebuilds_inputs_only_where_keeping_every_input_does_not_fit(
     assert longest_fit.settings.checkpoint_every > 1
     assert longest_fit.run.seq_len >= 1.5 * kept_every.run.seq_len
     assert longest_fit.settings.block(model.layers)["checkpoint_every"] == longest_fit.settings.checkpoint_every
+
+
+def test_the_unchunked_attention_backward_holds_fp32_dq_dk_dv_and_an_unchecked_last_layer_its_gradients():
+    """The unchunked attention's backward: d(out), bf16 dq/dk/dv, the kernel's fp32 dq and dK/dV accumulators and
+    the residual gradient, less what the MLP freed (an 8-layer slice at 1.57M tokens on an H200 peaked 137.0 GiB
+    where this was 12 GiB short); an unchecked last layer's backward holds them too (beside its MLP's)."""
+    from ds_longctx.plan.activations import Widths
+    from ds_longctx.plan.estimate import _layer_backward
+
+    run = Run(model=SMALL, world=1, seq_len=4096)
+    settings = Settings(mlp_tile_tokens=128, keep_attention_output=False)  # small tiles: the attention's phase peaks
+    w, tokens = Widths(SMALL, settings), 4096
+    working = _layer_backward(run, settings, w, tokens, recompute=True)
+    phase = tokens * (2 * (2 * w.q + 2 * w.kv) + 4 * (w.q + 2 * w.kv) + 2 * 2 * w.h)
+    assert working["attention_working_set"] == phase - working["mlp_working_set"] - tokens * 2 * w.h
+    unchecked = estimate_memory(run, settings.with_(checkpoint_layers=3))["layer_backward"]
+    alone = _layer_backward(run, settings, w, tokens, recompute=False)
+    assert unchecked["layer_working_set"] == alone["mlp_working_set"] + alone["attention_working_set"] > \
+        alone["mlp_working_set"]
