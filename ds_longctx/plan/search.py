@@ -4,7 +4,8 @@ Candidates vary every setting the block and ZeRO offer: the ``ulysses x ring`` f
 sequence-parallel group (Ulysses inside a node and at most the query heads), FPDT chunks with and
 without host offload, kept attention, checkpoint offload of every layer or of the first ones (as many as
 host memory holds), MLP and loss tiles, the optimizer in host memory (DeepSpeed's offload), and AdamW's moments
-in host memory where only they keep a configuration from fitting the GPU. A candidate fits when its GPU
+in host memory where only they keep a configuration from fitting the GPU, and layer inputs rebuilt in backward
+(``checkpoint_every`` 2 or 3) where nothing fits with every input kept. A candidate fits when its GPU
 peak stays under the GPU's memory less a margin and every node's pinned and other host memory under the
 host's less a margin; the fastest fitting one (predicted step time, then the lowest GPU peak) wins.
 """
@@ -24,7 +25,7 @@ from .settings import Run, Settings
 CHUNK_SIZES = (16384, 32768, 65536, 131072)
 MLP_TILES = (None, 16384, 4096)
 LOSS_TILES = (None, 4096)
-CHECKPOINT_EVERY = (1, 2, 3)
+REBUILT_EVERY = (2, 3)  # checkpoint_every tried where nothing fits with every input kept
 
 
 @dataclass(frozen=True)
@@ -173,9 +174,9 @@ def _offload_options(run: Run, settings: Settings, machine: Machine, margins: Ma
 
 
 def candidates(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dict] = None,
-               base: Settings = Settings()) -> Iterable[Settings]:
-    """Every setting combination valid for ``run``; ``fixed`` (Settings field -> value) pins fields
-    (``checkpoint_offload_all``: every checkpointed layer offloaded)."""
+               base: Settings = Settings(), everies: tuple = (1,)) -> Iterable[Settings]:
+    """Every setting combination valid for ``run``, with ``checkpoint_every`` in ``everies``; ``fixed`` (Settings
+    field -> value) pins fields (``checkpoint_offload_all``: every checkpointed layer offloaded)."""
     fixed = fixed or {}
     pairs = ([(fixed["ulysses"], fixed["ring"])] if "ulysses" in fixed and "ring" in fixed
              else list(factorizations(run, machine)))
@@ -185,7 +186,7 @@ def candidates(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dic
             pairs, option("chunk_size", (None,) + CHUNK_SIZES), option("keep_attention_output", (True, False)),
             option("mlp_tile_tokens", MLP_TILES), option("loss_tile_tokens", LOSS_TILES),
             option("optimizer_offload", (False, True)),
-            option("checkpoint_every", CHECKPOINT_EVERY if run.checkpointing else (1,))):
+            option("checkpoint_every", everies if run.checkpointing else (1,))):
         if opt and host_states:  # DeepSpeed's offloaded optimizer has its own moments on the CPU
             continue
         for fpdt_offload in option("fpdt_offload", (False, True) if chunk is not None else (False,)):
@@ -233,12 +234,30 @@ def best(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dict] = N
          base: Settings = Settings()) -> tuple:
     """``(the fastest fitting Verdict or None, the Verdict of the smallest GPU peak seen)``; a configuration
     with layers left unchecked wins only when it is :data:`UNCHECKED_MIN_GAIN` faster than the fastest with
-    every layer checkpointed."""
+    every layer checkpointed. Inputs are rebuilt (``checkpoint_every`` above 1, unless ``fixed`` sets it) only
+    where no configuration fits with every checkpointed layer keeping its input: a rerun costs a layer's forward,
+    and the search stays as short as before wherever every input fits."""
+    fixed = fixed or {}
+    if "checkpoint_every" in fixed or not run.checkpointing:
+        return _fastest(run, machine, margins, fixed, base)
+    kept, kept_smallest = _fastest(run, machine, margins, {**fixed, "checkpoint_every": 1}, base)
+    if kept is not None:
+        return kept, kept_smallest
+    rebuilt, smallest = _fastest(run, machine, margins, fixed, base, REBUILT_EVERY)
+    if kept_smallest is not None and (smallest is None
+                                      or kept_smallest.estimate.gpu_peak < smallest.estimate.gpu_peak):
+        smallest = kept_smallest
+    return rebuilt, smallest
+
+
+def _fastest(run: Run, machine: Machine, margins: Margins, fixed: Dict, base: Settings,
+             everies: tuple = (1,)) -> tuple:
+    """:func:`best` over the candidates with ``checkpoint_every`` in ``everies`` (where ``fixed`` does not set it)."""
     key = lambda v: (v.estimate.step_seconds, v.estimate.gpu_peak)  # noqa: E731
     fastest: Dict[bool, Verdict] = {}  # by whether some layer is left unchecked
     smallest: Optional[Verdict] = None
-    for verdict in (v for settings in candidates(run, machine, margins, fixed, base)
-                    for v in _judged(run, settings, machine, margins, fixed or {})):
+    for verdict in (v for settings in candidates(run, machine, margins, fixed, base, everies)
+                    for v in _judged(run, settings, machine, margins, fixed)):
         settings = verdict.settings
         if smallest is None or verdict.estimate.gpu_peak < smallest.estimate.gpu_peak:
             smallest = verdict
@@ -285,5 +304,5 @@ def _last_fitting(fits, low: int, high: int, step: int) -> tuple:
     return low, high
 
 
-__all__ = ["CHUNK_SIZES", "Margins", "UNCHECKED_MIN_GAIN", "Verdict", "best", "candidates", "factorizations", "judge", "longest",
+__all__ = ["CHUNK_SIZES", "REBUILT_EVERY", "Margins", "UNCHECKED_MIN_GAIN", "Verdict", "best", "candidates", "factorizations", "judge", "longest",
            "valid_for"]
