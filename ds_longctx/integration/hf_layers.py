@@ -1,6 +1,6 @@
 """The layer changes :func:`~ds_longctx.integration.hf.apply` makes to a transformers model: checkpoint
-functions in attention stashes (only the first ``checkpoint_layers`` decoder layers checkpointing), and MLPs
-over sequence tiles. Both follow the block the run's
+functions in attention stashes (only the first ``checkpoint_layers`` decoder layers checkpointing, only every
+``checkpoint_every``-th keeping its input), and MLPs over sequence tiles. Both follow the block the run's
 :class:`~ds_longctx.integration.context.LongContext` holds at each forward (:func:`configure_layers`), so
 "auto" values resolved at the first batch take effect before the first forward."""
 from __future__ import annotations
@@ -47,10 +47,11 @@ def stash_checkpoints(model: torch.nn.Module, keep_attention_output: bool,
                       inputs: Optional[InputRecompute] = None) -> int:
     """Wrap the checkpoint function of every checkpointing layer of ``model`` (transformers'
     ``_gradient_checkpointing_func``) in a :class:`~ds_longctx.memory.remat.StashingCheckpoint`, or rewrap
-    it with a new ``keep_attention_output`` / ``offload``. With ``checkpoint_layers`` N only the first N
-    decoder layers checkpoint; the others' wrappers run the layer without checkpointing (whatever
-    ``gradient_checkpointing_enable`` set, which may run again at any time: the forward pre-hook calls this
-    every forward). Returns the number of layers wrapped now."""
+    it with a new ``keep_attention_output`` / ``offload`` / ``inputs`` (an
+    :class:`~ds_longctx.memory.input_recompute.InputRecompute`: only every N-th layer keeps its input). With
+    ``checkpoint_layers`` N only the first N decoder layers checkpoint; the others' wrappers run the layer
+    without checkpointing (whatever ``gradient_checkpointing_enable`` set, which may run again at any time: the
+    forward pre-hook calls this every forward). Returns the number of layers wrapped now."""
     wrapped, index = 0, 0
     for module, is_layer in _checkpoint_owners(model):
         checkpoints = not is_layer or checkpoint_layers is None or index < checkpoint_layers

@@ -289,7 +289,8 @@ def checkpoint(fn: Callable, *args: Any, keep_attention_output: bool = True, use
 class StashingCheckpoint:
     """A checkpoint function (``fn, *args -> outputs``, the kind transformers keeps in a layer's
     ``_gradient_checkpointing_func``) around ``inner`` that gives each region its own :class:`AttentionStash`,
-    and with ``offload`` keeps the regions' inputs and kept outputs in host memory.
+    with ``offload`` keeps the regions' inputs and kept outputs in host memory, and with ``inputs`` keeps only
+    every ``inputs.every``-th region's input (the others rebuilt in backward).
 
     ``checkpoints=False`` runs ``fn`` as it is, without ``inner``: plain autograd that keeps the layer's
     activations for backward and recomputes nothing (a layer left out of ``checkpoint_layers``). Such a layer
