@@ -120,6 +120,12 @@ def measured(record: dict) -> dict:
             "losses": [r["loss"] for r in record["steps"]], "oom": record.get("oom")}
 
 
+def _measured_step(record: dict) -> bool:
+    """Whether a record has a steady step to compare: a run that trained, or a fit probe that fit."""
+    summary = record.get("summary") or {}
+    return bool(summary.get("tokens_per_s") or summary.get("probe_peak_gib")) and "oom" not in record
+
+
 def compare(row: dict) -> None:
     """Ratios predicted / measured, and whether each is within its target (10% memory, 20% time)."""
     p, m = dict(row["predicted"]), row["measured"]
@@ -159,8 +165,7 @@ def main():
         records = [(p, json.load(open(p))) for p in paths]
         payload = {"command": " ".join(sys.argv), "runs": [
             {"name": os.path.basename(p)[:-len(".json")], "source": p, "record": r} for p, r in records
-            if ((r.get("summary") or {}).get("tokens_per_s") or (r.get("summary") or {}).get("probe_peak_gib"))
-            and "oom" not in r]}
+            if _measured_step(r)]}
         args.predict = args.out
         write_json(args.out, payload)
     if args.predict:

@@ -19,8 +19,7 @@ from typing import Dict, Optional
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench.common import record_header, write_json  # noqa: E402
-
-GIB = 2 ** 30
+from ds_longctx.plan import GIB  # noqa: E402
 
 
 def longest_row(model_arg: str, gpu_gib: float, host_gib: float, kernel: str, fixed: Optional[Dict]) -> Dict:

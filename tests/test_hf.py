@@ -156,21 +156,20 @@ def test_shift_labels_in_the_call_return_the_loss_of_the_logits(tile):
         assert ((p.grad - q.grad).norm() / q.grad.norm()).item() < 1e-10, name
 
 
-@pytest.mark.parametrize("checkpointed", [0, 2, 4])
-def test_only_the_first_checkpoint_layers_are_recomputed_with_the_gradients_of_no_checkpointing(checkpointed):
-    """A 4-layer model with gradient checkpointing and ``checkpoint_layers`` N: the loss and every gradient of the
-    model without checkpointing (float64); in backward only the first N layers run their MLP again, and no layer
-    its attention (kept outputs)."""
+def _checkpointed_step_against_unchecked(block):
+    """A 4-layer float64 Llama with gradient checkpointing on every layer and ``block``: asserts the loss and every
+    gradient equal the same model's without checkpointing; returns the decoder layers whose MLP ran (each run,
+    forward and backward) and the kernel forwards counted."""
     from tests.dist_cases import counted_kernel_forwards
 
-    def build(block):
+    def build(extra):
         model = cases.build_model("llama", 32, layers=4).double()
-        lc = LongContext(Topology(), LongContextConfig.from_block({"kernel": "reference", **block}))
+        lc = LongContext(Topology(), LongContextConfig.from_block({"kernel": "reference", **extra}))
         apply(model, lc)
         return model, lc
 
     reference, lc = build({})
-    model, _ = build({"checkpoint_layers": checkpointed})
+    model, _ = build(block)
     model.gradient_checkpointing_enable()  # every layer, as transformers sets it; the block narrows it
     model.train()
     mlp_calls = []
@@ -185,8 +184,17 @@ def test_only_the_first_checkpoint_layers_are_recomputed_with_the_gradients_of_n
     assert abs(got.item() - want.item()) < 1e-12 * abs(want.item())
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert ((p.grad - q.grad).norm() / q.grad.norm()).item() < 1e-10, name
-    assert sorted(mlp_calls) == sorted([0, 1, 2, 3] + list(range(checkpointed)))
-    assert counted.forwards == 4
+    return sorted(mlp_calls), counted.forwards
+
+
+@pytest.mark.parametrize("checkpointed", [0, 2, 4])
+def test_only_the_first_checkpoint_layers_are_recomputed_with_the_gradients_of_no_checkpointing(checkpointed):
+    """A 4-layer model with gradient checkpointing and ``checkpoint_layers`` N: the loss and every gradient of the
+    model without checkpointing (float64); in backward only the first N layers run their MLP again, and no layer
+    its attention (kept outputs)."""
+    mlp_calls, forwards = _checkpointed_step_against_unchecked({"checkpoint_layers": checkpointed})
+    assert mlp_calls == sorted([0, 1, 2, 3] + list(range(checkpointed)))
+    assert forwards == 4
 
 
 def test_checkpoint_layers_beyond_the_model_are_refused_naming_its_layers():
@@ -206,33 +214,10 @@ def test_checkpoint_every_rebuilds_inputs_with_the_gradients_of_no_checkpointing
     """A 4-layer model with gradient checkpointing and ``checkpoint_every`` N: the loss and every gradient of the
     model without checkpointing (float64); in backward the layers at offset j of each group of N run their layer
     before's forward j times more, the attention included (the rerun keeps nothing)."""
-    from tests.dist_cases import counted_kernel_forwards
-
-    def build(extra):
-        model = cases.build_model("llama", 32, layers=4).double()
-        lc = LongContext(Topology(), LongContextConfig.from_block({"kernel": "reference", **extra}))
-        apply(model, lc)
-        return model, lc
-
-    reference, lc = build({})
-    model, _ = build({**block, "checkpoint_every": every})
-    model.gradient_checkpointing_enable()
-    model.train()
-    mlp_calls = []
-    for i, layer in enumerate(model.model.layers):
-        layer.mlp.register_forward_pre_hook(lambda *_, i=i: mlp_calls.append(i))
-    batch = lc.shard_batch(cases.full_batch(0, 0, 2, 32))
-    want = reference(input_ids=batch["input_ids"], shift_labels=batch["shift_labels"]).loss
-    want.backward()
-    with counted_kernel_forwards() as counted:
-        got = model(input_ids=batch["input_ids"], shift_labels=batch["shift_labels"]).loss
-        got.backward()
-    assert abs(got.item() - want.item()) < 1e-12 * abs(want.item())
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        assert ((p.grad - q.grad).norm() / q.grad.norm()).item() < 1e-10, name
+    mlp_calls, forwards = _checkpointed_step_against_unchecked({**block, "checkpoint_every": every})
     reruns = [layer for i in range(4) for layer in range(i - i % every, i)]  # offset j reruns the j layers before it
-    assert sorted(mlp_calls) == sorted([0, 1, 2, 3] * 2 + reruns)
+    assert mlp_calls == sorted([0, 1, 2, 3] * 2 + reruns)
     recomputed_attention = 0 if block["keep_attention_output"] else 4
     chunks = 32 // block.get("fpdt", {}).get("chunk_size", 32)
     kernel_calls = chunks * (chunks + 1) // 2  # FPDT: one kernel per causal (query chunk, key chunk) pair
-    assert counted.forwards == (4 + recomputed_attention + len(reruns)) * kernel_calls
+    assert forwards == (4 + recomputed_attention + len(reruns)) * kernel_calls

@@ -115,6 +115,18 @@ def _hidden(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _restorer(offload_unpack: Callable[[Any], Any]) -> Callable[[Any], torch.Tensor]:
+    """What turns a saved input back into the tensor: a rebuilt one reruns its producer, the others go through
+    the offload's unpack (or are the tensor)."""
+
+    def restore(saved: Any) -> torch.Tensor:
+        if isinstance(saved, RecomputedInput):
+            return saved.producer.rerun()
+        return offload_unpack(saved)
+
+    return restore
+
+
 def _key(t: torch.Tensor) -> Tuple:
     return (t.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t._version)
 
@@ -167,8 +179,8 @@ class InputRecompute:
         if not chained:
             self._offset = 0
         offload_pack = offload.pack if offload is not None else (lambda t: t)
-        offload_unpack = offload.unpack if offload is not None else (lambda p: p)
-        producer = Producer(fn=fn, saved_input=None, unpack=self._unpacker(offload_unpack),
+        restore = _restorer(offload.unpack if offload is not None else (lambda p: p))
+        producer = Producer(fn=fn, saved_input=None, unpack=restore,
                             rng=_RngState.now(hidden.device),
                             autocast=tuple(_Autocast.now(d) for d in dict.fromkeys((hidden.device.type, "cpu"))))
 
@@ -186,9 +198,7 @@ class InputRecompute:
         def unpack(packed: Any) -> Any:
             self._backward_seen = True
             self._previous = self._previous_output = None  # forward is over: hold nothing past its backward
-            if isinstance(packed, RecomputedInput):
-                return packed.producer.rerun()
-            return offload_unpack(packed)
+            return restore(packed)
 
         def done(out: Any) -> None:
             output = _hidden(out)
@@ -203,14 +213,6 @@ class InputRecompute:
                 yield done
         finally:
             region.hidden = region.previous = region.producer = None
-
-    def _unpacker(self, offload_unpack: Callable[[Any], Any]) -> Callable[[Any], torch.Tensor]:
-        def unpack(saved: Any) -> torch.Tensor:
-            if isinstance(saved, RecomputedInput):
-                return saved.producer.rerun()
-            return offload_unpack(saved)
-
-        return unpack
 
     def __repr__(self) -> str:
         return f"InputRecompute(every={self.every})"
