@@ -84,10 +84,12 @@ def test_zero3_sequence_parallel_training_matches_single_process(pool, kind, uly
 def test_engines_built_one_after_another_leave_no_threads_behind(pool):
     # Every process group keeps backend threads and connections until destroyed; engine.destroy() must
     # release the Topology's and the mpu's, or each engine a process builds slows all later collectives.
-    runs = [pool.run(cases.train_with_deepspeed, "llama", 2, 2, 1, SEQ, BATCH, timeout=300) for _ in range(3)]
+    # The first engine may start workers that stay for good (torch's and DeepSpeed's one-time pools, 7 -> 8 or 9
+    # threads here): a leak shows as growth from the second engine on.
+    runs = [pool.run(cases.train_with_deepspeed, "llama", 2, 2, 1, SEQ, BATCH, timeout=300) for _ in range(4)]
     for rank in range(WORLD):
         counts = [run[rank]["info"]["threads_after_destroy"] for run in runs]
-        assert counts[1:] == [counts[0]] * 2, counts
+        assert counts[2:] == [counts[1]] * 2, counts
 
 
 @pytest.mark.parametrize("ulysses,ring", [(2, 2), (1, 2)])

@@ -1,22 +1,9 @@
 """A Topology owns its process groups: destroy() gives them back, and a destroyed one refuses to be used."""
 from __future__ import annotations
 
-import os
-import time
-
 import pytest
 
-
-def _threads(window_s: float = 0.5) -> int:
-    """The process's threads that persist: the fewest seen over ``window_s``. A leaked group's threads stay for
-    good, while gloo's and torch's short-lived workers (a destroyed group's still winding down, or one starting)
-    come and go within it: a single reading counted them one time in two on a loaded machine."""
-    fewest = len(os.listdir("/proc/self/task"))
-    deadline = time.monotonic() + window_s
-    while time.monotonic() < deadline:
-        time.sleep(0.02)
-        fewest = min(fewest, len(os.listdir("/proc/self/task")))
-    return fewest
+from tests.threads import persistent_threads
 
 
 def build_and_destroy_repeatedly(ulysses: int, ring: int, times: int) -> dict:
@@ -38,13 +25,13 @@ def build_and_destroy_repeatedly(ulysses: int, ring: int, times: int) -> dict:
     with Topology(ulysses=ulysses, ring=ring) as topo:  # the context manager destroys on exit
         total = used(topo)
     assert topo.destroyed
-    baseline = _threads()  # after the backend's one-time threads
+    baseline = persistent_threads()  # after the backend's one-time threads
     counts = []
     for _ in range(times):
         topo = Topology(ulysses=ulysses, ring=ring)
         used(topo)
         topo.destroy()
-        counts.append(_threads())
+        counts.append(persistent_threads())
     topo.destroy()  # a second call does nothing
     errors = []
     q = torch.zeros(1, 8 // (ulysses * ring) * 2, 4, 8)
