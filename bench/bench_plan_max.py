@@ -124,13 +124,14 @@ def bench_train(case: Case, seq_len: int, flags: List[str], steps: int, out: str
 
 def check_case(name: str, case: Case, args, deadline: float) -> dict:
     shape = resolve_shape(case.preset)
-    model_dir = tempfile.mkdtemp(prefix=f"plan_{name}_")
-    llama_config(shape, 1 << 23).save_pretrained(model_dir)
-    plan_cmd = [sys.executable, "-m", "ds_longctx.cli", "plan", "--model", model_dir, "--seq-len", "max",
-                "--gpus", "1", "--json"]
-    if case.gpu_memory_gib is not None:
-        plan_cmd += ["--gpu-memory-gib", str(case.gpu_memory_gib), "--host-memory-gib", str(case.host_memory_gib)]
-    proc = run(plan_cmd, 120)
+    with tempfile.TemporaryDirectory(prefix=f"plan_{name}_") as model_dir:
+        llama_config(shape, 1 << 23).save_pretrained(model_dir)
+        plan_cmd = [sys.executable, "-m", "ds_longctx.cli", "plan", "--model", model_dir, "--seq-len", "max",
+                    "--gpus", "1", "--json"]
+        if case.gpu_memory_gib is not None:
+            plan_cmd += ["--gpu-memory-gib", str(case.gpu_memory_gib),
+                         "--host-memory-gib", str(case.host_memory_gib)]
+        proc = run(plan_cmd, 120)
     row = {"case": name, "model": case.preset or "bench 4-layer (Llama-3-8B widths, 256 tokens)",
            "gpu_memory_gib": case.gpu_memory_gib, "host_memory_gib": case.host_memory_gib,
            "plan_command": " ".join(plan_cmd[1:]).replace(model_dir, "CONFIG")}

@@ -178,13 +178,13 @@ def make_planner(args) -> Callable[[int], List[str]]:
     from bench.models import llama_config, resolve_shape
 
     def planned(seq_len: int, kernel: str = "auto", gpu_gib: Optional[float] = None) -> List[str]:
-        model_dir = tempfile.mkdtemp(prefix="alstcmp_model_")
-        llama_config(resolve_shape(args.model, layers=args.layers), seq_len).save_pretrained(model_dir)
         # a GPU budget is the whole budget: no margin taken off it
         budget = ["--gpu-memory-gib", f"{gpu_gib:.2f}", "--gpu-margin-gib", "0"] if gpu_gib is not None else []
-        cmd = [sys.executable, "-m", "ds_longctx.cli", "plan", "--model", model_dir, "--seq-len", str(seq_len),
-               "--gpus", str(args.gpus), "--kernel", kernel, "--json", *budget, *shlex.split(args.plan_flags)]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        with tempfile.TemporaryDirectory(prefix="alstcmp_model_") as model_dir:
+            llama_config(resolve_shape(args.model, layers=args.layers), seq_len).save_pretrained(model_dir)
+            cmd = [sys.executable, "-m", "ds_longctx.cli", "plan", "--model", model_dir, "--seq-len", str(seq_len),
+                   "--gpus", str(args.gpus), "--kernel", kernel, "--json", *budget, *shlex.split(args.plan_flags)]
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"ds-longctx plan: {proc.stderr.strip()[-600:]}")
         plan = json.loads(proc.stdout)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import tempfile
 import traceback
 from multiprocessing.reduction import ForkingPickler
@@ -95,3 +96,6 @@ class DistPool:
         for p in self._procs:
             if p.is_alive():
                 p.kill()
+        for p in self._procs:
+            p.join(timeout=20)
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -14,7 +14,7 @@ from ds_longctx.plan.estimate import estimate, estimate_host, estimate_memory
 from ds_longctx.plan.machine import cgroup_available_bytes, meminfo_available_bytes
 from ds_longctx.plan.offload_optimizer import parameter_numels, power_of_two_ceil
 from ds_longctx.plan.preflight import PlanError, check, prepare, resolve
-from ds_longctx.plan.search import UNCHECKED_MIN_GAIN, Margins, best, judge, longest
+from ds_longctx.plan.search import UNCHECKED_MIN_GAIN, Margins, best, fits_at_all, judge, longest
 from ds_longctx.plan.rates import HOPPER
 
 LLAMA_3B = {"num_hidden_layers": 28, "hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24,
@@ -123,6 +123,10 @@ def test_the_longest_sequence_fits_and_a_tenth_more_does_not_with_any_configurat
     # the first length of the search's finest step at or past 1.1x: nothing fits there, whatever the settings
     longer = run.with_seq_len(-(-int(longest_fit.run.seq_len * 1.1) // 1024) * 1024)
     assert best(longer, machine, margins)[0] is None
+    # the search's bisection asks only whether anything fits, stopping at the first that does: what best() says
+    for tokens in (longest_fit.run.seq_len, longest_fit.run.seq_len + 1024, longer.seq_len):
+        assert fits_at_all(run.with_seq_len(tokens), machine, margins) == (
+            best(run.with_seq_len(tokens), machine, margins)[0] is not None)
 
 
 def test_auto_values_resolve_to_the_searched_configuration():
@@ -410,6 +414,31 @@ def test_checkpoint_every_keeps_one_input_per_group_and_reruns_the_layers_before
         assert got.time_components["matmul"] - every_layer.time_components["matmul"] == pytest.approx(
             reruns * forward_matmuls / rates.matmul_flops, rel=1e-12)
         assert got.step_seconds > every_layer.step_seconds
+
+
+def test_partly_offloaded_groups_keep_the_inputs_of_their_group_starts_on_the_gpu_and_the_host_layer_by_layer():
+    """The planner's counts of kept inputs and reruns are those of the layers one by one: layer ``l`` keeps its
+    input when ``l % every == 0``, the first ``checkpoint_offload_layers`` in host memory, the rest on the GPU;
+    the layer at offset ``l % every`` reruns as many forwards."""
+    from ds_longctx.plan.activations import inputs_kept, keeps_input, rerun_layers
+
+    run = Run(model=SMALL, world=1, seq_len=4096)  # 4 layers
+    per_layer_input = 4096 * SMALL.hidden * 2
+    for every in (1, 2, 3, 4, 5):
+        settings = Settings(keep_attention_output=False, checkpoint_every=every)
+        for first in range(9):
+            for end in range(first, 12):
+                one_by_one = sum(keeps_input(layer, settings) for layer in range(first, end))
+                assert inputs_kept(first, end, settings) == one_by_one
+        for layers in range(1, 4 + 1):
+            one_by_one = sum(layer % every for layer in range(layers))
+            assert rerun_layers(run, settings.with_(checkpoint_layers=layers)) == one_by_one
+        for offloaded in range(5):
+            placed = settings.with_(checkpoint_offload_layers=offloaded)
+            on_gpu = sum(keeps_input(layer, placed) for layer in range(offloaded, 4))
+            on_host = sum(keeps_input(layer, placed) for layer in range(offloaded))
+            assert estimate_memory(run, placed)["forward"]["checkpoints"] == on_gpu * per_layer_input
+            assert estimate_host(run, placed).get("checkpoint_offload", 0) == on_host * per_layer_input
 
 
 def test_the_search_rebuilds_inputs_only_where_keeping_every_input_does_not_fit():

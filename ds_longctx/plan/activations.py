@@ -28,10 +28,18 @@ def keeps_input(layer: int, settings: Settings) -> bool:
     return layer % settings.checkpoint_every == 0
 
 
+def inputs_kept(first: int, end: int, settings: Settings) -> int:
+    """How many of the checkpointed layers ``first <= layer < end`` keep their input (:func:`keeps_input`)."""
+    every = settings.checkpoint_every
+    return max(0, -(-end // every) - -(-first // every))
+
+
 def rerun_layers(run: Run, settings: Settings) -> int:
     """Extra layer forwards per step that rebuild inputs in backward: the layer at offset j of its group reruns
-    the j layers before it."""
-    return sum(layer % settings.checkpoint_every for layer in range(checkpointed_layers(run, settings)))
+    the j layers before it (``0 + 1 + ... + (every - 1)`` per whole group)."""
+    every, layers = settings.checkpoint_every, checkpointed_layers(run, settings)
+    groups, rest = divmod(layers, every)
+    return groups * every * (every - 1) // 2 + rest * (rest - 1) // 2
 
 
 class Widths:
@@ -93,5 +101,5 @@ def unchecked_layer_bytes(settings: Settings, w: Widths, tokens: int) -> int:
     return layer_saved(settings, w, tokens, recompute=False) + tokens * BF16 * w.h
 
 
-__all__ = ["BF16", "FP32", "Widths", "attention_state", "checkpointed_layers", "keeps_input", "kept_bytes",
-           "layer_saved", "mlp_saved_widths", "norm_saved", "rerun_layers", "unchecked_layer_bytes"]
+__all__ = ["BF16", "FP32", "Widths", "attention_state", "checkpointed_layers", "inputs_kept", "keeps_input",
+           "kept_bytes", "layer_saved", "mlp_saved_widths", "norm_saved", "rerun_layers", "unchecked_layer_bytes"]

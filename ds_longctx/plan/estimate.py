@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Dict
 
 from ..geometry import ChunkGeometry
-from .activations import (BF16, FP32, Widths, checkpointed_layers, keeps_input, kept_bytes, layer_saved,
+from .activations import (BF16, FP32, Widths, checkpointed_layers, inputs_kept, keeps_input, kept_bytes, layer_saved,
                           mlp_saved_widths, norm_saved, unchecked_layer_bytes)
 from .host_memory import HostBuffer, estimate_host, host_pageable, pool_buffers
 from .host_optimizer import staging_bytes
@@ -97,10 +97,10 @@ def _stored(run: Run, settings: Settings, w: Widths, tokens: int) -> Dict[str, i
     parts: Dict[str, int] = {}
     checkpointed = checkpointed_layers(run, settings)
     if run.checkpointing:
-        on_gpu = [layer for layer in range(checkpointed) if not _layer_offloaded(layer, settings)]
-        parts["checkpoints"] = sum(keeps_input(layer, settings) for layer in on_gpu) * tokens * BF16 * w.h
+        first_on_gpu = min(settings.checkpoint_offload_layers, checkpointed)  # the first ones offload
+        parts["checkpoints"] = inputs_kept(first_on_gpu, checkpointed, settings) * tokens * BF16 * w.h
         kept_on_gpu = settings.keep_attention_output and not settings.fpdt_offload
-        parts["kept_attention"] = len(on_gpu) * kept_bytes(tokens, w) if kept_on_gpu else 0
+        parts["kept_attention"] = (checkpointed - first_on_gpu) * kept_bytes(tokens, w) if kept_on_gpu else 0
     if checkpointed < m.layers:
         parts["activations"] = (m.layers - checkpointed) * unchecked_layer_bytes(settings, w, tokens)
     norm = BF16 * w.h if settings.lean_rms_norm else FP32 * w.h

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Dict, List, NamedTuple
 
-from .activations import BF16, FP32, Widths, checkpointed_layers, keeps_input
+from .activations import BF16, FP32, Widths, checkpointed_layers, inputs_kept
 from .host_optimizer import host_moments_bytes
 from .machine import GIB
 from .offload_optimizer import offload_optimizer_host, power_of_two_ceil
@@ -45,7 +45,7 @@ def pool_buffers(run: Run, settings: Settings) -> List[HostBuffer]:
             buffers.append(HostBuffer("fpdt_chunks", tokens * width, sets))
     if run.checkpointing:
         offloaded = settings.checkpoint_offload_layers
-        inputs = sum(keeps_input(layer, settings) for layer in range(offloaded))  # the others rebuild theirs
+        inputs = inputs_kept(0, offloaded, settings)  # the others rebuild theirs
         buffers.append(HostBuffer("checkpoint_offload", tokens * BF16 * w.h, inputs))
         kept_layers = 0
         if settings.keep_attention_output:

@@ -4,11 +4,11 @@ the optimizer), each page-locked exactly (whole pages, no power-of-two rounding:
 seconds a step spends streaming them through the GPU."""
 from __future__ import annotations
 
-import math
+import functools
 import mmap
 
 from .model_spec import ModelSpec
-from .offload_optimizer import FP32, parameter_numels, sub_group_numels
+from .offload_optimizer import FP32, rank_partitions, sub_group_numels
 from .rates import Rates
 from .settings import ZeroSettings
 
@@ -23,17 +23,19 @@ def _page_round(nbytes: int) -> int:
     return -(-int(nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
+@functools.lru_cache(maxsize=64)
 def host_moments_bytes(model: ModelSpec, world: int, zero: ZeroSettings) -> int:
     """Page-locked bytes of one rank's moments: two buffers per optimizer sub-group (each parameter's partition
     ``ceil(numel / world)`` elements, grouped as DeepSpeed groups them)."""
-    partitions = [math.ceil(n / world) for n in parameter_numels(model)]
+    partitions = rank_partitions(model, world)
     return sum(2 * _page_round(FP32 * n) for n in sub_group_numels(partitions, zero.sub_group_size))
 
 
+@functools.lru_cache(maxsize=64)
 def staging_bytes(model: ModelSpec, world: int, zero: ZeroSettings) -> int:
     """The device slots the moments pass through: both moments of one chunk (at most the largest sub-group) per
     slot, allocated at the first step and kept."""
-    partitions = [math.ceil(n / world) for n in parameter_numels(model)]
+    partitions = rank_partitions(model, world)
     chunk = min(CHUNK_NUMEL, max(sub_group_numels(partitions, zero.sub_group_size)))
     return STAGING_SLOTS * MOMENT_BYTES * chunk
 

@@ -1,6 +1,7 @@
 """The shape of a transformers causal LM, read from its config: what the planner needs and nothing else."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -67,17 +68,17 @@ class ModelSpec:
         name = config.get("_name_or_path") or os.path.basename(os.path.dirname(os.path.abspath(file))) or "model"
         return cls.from_config(config, name=str(name))
 
-    # ---- parameter counts (elements) -------------------------------------------------------------------
+    # ---- parameter counts (elements); cached: the planner reads them at every candidate it judges ------
 
-    @property
+    @functools.cached_property
     def q_width(self) -> int:
         return self.heads * self.head_dim
 
-    @property
+    @functools.cached_property
     def kv_width(self) -> int:
         return self.kv_heads * self.head_dim
 
-    @property
+    @functools.cached_property
     def layer_params(self) -> int:
         attention = self.hidden * (self.q_width + 2 * self.kv_width) + self.q_width * self.hidden
         return attention + 3 * self.hidden * self.intermediate + 2 * self.hidden
@@ -91,11 +92,11 @@ class ModelSpec:
         """LM head weights that are not the input embedding's."""
         return 0 if self.tied_embeddings else self.vocab * self.hidden
 
-    @property
+    @functools.cached_property
     def params(self) -> int:
         return self.layers * self.layer_params + self.embedding_params + self.head_params + self.hidden
 
-    @property
+    @functools.cached_property
     def matmul_params(self) -> int:
         """Weights used in matrix products per token (the LM head counts, the input lookup does not)."""
         return self.layers * (self.layer_params - 2 * self.hidden) + self.vocab * self.hidden

@@ -19,9 +19,10 @@ With ``pin_memory: false`` all of it is pageable. On an H200 this reproduces tor
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import List
+from typing import List, Sequence, Tuple
 
 from .model_spec import ModelSpec
 from .settings import ZeroSettings
@@ -44,7 +45,14 @@ def parameter_numels(model: ModelSpec) -> List[int]:
     return numels
 
 
-def sub_group_numels(partitions: List[int], sub_group_size: int) -> List[int]:
+@functools.lru_cache(maxsize=64)
+def rank_partitions(model: ModelSpec, world: int) -> Tuple[int, ...]:
+    """Elements of each parameter's partition on one of ``world`` ranks (``ceil(numel / world)``), in model order.
+    Cached: the planner asks for the same model and world at every candidate it judges."""
+    return tuple(math.ceil(n / world) for n in parameter_numels(model))
+
+
+def sub_group_numels(partitions: Sequence[int], sub_group_size: int) -> List[int]:
     """DeepSpeed's optimizer sub-groups of a rank's parameter partitions (elements each)."""
     if sub_group_size <= 0 or sub_group_size >= sum(partitions):
         return [sum(partitions)]
@@ -78,10 +86,11 @@ class OptimizerHostBytes:
         return self.pinned_gradients + self.pinned_gradient_partitions
 
 
+@functools.lru_cache(maxsize=64)
 def offload_optimizer_host(model: ModelSpec, world: int, zero: ZeroSettings) -> OptimizerHostBytes:
     """Host bytes of ZeRO-3's CPU optimizer offload for one of ``world`` ranks (each holds ``1/world`` of every
     parameter, rounded up)."""
-    partitions = [math.ceil(n / world) for n in parameter_numels(model)]
+    partitions = rank_partitions(model, world)
     groups = sub_group_numels(partitions, zero.sub_group_size)
     master_and_moments = 3 * FP32 * sum(partitions)
     if not zero.optimizer_pin_memory:
@@ -93,4 +102,4 @@ def offload_optimizer_host(model: ModelSpec, world: int, zero: ZeroSettings) -> 
 
 
 __all__ = ["OptimizerHostBytes", "offload_optimizer_host", "parameter_numels", "power_of_two_ceil",
-           "sub_group_numels"]
+           "rank_partitions", "sub_group_numels"]

@@ -271,6 +271,16 @@ def _fastest(run: Run, machine: Machine, margins: Margins, fixed: Dict, base: Se
     return every, smallest
 
 
+def fits_at_all(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dict] = None,
+                base: Settings = Settings()) -> bool:
+    """Whether :func:`best` finds a configuration that fits, without ranking them: it stops at the first that fits
+    (rebuilt inputs count, as :func:`best` tries them where nothing else fits)."""
+    fixed = fixed or {}
+    everies = (1,) if "checkpoint_every" in fixed or not run.checkpointing else (1,) + REBUILT_EVERY
+    return any(verdict.fits for settings in candidates(run, machine, margins, fixed, base, everies)
+               for verdict in _judged(run, settings, machine, margins, fixed))
+
+
 def longest(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dict] = None,
             base: Settings = Settings(), granule: int = 32768, fine: int = 1024,
             limit: int = 1 << 27) -> Optional[Verdict]:
@@ -280,29 +290,30 @@ def longest(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dict] 
     shortest failing multiple in steps of ``fine`` tokens, so 1.1x the answer does not fit (lengths that FPDT
     chunks do not divide are planned without chunks)."""
     granule, fine = math.lcm(granule, 2 * run.world), math.lcm(fine, 2 * run.world)
-    fits = lambda tokens: best(run.with_seq_len(tokens), machine, margins, fixed, base)[0]  # noqa: E731
-    if fits(granule) is None:
+    fits = lambda tokens: fits_at_all(run.with_seq_len(tokens), machine, margins, fixed, base)  # noqa: E731
+    fastest = lambda tokens: best(run.with_seq_len(tokens), machine, margins, fixed, base)[0]  # noqa: E731
+    if not fits(granule):
         return None
     low, high = 1, 2
-    while high * granule <= limit and fits(high * granule) is not None:
+    while high * granule <= limit and fits(high * granule):
         low, high = high, high * 2
     low, high = _last_fitting(fits, low, high, granule)
     if high * granule > limit:
-        return fits(low * granule)
+        return fastest(low * granule)
     low, _ = _last_fitting(fits, low * granule // fine, high * granule // fine, fine)  # granule: a multiple of fine
-    return fits(low * fine)
+    return fastest(low * fine)
 
 
 def _last_fitting(fits, low: int, high: int, step: int) -> tuple:
     """Bisect ``low < high`` (``low * step`` tokens fit, ``high * step`` do not) down to adjacent multiples."""
     while high - low > 1:
         mid = (low + high) // 2
-        if fits(mid * step) is not None:
+        if fits(mid * step):
             low = mid
         else:
             high = mid
     return low, high
 
 
-__all__ = ["CHUNK_SIZES", "REBUILT_EVERY", "Margins", "UNCHECKED_MIN_GAIN", "Verdict", "best", "candidates", "factorizations", "judge", "longest",
-           "valid_for"]
+__all__ = ["CHUNK_SIZES", "REBUILT_EVERY", "Margins", "UNCHECKED_MIN_GAIN", "Verdict", "best", "candidates",
+           "factorizations", "fits_at_all", "judge", "longest", "valid_for"]
