@@ -1,8 +1,17 @@
+import gc
+
 import pytest
 
 from tests.distpool import DistPool
 
 _POOLS = {}
+
+
+def pytest_collection_finish(session):
+    """The test modules' imports (torch, transformers, DeepSpeed) are set aside from the collector: a full
+    collection then scans only what the tests create (transformers and DeepSpeed run full collections)."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")

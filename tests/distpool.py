@@ -7,6 +7,7 @@ re-raises any rank's exception with its traceback, and fails instead of hanging 
 """
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import queue
@@ -36,6 +37,10 @@ def _worker(rank, world, init_file, jobs, results):
         if job is None:
             break
         fn, args, kwargs = job
+        # What earlier jobs left alive (imported modules, caches) is set aside from the collector: a full
+        # collection, which DeepSpeed runs at every engine's start, then scans only this job's objects
+        gc.collect()
+        gc.freeze()
         try:
             value = fn(*args, **kwargs)
             # The queue pickles in a background thread, where a failure is only printed and the test would
