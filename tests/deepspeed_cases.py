@@ -13,8 +13,6 @@ from typing import Dict, List, Optional
 
 import torch
 
-from tests.threads import persistent_threads
-
 VOCAB = 96
 HIDDEN, LAYERS = 64, 2
 # SGD with momentum for the exact comparisons: its update is linear in the gradient, so a wrong gradient
@@ -250,7 +248,7 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
             "basic_optimizer": type(engine.basic_optimizer).__name__}
     engine.destroy()
     # ds_longctx's groups (the Topology's, the mpu's) go with the engine: none is left to slow later runs down
-    info.update(groups_released=topo.destroyed, threads_after_destroy=persistent_threads())
+    info.update(groups_released=topo.destroyed)
     return {"losses": losses, "forwards": forwards, "leased_after_forward": leased, "params": params, "info": info}
 
 

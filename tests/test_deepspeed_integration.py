@@ -10,6 +10,7 @@ import torch
 
 from tests import deepspeed_cases as cases
 from tests.distpool import DistPool
+from tests.threads import persistent_threads
 
 WORLD = 4
 STEPS = 4
@@ -86,9 +87,12 @@ def test_engines_built_one_after_another_leave_no_threads_behind(pool):
     # release the Topology's and the mpu's, or each engine a process builds slows all later collectives.
     # The first engine may start workers that stay for good (torch's and DeepSpeed's one-time pools, 7 -> 8 or 9
     # threads here): a leak shows as growth from the second engine on.
-    runs = [pool.run(cases.train_with_deepspeed, "llama", 2, 2, 1, SEQ, BATCH, timeout=300) for _ in range(4)]
+    counts_per_engine = []
+    for _ in range(4):
+        pool.run(cases.train_with_deepspeed, "llama", 2, 2, 1, SEQ, BATCH, timeout=300)
+        counts_per_engine.append(pool.run(persistent_threads, timeout=60))  # every rank's, after destroy()
     for rank in range(WORLD):
-        counts = [run[rank]["info"]["threads_after_destroy"] for run in runs]
+        counts = [per_rank[rank] for per_rank in counts_per_engine]
         assert counts[2:] == [counts[1]] * 2, counts
 
 
