@@ -2,12 +2,15 @@
 each ds_longctx run against ALST, and profiled steps (``bench_train.py --profile_step``)."""
 from __future__ import annotations
 
+import os
+
 from bench.report_common import f, header, load
 
 
-def long_sequence_tables(rows=None):
+def long_sequence_tables(rows=None, launches=None):
     """Plain ZeRO-3, ALST and ds_longctx at growing lengths (``bench/run_alst_compare.py``): per model, each run
-    label's rate, GPU peak and host memory by length, then the longest length each label trained."""
+    label's rate, GPU peak and host memory by length, then the longest length each label trained. ``launches``:
+    how each record's launch ended, by file name (default: from the committed sweeps' summaries)."""
     if rows is None:
         # the sweeps' plan JSONs share the prefix; a run's record names its mode
         rows = [(n, d) for pattern in ("alstcmp_*.json", "alstcmp8b*.json") for n, d in load(pattern)
@@ -16,6 +19,7 @@ def long_sequence_tables(rows=None):
         return []
     from bench.models import run_model_name
 
+    launches = launch_records() if launches is None else launches
     by_model = {}
     for name, d in sorted(rows, key=lambda r: (r[1]["seq_len"], r[1].get("label") or r[1]["mode"])):
         by_model.setdefault(run_model_name(d), []).append((name, d))
@@ -67,6 +71,14 @@ def long_sequence_tables(rows=None):
                            f"{f(first.get('peak_gib'), '.1f')} (first step: no optimizer state yet) | | | "
                            f"{losses} | `{name}` |")
                 continue
+            if d.get("partial") and launches.get(name, {}).get("status") == "killed":
+                # SIGKILL with no Python error: on these hosts the kernel's out-of-memory killer (pinned memory
+                # cannot be swapped), so it counts as the first length out of memory
+                first_oom.setdefault(label, d["seq_len"])
+                probe = ", probe" if d.get("probe_layers") else ""
+                out.append(f"| {label} | {d['seq_len']} | killed in step {len(d['steps'])}{probe} (SIGKILL, no "
+                           f"Python error: host memory full) |||||{losses} | `{name}` |")
+                continue
             if d.get("partial"):  # stopped from outside (a device call's end) after these steps
                 out.append(f"| {label} | {d['seq_len']} | stopped after {len(d['steps'])} step(s) of "
                            f"{', '.join(format(r['seconds'], '.0f') for r in d['steps'])} s |||||{losses} | `{name}` |")
@@ -92,6 +104,13 @@ def long_sequence_tables(rows=None):
     for name, d in rows:
         out.append(header(name, d))
     return out
+
+
+def launch_records() -> dict:
+    """Each launch of ``run_alst_compare.py`` by its record's file name, from the sweeps' summaries: how it
+    ended (``ok``, ``oom``, ``killed``, ...), which a record cut short by SIGKILL cannot say itself."""
+    return {os.path.basename(run["json"]): run for _, summary in load("alstcmp*_summary.json")
+            for run in summary.get("runs", []) if run.get("json")}
 
 
 def against_alst(runs) -> list:

@@ -303,6 +303,25 @@ def test_report_shows_a_run_of_warm_up_steps_only_as_its_first_step_and_compares
     assert "vs ALST" not in text
 
 
+def test_report_counts_a_launch_killed_by_sigkill_as_the_first_length_out_of_memory():
+    from bench.report import long_sequence_tables
+
+    rows = []
+    for i, d in enumerate([_record("alst", 65536, 900.0, 40.0), _record("alst", 131072, 800.0, 60.0)]):
+        d.update(params=3.2e9, vocab=128256, world_size=1, steps=[{"loss": 5.5, "seconds": 3.0}], date="d",
+                 command="c", commit="x", versions={"torch": "t"})
+        rows.append((f"alstcmp_{i}.json", d))
+    killed = rows[1][1]
+    killed.pop("summary")
+    killed["partial"] = True  # the record as bench_train left it when its process was killed
+    text = "\n".join(long_sequence_tables(rows, launches={"alstcmp_1.json": {"status": "killed"}}))
+    assert "| alst | 131072 | killed in step 1 (SIGKILL, no Python error: host memory full) |" in text
+    assert "| alst | 65536 | 131072 |" in text
+    # stopped from outside (a device call's end) instead: neither killed nor out of memory
+    text = "\n".join(long_sequence_tables(rows, launches={"alstcmp_1.json": {"status": "timeout"}}))
+    assert "| alst | 131072 | stopped after 1 step(s) of 3 s |" in text and "| alst | 65536 | none run |" in text
+
+
 def test_planned_variants_train_the_configuration_the_planner_chooses_for_each_length(tmp_path):
     import argparse
 
