@@ -13,8 +13,7 @@ def long_sequence_tables(rows=None, launches=None):
     how each record's launch ended, by file name (default: from the committed sweeps' summaries)."""
     if rows is None:
         # the sweeps' plan JSONs share the prefix; a run's record names its mode
-        rows = [(n, d) for pattern in ("alstcmp_*.json", "alstcmp8b*.json") for n, d in load(pattern)
-                if not n.endswith("_summary.json") and "mode" in d]
+        rows = [(n, d) for n, d in load("alstcmp*.json") if not n.endswith("_summary.json") and "mode" in d]
     if not rows:
         return []
     from bench.models import run_model_name
@@ -35,7 +34,7 @@ def long_sequence_tables(rows=None, launches=None):
                    "(docs/benchmarks.md); the peak shown is the larger of it and the warm-up step's, whose optimizer "
                    "step (no activations left by then) is the one phase the probe never reaches. It "
                    "trained nothing, so it has no rate and counts only under *longest that fits (probe)*.\n")
-    for model, runs in by_model.items():
+    for model, runs in sorted(by_model.items(), key=lambda item: item[1][0][1]["params"]):  # smallest first
         out.append(f"**{model}** ({runs[0][1]['params'] / 1e9:.2f}B parameters, vocabulary {runs[0][1]['vocab']}, "
                    f"{runs[0][1]['world_size']} GPU)\n")
         out.append("| run | seq_len | tokens/s | model TFLOP/s/GPU | GPU peak GiB | offloaded host GiB | "
@@ -113,28 +112,38 @@ def launch_records() -> dict:
             for run in summary.get("runs", []) if run.get("json")}
 
 
+def sweep_prefix(name: str, d: dict) -> str:
+    """The ``--prefix`` of the ``run_alst_compare.py`` sweep that wrote a record (its file is
+    ``<prefix>_<variant>_<model>_<length>.json``)."""
+    return name.split(f"_{d.get('label') or d['mode']}_")[0]
+
+
 def against_alst(runs) -> list:
     """Each ds_longctx run against ALST's at the same length (both with a steady step): tokens/s and steady GPU
-    peak as ratios, with the targets of the comparison (>= 1.3x the rate, <= 0.7x the peak)."""
-    steady = {}
-    for _, d in runs:
+    peak as ratios, with the targets of the comparison (>= 1.3x the rate, <= 0.7x the peak). The ALST run is
+    the one of the same sweep where there is one (measured in the same device call), else the first by name."""
+    steady = []
+    for name, d in sorted(runs, key=lambda r: r[0]):
         s = d.get("summary") or {}
         if "oom" not in d and not d.get("probe_layers") and s.get("tokens_per_s"):
-            steady[(d.get("label") or d["mode"], d["seq_len"])] = s
-    pairs = [(label, n) for (label, n) in sorted(steady, key=lambda k: (k[1], k[0]))
-             if label.startswith("ds_longctx") and ("alst", n) in steady]
-    if not pairs:
-        return []
-    out = ["| run | seq_len | tokens/s vs ALST (target >= 1.30) | GPU peak vs ALST (target <= 0.70) |",
-           "|---|---|---|---|"]
-    for label, n in pairs:
-        ours, alst = steady[(label, n)], steady[("alst", n)]
+            steady.append((name, d.get("label") or d["mode"], d["seq_len"], sweep_prefix(name, d), s))
+    out = []
+    for name, label, n, prefix, ours in sorted(steady, key=lambda r: (r[2], r[1], r[0])):
+        if not label.startswith("ds_longctx"):
+            continue
+        alsts = [r for r in steady if r[1] == "alst" and r[2] == n]
+        alsts.sort(key=lambda r: r[3] != prefix)  # the same sweep's first; stable otherwise: by name
+        if not alsts:
+            continue
+        alst_name, alst = alsts[0][0], alsts[0][4]
         rate = ours["tokens_per_s"] / alst["tokens_per_s"]
         peak = ours.get("steady_peak_gib", ours["peak_gib"]) / alst.get("steady_peak_gib", alst["peak_gib"])
         out.append(f"| {label} | {n} | {rate:.2f}x {'(met)' if rate >= 1.3 else '(missed)'} | "
-                   f"{peak:.2f}x {'(met)' if peak <= 0.7 else '(missed)'} |")
-    out.append("")
-    return out
+                   f"{peak:.2f}x {'(met)' if peak <= 0.7 else '(missed)'} | `{name}` | `{alst_name}` |")
+    if not out:
+        return []
+    return ["| run | seq_len | tokens/s vs ALST (target >= 1.30) | GPU peak vs ALST (target <= 0.70) | file | "
+            "ALST's file |", "|---|---|---|---|---|---|", *out, ""]
 
 
 def profile_tables():
