@@ -26,7 +26,8 @@ def longest_row(model_arg: str, gpu_gib: float, host_gib: float, kernel: str, fi
     """The longest fitting length of ``model_arg`` (``preset[:layers]``) with ``fixed`` Settings fields."""
     from bench.models import llama_config, resolve_shape
     from ds_longctx.plan import Machine, ModelSpec, Run, Settings
-    from ds_longctx.plan.search import Margins, longest
+    from ds_longctx.plan.search import longest
+    from ds_longctx.plan.verdict import Margins
 
     preset, _, layers = model_arg.partition(":")
     shape = resolve_shape(preset, layers=int(layers) if layers else None)

@@ -90,7 +90,7 @@ def _preflight(args, cfg, ds) -> str:
     """The pre-flight check of ``validate --model --seq-len`` (empty when the step fits)."""
     from .plan import MachineError, ModelSpec, ModelSpecError, Run
     from .plan.preflight import PlanError, check, resolve
-    from .plan.search import Margins
+    from .plan.verdict import Margins
     from .plan.settings import Settings, ZeroSettings
     try:
         model = ModelSpec.from_path(args.model)
@@ -109,7 +109,8 @@ def _plan(args: argparse.Namespace) -> int:
     from .plan import MachineError, ModelSpec, ModelSpecError, Run
     from .plan.preflight import PlanError, fixed_fields, resolve, settings_of
     from .plan.report import plan_record, table
-    from .plan.search import Margins, best, judge, longest
+    from .plan.search import best, longest
+    from .plan.verdict import Margins, judge
     from .plan.settings import Settings, ZeroSettings
 
     try:

@@ -14,7 +14,8 @@ from ds_longctx.plan.estimate import estimate, estimate_host, estimate_memory
 from ds_longctx.plan.machine import cgroup_available_bytes, meminfo_available_bytes
 from ds_longctx.plan.offload_optimizer import parameter_numels, power_of_two_ceil
 from ds_longctx.plan.preflight import PlanError, check, prepare, resolve
-from ds_longctx.plan.search import UNCHECKED_MIN_GAIN, Margins, best, fits_at_all, judge, longest
+from ds_longctx.plan.search import UNCHECKED_MIN_GAIN, best, fits_at_all, longest
+from ds_longctx.plan.verdict import Margins, judge
 from ds_longctx.plan.rates import HOPPER
 
 LLAMA_3B = {"num_hidden_layers": 28, "hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24,

@@ -14,7 +14,8 @@ from ds_longctx.plan.estimate import estimate, estimate_host, estimate_memory
 from ds_longctx.plan.host_optimizer import host_moments_bytes
 from ds_longctx.plan.offload_optimizer import parameter_numels, sub_group_numels
 from ds_longctx.plan.preflight import fixed_fields
-from ds_longctx.plan.search import Margins, best, candidates
+from ds_longctx.plan.search import best, candidates
+from ds_longctx.plan.verdict import Margins
 
 LLAMA_3B = ModelSpec(layers=28, hidden=3072, intermediate=8192, heads=24, kv_heads=8, head_dim=128, vocab=128256,
                      tied_embeddings=True)
@@ -119,7 +120,7 @@ def test_with_the_moments_on_the_host_the_plan_offloads_only_the_checkpoints_the
     assert chosen.host_optimizer_states and chosen.keep_attention_output
     assert 0 < chosen.checkpoint_offload_layers < LLAMA_3B.layers
     every_layer = chosen.with_(checkpoint_offload_layers=LLAMA_3B.layers)
-    from ds_longctx.plan.search import judge
+    from ds_longctx.plan.verdict import judge
     assert not judge(run, every_layer, machine, margins).fits_host
     assert not judge(run, chosen.with_(host_optimizer_states=False), machine, margins).fits_gpu
     # recomputing the attention instead is slower

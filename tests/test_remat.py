@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from ds_longctx.attention import attention
-from ds_longctx.memory.remat import AttentionStashError, StashedCall, checkpoint
+from ds_longctx.memory.attention_stash import AttentionStashError, StashedCall
+from ds_longctx.memory.remat import checkpoint
 from ds_longctx.topology import Topology
 from tests import dist_cases
 

@@ -1,4 +1,4 @@
-"""The stash protocol of ``ds_longctx.memory.remat`` and the torch behaviour it relies on: under a
+"""The stash protocol of ``ds_longctx.memory.attention_stash`` and the torch behaviour it relies on: under a
 non-reentrant checkpoint the recompute runs when a node's backward first unpacks a saved tensor, so a node
 that keeps its state outside autograd saves a token tensor and unpacks it before it reads the state."""
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint
 
-from ds_longctx.memory.remat import checkpoint, keep_for_backward, stash_call, take_for_backward
+from ds_longctx.memory.attention_stash import keep_for_backward, stash_call, take_for_backward
+from ds_longctx.memory.remat import checkpoint
 
 
 class _Logged(torch.autograd.Function):

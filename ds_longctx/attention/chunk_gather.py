@@ -12,7 +12,7 @@ from typing import List, NamedTuple, Optional, Sequence
 from ..comm.all_to_all import seq_to_heads_start
 from ..geometry import ChunkSchedule
 from ..memory.chunk_store import ChunkStore
-from ..memory.remat import StashedCall
+from ..memory.attention_stash import StashedCall
 from .chunk_plan import ChunkPlan, KVChunk
 
 

@@ -47,7 +47,7 @@ from ..kernels.base import Kernel
 from ..layout import EVERY
 from ..memory.chunk_store import ChunkStore
 from ..memory.host_pool import HostPool
-from ..memory.remat import keep_for_backward, stash_call, take_for_backward
+from ..memory.attention_stash import keep_for_backward, stash_call, take_for_backward
 from .chunk_gather import Ahead, Gathers
 from .chunk_plan import (ChunkedOptions, ChunkPlan, KVChunk, KVGrads, KVStep, PartialGrads, ReturningGrads,
                          SavedQueryChunk)

@@ -13,7 +13,7 @@ import torch
 from ..comm.all_to_all import heads_to_seq_start, seq_to_heads_start
 from ..comm.ring import RingComm
 from ..layout import ZigzagLayout
-from ..memory.remat import stash_call
+from ..memory.attention_stash import stash_call
 from .documents import Documents
 from .ring import ring_backward, ring_forward
 from .ulysses import HeadChunk

@@ -12,7 +12,8 @@ from typing import Any, Dict, Mapping, Optional
 from ..config import AUTO, BLOCK_KEY, LongContextConfig
 from .machine import GIB, Machine
 from .model_spec import ModelSpec
-from .search import Margins, Verdict, best, judge
+from .search import best
+from .verdict import Margins, Verdict, judge
 from .settings import Run, Settings, ZeroSettings
 
 

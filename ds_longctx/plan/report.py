@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping, Optional
 
 from .machine import GIB, Machine
-from .search import Verdict
+from .verdict import Verdict
 from .settings import Run
 
 
