@@ -25,8 +25,8 @@ step allocates the optimizer's state); host memory per step: the offloaded check
 offload pool's (ds_longctx), the pinned memory torch's host allocator holds (CUDA) and the process's RSS.
 
 ``--probe_layers K`` makes the run a fit probe (``bench/fit_probe.py``), for lengths where a whole step takes
-longer than a device call: after one whole step at ``--probe_warm_seq_len`` tokens (the optimizer's state
-allocated; ``"probe_warm": true``), the step at ``--seq_len`` stops once K decoder layers have finished their
+longer than a device call: after one whole step at ``--warm_seq_len`` tokens (the optimizer's state
+allocated; ``"warm_step": true``), the step at ``--seq_len`` stops once K decoder layers have finished their
 backward, with no optimizer step, and the run ends. Every decoder layer's backward has the same working set
 and the first (the last layer's) also runs the loss's, so the GPU peak so far is the whole step's. Its row has
 ``probe`` (K, the layers' backwards in the order they finished, with the peak after each and which layers'
@@ -49,7 +49,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench.common import Memory, out_of_memory_kind, record_header, write_json  # noqa: E402
-from bench.fit_probe import FitProbe, ProbeStop, decoder_layers, probe_summary, step_plan  # noqa: E402
+from bench.fit_probe import FitProbe, ProbeStop, decoder_layers, is_warm_step, probe_summary, step_plan  # noqa: E402
 from bench.models import llama_config, matmul_params  # noqa: E402
 from bench.step_profile import StepProfiler  # noqa: E402
 from bench.train_config import ds_config, emulate_machine, parse_args  # noqa: E402,F401
@@ -150,7 +150,7 @@ def main():
     profiler = StepProfiler(args.profile_step, trace_path=args.profile_trace)
     alloc = lambda: Memory.allocated() / 2 ** 30  # noqa: E731
     plan = step_plan(seq_len=args.seq_len, steps=args.steps, probe_layers=args.probe_layers,
-                     warm_seq_len=args.probe_warm_seq_len, multiple=lc.config.seq_multiple if lc is not None else 1)
+                     warm_seq_len=args.warm_seq_len, multiple=lc.config.seq_multiple if lc is not None else 1)
     for step, (S, kind) in enumerate(plan):
         flops_step = dp * (6 * flops_params * S + 3.5 * 2 * S * S * args.heads * D * args.layers)
         batch = sample_batch(corpus, 1, S, gen)
@@ -209,7 +209,7 @@ def main():
                 raise
             payload["oom"] = {"step": step, "kind": kind_oom, "error": str(exc).split("\n")[0][:400],
                               "peak_gib": peak(), "seq_len": S}
-            if fit is not None:
+            if kind == "warm" or fit is not None:
                 payload["oom"]["phase"] = fit.phase() if kind == "probe" else "warm step"
             print(f"rank {rank} OOM:", payload["oom"], flush=True)
             break
@@ -227,7 +227,7 @@ def main():
         else:
             row.update(tokens_per_s=S * dp / dt, tflops_per_gpu=flops_step / world / dt / 1e12)
             if kind == "warm":
-                row["probe_warm"] = True
+                row["warm_step"] = True
         row.update(peak_gib=peak(), **phases, **host_memory(ledger, default_pool() if lc is not None else None,
                                                             host_moments_bytes(engine)))
         if args.mode == "alst":  # 0: backward gave every copy back (a probe's stopped backward holds the rest)
@@ -246,8 +246,8 @@ def main():
         summary = probe_summary(steps)
         if summary is not None:
             payload["summary"] = summary
-    elif steps[args.warmup:]:
-        timed = steps[args.warmup:]
+    elif [r for r in steps if not is_warm_step(r)][args.warmup:]:  # the warm step is never timed
+        timed = [r for r in steps if not is_warm_step(r)][args.warmup:]
         payload["summary"] = {k: sum(r[k] for r in timed) / len(timed) for k in ("tokens_per_s", "tflops_per_gpu")}
         payload["summary"]["peak_gib"] = max(r["peak_gib"] for r in steps)
         payload["summary"].update(steady_state(steps))

@@ -11,7 +11,7 @@ layers' backward (K >= 1, the loss included) is the whole step's peak, and K = 2
 layer's backward added nothing. The assumption: the layers are alike (one shape, one configuration; a
 mode that offloads only the first N layers' checkpoints breaks it, as does a slice of unlike layers).
 The one phase of a step the probe never reaches is the optimizer step; by then the activations are gone, so
-it is the same at every length, and the bench's warm-up step at a short length (``--probe_warm_seq_len``)
+it is the same at every length, and the bench's warm-up step at a short length (``--warm_seq_len``)
 runs it: the record's ``peak_gib`` (the larger of the two steps' peaks) bounds the whole step's.
 
 Mechanics: a forward pre-hook on each decoder layer (outside transformers' checkpoint, which wraps the
@@ -154,14 +154,18 @@ def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
 
 def step_plan(*, seq_len: int, steps: int, probe_layers: int, warm_seq_len: int,
               multiple: int) -> List[Tuple[int, str]]:
-    """A bench run's steps as ``(tokens, kind)``: ``steps`` training steps (``"train"``) at ``seq_len``, or for
-    a fit probe (``probe_layers`` > 0) a whole warm-up step (``"warm"``) at ``warm_seq_len`` rounded up to a
-    multiple of ``multiple`` (the ds_longctx block's sequence multiple; none when 0), then the probe
-    (``"probe"``) at ``seq_len``."""
-    if not probe_layers:
-        return [(seq_len, "train")] * steps
+    """A bench run's steps as ``(tokens, kind)``: a whole warm-up step (``"warm"``) at ``warm_seq_len`` rounded
+    up to a multiple of ``multiple`` (the ds_longctx block's sequence multiple; none when ``warm_seq_len`` is
+    0), then ``steps`` training steps (``"train"``) at ``seq_len``, or for a fit probe (``probe_layers`` > 0)
+    the probe (``"probe"``) at ``seq_len``."""
     warm = [(-(-warm_seq_len // multiple) * multiple, "warm")] if warm_seq_len else []
-    return warm + [(seq_len, "probe")]
+    return warm + ([(seq_len, "probe")] if probe_layers else [(seq_len, "train")] * steps)
+
+
+def is_warm_step(row: Dict) -> bool:
+    """Whether a bench record's step row is the warm-up step at ``--warm_seq_len`` (``"probe_warm"`` in
+    records written before training runs could have one)."""
+    return bool(row.get("warm_step") or row.get("probe_warm"))
 
 
 def probe_summary(rows: Sequence[Dict]) -> Optional[Dict]:

@@ -48,6 +48,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from bench.fit_probe import is_warm_step  # noqa: E402
+
 DS_LONGCTX = ("--mode ds_longctx --checkpointing --mlp_tile_tokens 16384 --loss_tile_tokens 4096 --offload "
               "--checkpoint_offload --chunk_size {chunk}")
 # {plan}: the configuration ``ds-longctx plan`` chooses for the model at the length on this machine (for the
@@ -202,14 +204,15 @@ PROBE_WARM_SEQ_LEN = 4096  # a probe's whole warm-up step: short, so its time ha
 def scaling_seconds(record: Dict) -> List[float]:
     """The seconds of a bench_train record's steps that grow with the length: every step, except a fit probe's
     warm-up step (at a fixed short length)."""
-    return [r["seconds"] for r in record.get("steps", []) if not r.get("probe_warm")]
+    return [r["seconds"] for r in record.get("steps", []) if not is_warm_step(r)]
 
 
-def probe_flags(probe_layers: int) -> List[str]:
-    """bench_train flags of a fit probe of ``probe_layers`` layers' backward (none for 0)."""
+def probe_flags(probe_layers: int, warm_seq_len: int = 0) -> List[str]:
+    """bench_train flags of a fit probe of ``probe_layers`` layers' backward (after a warm-up step at
+    ``PROBE_WARM_SEQ_LEN``), or for 0 of a training run (after one at ``warm_seq_len``, if any)."""
     if not probe_layers:
-        return []
-    return ["--probe_layers", str(probe_layers), "--probe_warm_seq_len", str(PROBE_WARM_SEQ_LEN)]
+        return ["--warm_seq_len", str(warm_seq_len)] if warm_seq_len else []
+    return ["--probe_layers", str(probe_layers), "--warm_seq_len", str(PROBE_WARM_SEQ_LEN)]
 
 
 def make_launcher(args, variants: Dict[str, str]) -> Callable[[str, int, float], RunResult]:
@@ -254,7 +257,7 @@ def make_launcher(args, variants: Dict[str, str]) -> Callable[[str, int, float],
                "--model", args.model, "--seq_len", str(seq_len), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--label", variant, "--commit", args.commit, "--out", out,
                *(["--layers", str(args.layers)] if args.layers else []),
-               *flags, *probe_flags(probe_layers), *shlex.split(args.extra)]
+               *flags, *probe_flags(probe_layers, getattr(args, "warm_seq_len", 0)), *shlex.split(args.extra)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if args.alloc_conf:
             env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
@@ -315,6 +318,10 @@ def main(argv=None):
                     help="fit probes: each run a whole step at 4096 tokens, then a step at the length stopped after "
                          "this many decoder layers' backward (its GPU peak is the step's); sets --steps 1 "
                          "--warmup 0. 0: train")
+    ap.add_argument("--warm-seq-len", dest="warm_seq_len", type=int, default=0,
+                    help="training runs: one whole step at this length first, left out of the rates, so the "
+                         "first step at the length already has the optimizer's state (with --steps 1 --warmup 0: "
+                         "one steady step, where two full-depth steps take longer than a device call). 0: none")
     ap.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the commands, run nothing")
     args = ap.parse_args(argv)
     if args.probe_layers:  # one probe step per run: its backward is stopped, so nothing follows it

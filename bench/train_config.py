@@ -128,10 +128,11 @@ def parse_args(argv=None):
                     help="a fit probe (bench/fit_probe.py): the step at --seq_len stops after this many decoder "
                          "layers' backward (counted from the last; its peak so far is the step's peak), no "
                          "optimizer step; the run ends after it (--steps 1). 0: off")
-    ap.add_argument("--probe_warm_seq_len", type=int, default=0,
-                    help="with --probe_layers: one whole training step at this length first, so the optimizer's "
-                         "state exists during the probe (ds_longctx: rounded up to the block's sequence multiple, "
-                         "e.g. the FPDT chunk). 0: the probe alone")
+    ap.add_argument("--warm_seq_len", "--probe_warm_seq_len", dest="warm_seq_len", type=int, default=0,
+                    help="one whole training step at this length first, left out of the rates and of --warmup: "
+                         "the optimizer's state exists from the first step at --seq_len on, so a single step there "
+                         "is a steady one (its GPU peak included), and a fit probe meets the state it would "
+                         "(ds_longctx: rounded up to the block's sequence multiple, e.g. the FPDT chunk). 0: none")
     ap.add_argument("--dist_timeout_s", type=int, default=300, help="collective timeout")
     ap.add_argument("--commit", default="")
     ap.add_argument("--out", required=True)
@@ -151,9 +152,7 @@ def parse_args(argv=None):
             ap.error(f"--probe_layers {args.probe_layers}: between 1 and the model's {args.layers} layers")
         if args.steps != 1:
             ap.error("--probe_layers: a probe step stops its backward half-way and ends the run; pass --steps 1 "
-                     "(a warm-up step at another length: --probe_warm_seq_len)")
-    elif args.probe_warm_seq_len:
-        ap.error("--probe_warm_seq_len warms up a fit probe: add --probe_layers K")
+                     "(a warm-up step at another length: --warm_seq_len)")
     return args, shape
 
 

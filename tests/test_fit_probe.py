@@ -104,12 +104,14 @@ def test_out_of_memory_inside_a_layers_backward_is_placed_in_that_layer():
     assert probe.phase() == "backward of layer 1"
 
 
-def test_step_plan_warms_up_at_the_block_multiple_then_probes():
+def test_step_plan_warms_up_at_the_block_multiple_then_trains_or_probes():
     assert step_plan(seq_len=512, steps=3, probe_layers=0, warm_seq_len=0, multiple=1) == [(512, "train")] * 3
+    assert step_plan(seq_len=512, steps=2, probe_layers=0, warm_seq_len=100, multiple=128) == [
+        (128, "warm"), (512, "train"), (512, "train")]
     assert step_plan(seq_len=512, steps=1, probe_layers=2, warm_seq_len=0, multiple=128) == [(512, "probe")]
     assert step_plan(seq_len=512, steps=1, probe_layers=2, warm_seq_len=100, multiple=128) == [(128, "warm"),
                                                                                              (512, "probe")]
-    rows = [{"peak_gib": 3.0, "seconds": 1.0, "tokens_per_s": 9.0, "probe_warm": True},
+    rows = [{"peak_gib": 3.0, "seconds": 1.0, "tokens_per_s": 9.0, "warm_step": True},
             {"peak_gib": 5.0, "seconds": 7.0, "forward_peak_gib": 4.0, "layer_backward_peaks_gib": [5.0, 5.0],
              "probe": {"layers": 2}, "host_pinned_total_gib": 2.0}]
     s = probe_summary(rows)
@@ -125,8 +127,7 @@ def test_the_bench_refuses_a_probe_it_cannot_run():
     args, _ = parse_args(base + ["--probe_layers", "2", "--steps", "1"])
     assert args.probe_layers == 2
     for bad in (["--probe_layers", "2", "--steps", "3"],  # a stopped backward ends the run
-                ["--probe_layers", "5", "--steps", "1"],  # more layers than the model has
-                ["--probe_warm_seq_len", "4096"]):  # a warm-up of no probe
+                ["--probe_layers", "5", "--steps", "1"]):  # more layers than the model has
         with pytest.raises(SystemExit):
             parse_args(base + bad)
 
@@ -164,7 +165,8 @@ TINY = ["--seq_len", "256", "--hidden", "64", "--intermediate", "128", "--layers
     # ds_longctx on two ranks (Ulysses): checkpoints and FPDT chunks offloaded, MLP tiles; the warm-up length
     # rounded up to the block's multiple (the FPDT chunk)
     ("ds_longctx", 2, ["--kernel", "auto", "--chunk_size", "64", "--offload", "--checkpoint_offload",
-                       "--mlp_tile_tokens", "64", "--probe_warm_seq_len", "100"], 128),
+                       "--mlp_tile_tokens", "64", "--warm_seq_len", "100"], 128),
+    # the flag's earlier spelling, in the commands of committed probes
     ("alst", 1, ["--alst_loss_tile_gib", "6e-5", "--probe_warm_seq_len", "100"], 100),
     ("deepspeed", 1, [], 0),  # the probe alone
 ])
@@ -174,7 +176,7 @@ def test_probe_run_stops_after_two_layers_backward_with_the_forward_of_a_full_st
 
     *warm, probe = d["steps"]
     assert [r["seq_len"] for r in d["steps"]] == ([warm_len] if warm_len else []) + [256]
-    assert all(r["probe_warm"] and r["tokens_per_s"] > 0 for r in warm)  # a whole step, recorded as one
+    assert all(r["warm_step"] and r["tokens_per_s"] > 0 for r in warm)  # a whole step, recorded as one
     p = probe["probe"]
     assert p["layers"] == p["stopped_after_layer_backward"] == 2
     assert [b["layer"] for b in p["layer_backwards"]] == [3, 2]
@@ -188,6 +190,21 @@ def test_probe_run_stops_after_two_layers_backward_with_the_forward_of_a_full_st
     s = d["summary"]
     assert d["probe_layers"] == 2 and s["probe_layers"] == 2 and s["probe_peak_gib"] == probe["peak_gib"]
     assert "tokens_per_s" not in s and "tflops_per_gpu" not in s and "partial" not in d
+
+
+def test_a_training_run_after_a_warm_up_step_times_only_its_steps_at_the_length(tmp_path):
+    assert TINY[-2:] == ["--probe_layers", "2"]
+    train = TINY[:-2]  # the same run, trained instead of probed
+    d = launch(1, str(tmp_path / "t.json"), "--mode", "deepspeed", *train, "--warmup", "0", "--warm_seq_len", "100")
+
+    warm, step = d["steps"]
+    assert (warm["seq_len"], warm["warm_step"], step["seq_len"]) == (100, True, 256) and "warm_step" not in step
+    assert d["optimizer_steps"] == 2
+    # the rates are the step's at the length alone; its peak is a steady one (the optimizer's state was there)
+    s = d["summary"]
+    assert s["tokens_per_s"] == step["tokens_per_s"] and s["tflops_per_gpu"] == step["tflops_per_gpu"]
+    assert s["steady_peak_gib"] == step["peak_gib"]
+    assert [r["loss"] for r in d["steps"]] == pytest.approx(reference_forward_losses(100), rel=1e-5)
 
 
 # ---- the report and the sweep driver ------------------------------------------------------------------------
@@ -227,8 +244,19 @@ def test_sweep_driver_runs_probes_and_predicts_from_the_probes_seconds(tmp_path,
     main(["--model", "llama3.1-8b", "--layers", "4", "--lengths", "1048576", "--variants", "alst",
           "--probe-layers", "2", "--budget-s", "600", "--out-dir", str(tmp_path), "--dry-run"])
     cmd = capsys.readouterr().out.split("\n")[0]
-    assert "--steps 1 --warmup 0" in cmd and "--probe_layers 2 --probe_warm_seq_len 4096" in cmd
+    assert "--steps 1 --warmup 0" in cmd and "--probe_layers 2 --warm_seq_len 4096" in cmd
     summary = json.loads((tmp_path / "alstcmp_summary.json").read_text())
     assert summary["probe_layers"] == 2 and summary["steps"] == 1
     # the warm-up step (a fixed 4096 tokens) is time outside the steps; the probe's grows with the length
+    assert scaling_seconds({"steps": [{"seconds": 5.0, "warm_step": True}, {"seconds": 40.0, "probe": {}}]}) == [40.0]
+    # records written before the rename mark it "probe_warm"
     assert scaling_seconds({"steps": [{"seconds": 5.0, "probe_warm": True}, {"seconds": 40.0, "probe": {}}]}) == [40.0]
+
+
+def test_sweep_driver_warms_training_runs_up_when_asked(tmp_path, capsys):
+    from bench.run_alst_compare import main
+
+    main(["--model", "llama3.2-3b", "--lengths", "524288", "--variants", "alst", "--steps", "1", "--warmup", "0",
+          "--warm-seq-len", "4096", "--budget-s", "600", "--out-dir", str(tmp_path), "--dry-run"])
+    cmd = capsys.readouterr().out.split("\n")[0]
+    assert "--steps 1 --warmup 0" in cmd and "--warm_seq_len 4096" in cmd and "--probe_layers" not in cmd
