@@ -100,8 +100,24 @@ def long_sequence_tables(rows=None, launches=None):
                        + (f" {fits.get(label, '-')} |" if probes else ""))
         out.append("")
         out.extend(against_alst(runs))
+        out.extend(pictures(model))
     for name, d in rows:
         out.append(header(name, d))
+    return out
+
+
+#: where ``bench/plot.py`` puts the pictures (``docs/alst_<model>_*.png``) and the report is read from
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+
+
+def pictures(model: str) -> list:
+    """The model's tokens/s and GPU-peak pictures (``bench/plot.py``), where they were drawn, as Markdown
+    images relative to docs/."""
+    out = []
+    for kind, alt in (("tokens_per_s", "tokens/s"), ("gpu_peak", "GPU peak")):
+        name = f"alst_{model}_{kind}.png"
+        if os.path.exists(os.path.join(DOCS, name)):
+            out.append(f"![{alt} against sequence length, {model}]({name})\n")
     return out
 
 

@@ -394,3 +394,16 @@ def test_the_lean_variant_plans_within_a_share_of_alsts_measured_peak_and_needs_
     assert plan["fits"] and plan["machine"]["gpu_memory_gib"] == pytest.approx(ALST_SHARE * 100.0, abs=0.01)
     assert plan["gpu_peak_gib"] <= ALST_SHARE * 100.0
     assert plan["ds_config"]["long_context"]["kernel"] == "sdpa_cudnn" and flags[-2:] == ["--kernel", "sdpa_cudnn"]
+
+
+def test_report_shows_a_models_pictures_where_the_plot_drew_them(tmp_path, monkeypatch):
+    import bench.report_long as report_long
+
+    monkeypatch.setattr(report_long, "DOCS", str(tmp_path))
+    assert report_long.pictures("llama3.2-3b") == []
+    for kind in ("tokens_per_s", "gpu_peak"):
+        (tmp_path / f"alst_llama3.2-3b_{kind}.png").write_bytes(b"png")
+    assert report_long.pictures("llama3.2-3b") == [
+        "![tokens/s against sequence length, llama3.2-3b](alst_llama3.2-3b_tokens_per_s.png)\n",
+        "![GPU peak against sequence length, llama3.2-3b](alst_llama3.2-3b_gpu_peak.png)\n"]
+    assert report_long.pictures("llama3.1-8b") == []
