@@ -4,6 +4,7 @@ Run as the README says (the DeepSpeed launcher, 2 CPU ranks), with fewer steps a
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -21,6 +22,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@functools.lru_cache(maxsize=None)  # the plain run serves both tests: one launch of it
 def run_example(*extra: str) -> str:
     launcher = shutil.which("deepspeed")
     cmd = [launcher] if launcher else [sys.executable, "-m", "deepspeed.launcher.runner"]
