@@ -142,9 +142,11 @@ class LongContextConfig(ConfigChecks, BaseModel):
                     "more (without grad, from that layer's kept or itself rebuilt input). N times fewer kept "
                     "inputs (one [S_local, hidden] activation per layer, on the GPU or with checkpoint_offload in "
                     "host memory: what limits a deep model's longest sequence) for (N - 1) / 2 extra layer "
-                    "forwards per layer. Applies to consecutive checkpointed layers called with their hidden "
+                    "forwards per layer (without their attention where keep_attention_output holds its output). "
+                    "Applies to consecutive checkpointed layers called with their hidden "
                     "states as their one positional argument (transformers' decoder layers). 1: every layer keeps "
-                    "its input; auto: chosen by the planner (1 unless only a larger N fits).")
+                    "its input; auto: chosen by the planner (1 unless only a larger N fits, or is faster with the "
+                    "attention outputs kept).")
     mlp_tile_tokens: Union[Auto, PositiveInt, None] = Field(
         default=None,
         description="Hugging Face models: run each decoder layer's MLP over tiles of this many local tokens, "

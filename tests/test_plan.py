@@ -443,8 +443,9 @@ def test_partly_offloaded_groups_keep_the_inputs_of_their_group_starts_on_the_gp
 
 
 def test_the_search_rebuilds_inputs_only_where_keeping_every_input_does_not_fit():
-    """Full-depth Llama-3.2-3B on one H200: where every layer keeping its input fits, the plan keeps them (rebuilding
-    is never faster); the longest sequence rebuilds inputs and is longer than the longest with every input kept."""
+    """Full-depth Llama-3.2-3B on one H200: where every layer keeping its input and its attention output fits,
+    the plan keeps them (rebuilding is never faster); the longest sequence rebuilds inputs and is longer than the
+    longest with every input kept."""
     machine, model = H200, ModelSpec.from_config(LLAMA_3B)
     margins = Margins.default(machine)
     verdict, _ = best(Run(model=model, world=1, seq_len=262144), machine, margins)
@@ -455,6 +456,41 @@ def test_the_search_rebuilds_inputs_only_where_keeping_every_input_does_not_fit(
     assert longest_fit.settings.checkpoint_every > 1
     assert longest_fit.run.seq_len >= 1.5 * kept_every.run.seq_len
     assert longest_fit.settings.block(model.layers)["checkpoint_every"] == longest_fit.settings.checkpoint_every
+
+
+def test_a_rerun_that_takes_the_kept_attention_output_costs_no_attention():
+    """Rebuilding inputs reruns the layers before (``(N - 1) / 2`` per layer for ``checkpoint_every`` N): with kept
+    attention outputs only their projections and MLP, with the attention recomputed their attention too."""
+    from ds_longctx.plan.rates import rates_for
+    from ds_longctx.plan.step_time import estimate_time
+
+    model, rates = ModelSpec.from_config(LLAMA_3B), rates_for("NVIDIA H200")
+    run = Run(model=model, world=1, seq_len=131072)
+    parts = {(keep, every): estimate_time(run, Settings(kernel="sdpa_cudnn", keep_attention_output=keep,
+                                                        checkpoint_every=every), rates, "NVIDIA H200")
+             for keep in (True, False) for every in (1, 3)}
+    assert parts[True, 3]["attention"] == parts[True, 1]["attention"]
+    assert parts[True, 3]["matmul"] > parts[True, 1]["matmul"]
+    reruns = 9 * (1 + 2)  # 9 groups of 3 layers and the last alone: offsets 1 and 2 rerun 1 and 2 layers
+    per_layer_forward = 2.0 * 131072 ** 2 * model.q_width / rates.attention_flops["sdpa_cudnn"]
+    assert parts[False, 3]["attention"] - parts[False, 1]["attention"] == pytest.approx(reruns * per_layer_forward)
+
+
+def test_where_only_recomputed_attention_keeps_every_input_rebuilt_inputs_with_kept_outputs_win():
+    """Full-depth Llama-3.2-3B at 524,288 tokens on one H200: with every input kept, only plans that recompute
+    the attention fit; rebuilding inputs frees the memory for the attention outputs, and since a rerun then
+    costs no attention that plan is faster, and chosen."""
+    machine, model = H200, ModelSpec.from_config(LLAMA_3B)
+    margins = Margins.default(machine)
+    run = Run(model=model, world=1, seq_len=524288)
+    kept_inputs, _ = best(run, machine, margins, fixed={"checkpoint_every": 1})
+    assert not kept_inputs.settings.keep_attention_output
+    chosen, _ = best(run, machine, margins)
+    assert chosen.settings.checkpoint_every > 1 and chosen.settings.keep_attention_output and chosen.fits
+    assert chosen.estimate.step_seconds < 0.9 * kept_inputs.estimate.step_seconds
+    # a block that recomputes the attention keeps every input
+    recomputing, _ = best(run, machine, margins, fixed={"keep_attention_output": False})
+    assert recomputing.settings.checkpoint_every == 1
 
 
 def test_the_unchunked_attention_backward_holds_fp32_dq_dk_dv_and_an_unchecked_last_layer_its_gradients():

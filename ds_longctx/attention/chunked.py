@@ -47,7 +47,7 @@ from ..kernels.base import Kernel
 from ..layout import EVERY
 from ..memory.chunk_store import ChunkStore
 from ..memory.host_pool import HostPool
-from ..memory.attention_stash import keep_for_backward, stash_call, take_for_backward
+from ..memory.attention_stash import keep_for_backward, rerun_output, stash_call, take_for_backward
 from .chunk_gather import Ahead, Gathers
 from .chunk_plan import (ChunkedOptions, ChunkPlan, KVChunk, KVGrads, KVStep, PartialGrads, ReturningGrads,
                          SavedQueryChunk)
@@ -191,13 +191,16 @@ class ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, opts: ChunkedOptions):
+        key = ("chunked", tuple(q.shape), tuple(k.shape), q.dtype, opts.causal, opts.scale, opts.chunk_size, opts.docs)
+        rebuilt = rerun_output(key)  # a rerun that rebuilds the next layer's input: the kept output, nothing else
+        if rebuilt is not None:
+            return rebuilt
         plan = ChunkPlan(q, k, opts)
         topo = opts.topo
         # In a checkpointed region (ds_longctx.memory.remat) the forward run keeps no chunks: the recompute
         # builds them and hands them over through the stash (with kept outputs it runs no kernel, only the
         # all-to-alls and K/V stores the backward reads).
-        call = stash_call(("chunked", tuple(q.shape), tuple(k.shape), q.dtype, opts.causal, opts.scale,
-                           opts.chunk_size, opts.docs))
+        call = stash_call(key)
         kept = call.replayed() if call is not None else None
         keep_state = opts.save and (call is None or call.replaying)
         lease = plan.pool.lease() if opts.offload else None

@@ -13,7 +13,7 @@ import torch
 from ..comm.all_to_all import heads_to_seq_start, seq_to_heads_start
 from ..comm.ring import RingComm
 from ..layout import ZigzagLayout
-from ..memory.attention_stash import stash_call
+from ..memory.attention_stash import rerun_output, stash_call
 from .documents import Documents
 from .ring import ring_backward, ring_forward
 from .ulysses import HeadChunk
@@ -72,7 +72,11 @@ class HybridAttention(torch.autograd.Function):
         whole = _whole(topo, chunks)
         # Inside a rematerialization-aware checkpoint the recompute takes out/lse from the forward's run and
         # only redoes the all-to-alls that rebuild the head-scattered tensors the backward reads.
-        call = stash_call(("hybrid", tuple(q.shape), tuple(k.shape), q.dtype, causal, scale, len(chunks), docs))
+        key = ("hybrid", tuple(q.shape), tuple(k.shape), q.dtype, causal, scale, len(chunks), docs)
+        rebuilt = rerun_output(key)  # a rerun that rebuilds the next layer's input: the kept output, nothing else
+        if rebuilt is not None:
+            return rebuilt
+        call = stash_call(key)
         kept = call.replayed() if call is not None else None
         incoming = [_Gathered(seq_to_heads_start(q, c.q_ranges, group, rank),
                               seq_to_heads_start(k, c.kv_ranges, group, rank),

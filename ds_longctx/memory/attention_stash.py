@@ -21,6 +21,10 @@ The protocol an attention Function follows (this module is the one place it is w
   check it meets the same call). On a replay ``call.replayed()`` gives the kept output and lses (or None
   when the stash keeps none) and the forward only redoes the communication the backward reads. On the
   recorded run, ``call.record(out, lses)`` keeps them (a no-op when the stash keeps no outputs).
+* a rerun (a layer run once more without grad to rebuild the next layer's input,
+  :mod:`.input_recompute`): before anything else the forward asks ``rerun_output(key)``; a tensor is the
+  call's kept output, returned as the attention's output with no communication and no kernel (nothing of a
+  rerun reaches a backward); None (no kept output, or not a rerun): it computes as usual.
 * state kept outside autograd (FPDT's chunk stores): the forward hands it over with
   :func:`keep_for_backward`, which also saves one empty *token* tensor through ``ctx.save_for_backward``;
   the backward calls :func:`take_for_backward` first. Unpacking that token is what makes a non-reentrant
@@ -34,7 +38,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -106,6 +110,18 @@ class StashedCall:
                                       "forward; copy it before changing it (out = out.clone())")
         return self
 
+    def output_copy(self) -> Optional[torch.Tensor]:
+        """The kept output for a rerun, without keeping it: from host memory a fresh device copy each time (the
+        replay in the region's own backward fetches it again), else the kept tensor; None when none was kept."""
+        if self._host is not None and self.out is None:
+            return self._host.get()
+        if self.out is None:
+            return None
+        if self.out._version != self.version:
+            raise AttentionStashError("the attention output kept for backward was modified in place after the "
+                                      "forward; copy it before changing it (out = out.clone())")
+        return self.out.detach()
+
     def take_state(self) -> Any:
         state, self.state = self.state, None
         return state
@@ -155,6 +171,31 @@ class AttentionStash:
 
         return run
 
+    def rerun(self, fn: Callable) -> Callable:
+        """``fn`` run again without grad after the recorded run, its attention calls taking their kept outputs
+        in call order (:func:`rerun_output`); neither the replay to come nor any entry changes."""
+
+        def run(*args, **kwargs):
+            stack = _stack()
+            stack.append(_Rerun(self))
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stack.pop()
+
+        return run
+
+    def recorded(self, index: int, key: Tuple) -> StashedCall:
+        """The recorded run's ``index``-th call, checked to be the one identified by ``key``."""
+        if index >= len(self._calls):
+            raise AttentionStashError(f"the rerun region calls the attention more often than its forward did "
+                                      f"({len(self._calls)} calls): a checkpointed region must be deterministic")
+        entry = self._calls[index]
+        if entry.key != key:
+            raise AttentionStashError(f"attention call {index + 1} of the rerun region differs from the forward's: "
+                                      f"{key} != {entry.key}")
+        return entry
+
     def call(self, key: Tuple) -> StashedCall:
         """The entry of the next attention call: a new one on the first run, the recorded twin on a replay."""
         if not self.replaying:
@@ -174,7 +215,20 @@ class AttentionStash:
         return entry
 
 
-def _stack() -> List[AttentionStash]:
+class _Rerun:
+    """A recorded region running again without grad (:meth:`AttentionStash.rerun`): the position of its next
+    attention call."""
+
+    def __init__(self, stash: AttentionStash):
+        self.stash, self.cursor = stash, 0
+
+    def output(self, key: Tuple) -> Optional[torch.Tensor]:
+        entry = self.stash.recorded(self.cursor, key)
+        self.cursor += 1
+        return entry.output_copy()
+
+
+def _stack() -> List[Union[AttentionStash, _Rerun]]:
     stack = getattr(_local, "stack", None)
     if stack is None:
         stack = _local.stack = []
@@ -182,9 +236,18 @@ def _stack() -> List[AttentionStash]:
 
 
 def active_stash() -> Optional[AttentionStash]:
-    """The stash of the innermost region running on this thread, or None."""
+    """The stash of the innermost region running on this thread, or None (also inside a rerun: it records
+    and replays nothing)."""
     stack = getattr(_local, "stack", None)
-    return stack[-1] if stack else None
+    return stack[-1] if stack and isinstance(stack[-1], AttentionStash) else None
+
+
+def rerun_output(key: Tuple) -> Optional[torch.Tensor]:
+    """Inside a rerun (:meth:`AttentionStash.rerun`) on this thread, the kept output of the attention call
+    identified by ``key`` (the region's next one), in the caller's layout; None elsewhere, or when the call
+    kept no output (the caller then computes it)."""
+    stack = getattr(_local, "stack", None)
+    return stack[-1].output(key) if stack and isinstance(stack[-1], _Rerun) else None
 
 
 def stash_call(key: Tuple) -> Optional[StashedCall]:
@@ -221,5 +284,5 @@ def take_for_backward(ctx) -> Any:
     return state
 
 
-__all__ = ["AttentionStash", "AttentionStashError", "StashedCall", "active_stash", "keep_for_backward", "stash_call",
-           "take_for_backward"]
+__all__ = ["AttentionStash", "AttentionStashError", "StashedCall", "active_stash", "keep_for_backward", "rerun_output",
+           "stash_call", "take_for_backward"]

@@ -12,7 +12,9 @@ recomputes as usual in its own backward.
 
 Memory: ``every`` times fewer kept inputs; in backward, the layer before's input and forward working set
 while it reruns (less than a layer's backward working set). Time: the layer at offset ``j`` of its group
-reruns ``j`` forwards of the layers before it, ``(every - 1) / 2`` extra layer forwards per layer.
+reruns ``j`` forwards of the layers before it, ``(every - 1) / 2`` extra layer forwards per layer; a layer that
+keeps its attention output reruns without its attention (it takes the kept output:
+:meth:`~ds_longctx.memory.attention_stash.AttentionStash.rerun`).
 
 It works through the same saved-tensor hooks as :mod:`.checkpoint_offload` (which it wraps: the inputs it
 keeps still go to host memory when the region offloads): a non-reentrant checkpoint saves its inputs as

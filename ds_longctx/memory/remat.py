@@ -38,9 +38,10 @@ def _run_region(inner: Callable, fn: Callable, args: Tuple, kwargs: Dict[str, An
     """One checkpointed region: ``inner`` (a checkpoint function) of ``fn`` in its own stash, its saved input in
     host memory when ``offload`` takes this region, or rebuilt in backward when ``inputs`` says so."""
     offload = _region_offload(offload)
-    run = _stash(keep_attention_output, offload).wrap(fn)
+    stash = _stash(keep_attention_output, offload)
+    run = stash.wrap(fn)
     if inputs is not None:
-        with inputs.region(_rerunnable(fn, kwargs), args, offload) as done:
+        with inputs.region(_rerunnable(fn, kwargs, stash), args, offload) as done:
             out = inner(run, *args, **kwargs)
             done(out)
             return out
@@ -50,9 +51,12 @@ def _run_region(inner: Callable, fn: Callable, args: Tuple, kwargs: Dict[str, An
         return inner(run, *args, **kwargs)
 
 
-def _rerunnable(fn: Callable, kwargs: Dict[str, Any]) -> Callable[[torch.Tensor], Any]:
-    """``fn`` as :class:`~ds_longctx.memory.input_recompute.InputRecompute` reruns it in backward: in a stash of
-    its own that keeps nothing, so the rerun touches neither the region's stash nor a region running around it."""
+def _rerunnable(fn: Callable, kwargs: Dict[str, Any], stash: AttentionStash) -> Callable[[torch.Tensor], Any]:
+    """``fn`` as :class:`~ds_longctx.memory.input_recompute.InputRecompute` reruns it in backward: where the
+    region keeps its attention outputs, taking them (no attention runs again); else in a stash of its own that
+    keeps nothing. Either way the rerun touches neither the region's replay nor a region running around it."""
+    if stash.keep_output:
+        return lambda hidden: stash.rerun(fn)(hidden, **kwargs)
     return lambda hidden: AttentionStash(keep_output=False).wrap(fn)(hidden, **kwargs)
 
 

@@ -171,15 +171,21 @@ def best(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dict] = N
          base: Settings = Settings()) -> tuple:
     """``(the fastest fitting Verdict or None, the Verdict of the smallest GPU peak seen)``; a configuration
     with layers left unchecked wins only when it is :data:`UNCHECKED_MIN_GAIN` faster than the fastest with
-    every layer checkpointed. Inputs are rebuilt (``checkpoint_every`` above 1, unless ``fixed`` sets it) only
-    where no configuration fits with every checkpointed layer keeping its input: a rerun costs a layer's forward,
-    and the search stays as short as before wherever every input fits."""
+    every layer checkpointed. Inputs are rebuilt (``checkpoint_every`` above 1, unless ``fixed`` sets it) where
+    no configuration fits with every checkpointed layer keeping its input, or where the fastest that does
+    recomputes the attention: a rerun that takes a kept attention output costs only the layer's projections
+    and MLP, so memory freed of inputs can hold the attention outputs. Wherever every input and every
+    attention output fit, the search stays as short as without rebuilt inputs."""
     fixed = fixed or {}
     if "checkpoint_every" in fixed or not run.checkpointing:
         return _fastest(run, machine, margins, fixed, base)
     kept, kept_smallest = _fastest(run, machine, margins, {**fixed, "checkpoint_every": 1}, base)
     if kept is not None:
-        return kept, kept_smallest
+        if kept.settings.keep_attention_output or fixed.get("keep_attention_output") is False:
+            return kept, kept_smallest
+        rebuilt, _ = _fastest(run, machine, margins, {**fixed, "keep_attention_output": True}, base, REBUILT_EVERY)
+        faster = rebuilt is not None and rebuilt.estimate.step_seconds < kept.estimate.step_seconds
+        return (rebuilt if faster else kept), kept_smallest
     rebuilt, smallest = _fastest(run, machine, margins, fixed, base, REBUILT_EVERY)
     if kept_smallest is not None and (smallest is None
                                       or kept_smallest.estimate.gpu_peak < smallest.estimate.gpu_peak):

@@ -56,7 +56,8 @@ def estimate_time(run: Run, settings: Settings, rates: Rates, gpu_name: str) -> 
     attention_rate = rates.attention_flops.get(kernel, rates.attention_flops["sdpa_cudnn"])
     if settings.chunk_size is not None:
         attention_rate *= chunk_efficiency(settings.chunk_size)
-    rerun_attention = reruns * 2.0 * run.seq_len * run.seq_len * m.q_width  # causal forward, as flops_per_step's
+    # a rerun takes the layer's kept attention output where it keeps one: only its projections and MLP run
+    rerun_attention = 0 if settings.keep_attention_output else reruns * 2.0 * run.seq_len * run.seq_len * m.q_width
     attention = (flops["attention"] + rerun_attention) * run.micro_batch / settings.sp
     parts = {"matmul": matmul / rates.matmul_flops, "attention": attention / attention_rate}
     passes = PASSES_CHECKPOINTED * checkpointed + PASSES_UNCHECKED * (m.layers - checkpointed) + PASSES_RERUN * reruns
@@ -79,6 +80,8 @@ def estimate_time(run: Run, settings: Settings, rates: Rates, gpu_name: str) -> 
         per_layer_bytes += 3 * host.get("fpdt_chunks", 0) / max(1, fpdt_chunk_sets(run, settings))
     if per_layer_bytes:
         pcie = m.layers * max(0.0, per_layer_bytes / rates.pcie_bytes - 0.9 * layer_seconds)
+    if reruns and settings.keep_attention_output and (settings.checkpoint_offload_layers or settings.fpdt_offload):
+        pcie += reruns * tokens * BF16 * w.q / rates.pcie_bytes  # a rerun copies a kept output back, unhidden
     parts["offload_not_hidden"] = pcie
     if settings.zero.optimizer_offload:
         shard = m.params / run.world
