@@ -105,9 +105,7 @@ class StashedCall:
             self.version = self.out._version
         if self.out is None:
             return None
-        if self.out._version != self.version:
-            raise AttentionStashError("the attention output kept for backward was modified in place after the "
-                                      "forward; copy it before changing it (out = out.clone())")
+        self._check_unmodified()
         return self
 
     def output_copy(self) -> Optional[torch.Tensor]:
@@ -117,10 +115,13 @@ class StashedCall:
             return self._host.get()
         if self.out is None:
             return None
+        self._check_unmodified()
+        return self.out.detach()
+
+    def _check_unmodified(self) -> None:
         if self.out._version != self.version:
             raise AttentionStashError("the attention output kept for backward was modified in place after the "
                                       "forward; copy it before changing it (out = out.clone())")
-        return self.out.detach()
 
     def take_state(self) -> Any:
         state, self.state = self.state, None
