@@ -241,13 +241,13 @@ def main():
         loss = reported = out = b = stopped = None  # noqa: F841
     payload["steps"] = steps
     payload["optimizer_steps"] = engine.global_steps  # a probe's step has none: its backward was stopped
+    timed = [r for r in steps if not is_warm_step(r)][args.warmup:]  # the warm step is never timed
     if fit is not None:
         fit.remove()
         summary = probe_summary(steps)
         if summary is not None:
             payload["summary"] = summary
-    elif [r for r in steps if not is_warm_step(r)][args.warmup:]:  # the warm step is never timed
-        timed = [r for r in steps if not is_warm_step(r)][args.warmup:]
+    elif timed:
         payload["summary"] = {k: sum(r[k] for r in timed) / len(timed) for k in ("tokens_per_s", "tflops_per_gpu")}
         payload["summary"]["peak_gib"] = max(r["peak_gib"] for r in steps)
         payload["summary"].update(steady_state(steps))

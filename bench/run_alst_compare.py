@@ -207,9 +207,9 @@ def scaling_seconds(record: Dict) -> List[float]:
     return [r["seconds"] for r in record.get("steps", []) if not is_warm_step(r)]
 
 
-def probe_flags(probe_layers: int, warm_seq_len: int = 0) -> List[str]:
-    """bench_train flags of a fit probe of ``probe_layers`` layers' backward (after a warm-up step at
-    ``PROBE_WARM_SEQ_LEN``), or for 0 of a training run (after one at ``warm_seq_len``, if any)."""
+def step_flags(probe_layers: int, warm_seq_len: int = 0) -> List[str]:
+    """bench_train flags of a run's steps: a fit probe of ``probe_layers`` layers' backward (after a warm-up
+    step at ``PROBE_WARM_SEQ_LEN``), or for 0 training steps (after one at ``warm_seq_len``, if any)."""
     if not probe_layers:
         return ["--warm_seq_len", str(warm_seq_len)] if warm_seq_len else []
     return ["--probe_layers", str(probe_layers), "--warm_seq_len", str(PROBE_WARM_SEQ_LEN)]
@@ -257,7 +257,7 @@ def make_launcher(args, variants: Dict[str, str]) -> Callable[[str, int, float],
                "--model", args.model, "--seq_len", str(seq_len), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--label", variant, "--commit", args.commit, "--out", out,
                *(["--layers", str(args.layers)] if args.layers else []),
-               *flags, *probe_flags(probe_layers, getattr(args, "warm_seq_len", 0)), *shlex.split(args.extra)]
+               *flags, *step_flags(probe_layers, getattr(args, "warm_seq_len", 0)), *shlex.split(args.extra)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if args.alloc_conf:
             env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
