@@ -66,6 +66,8 @@ def predict(record: dict, gpu_name: str) -> dict:
     from ds_longctx.plan import ModelSpec, Run, Settings, ZeroSettings, estimate, rates_for
     from ds_longctx.plan.estimate import estimate_host
 
+    from bench.train_config import keep_attention_output
+
     a = record
     model = ModelSpec(layers=a["layers"], hidden=a["hidden"], intermediate=a["intermediate"], heads=a["heads"],
                       kv_heads=a["kv_heads"], head_dim=a["hidden"] // a["heads"], vocab=a["vocab"],
@@ -73,7 +75,7 @@ def predict(record: dict, gpu_name: str) -> dict:
     offload = a.get("checkpoint_offload") or 0
     settings = Settings(ulysses=a.get("ulysses") or record["world_size"] // a["ring"], ring=a["ring"],
                         kernel=a["kernel"], chunk_size=a["chunk_size"], fpdt_offload=bool(a["offload"]),
-                        keep_attention_output=bool(a["keep_attention_output"]),
+                        keep_attention_output=keep_attention_output(str(a["keep_attention_output"])),
                         # -1: every checkpointed layer (the first checkpoint_layers, else all)
                         checkpoint_offload_layers=(a.get("checkpoint_layers") or a["layers"]) if offload < 0 else offload,
                         checkpoint_layers=a.get("checkpoint_layers"),

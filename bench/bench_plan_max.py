@@ -56,12 +56,17 @@ CASES: Dict[str, Case] = {
 }
 
 
+def keep_flag(keep) -> str:
+    """``bench_train.py``'s ``--keep_attention_output`` of a block's value (true, false or "reruns")."""
+    return keep if isinstance(keep, str) else str(int(keep))
+
+
 def train_flags(ds_config: dict) -> List[str]:
     """``bench_train.py`` flags of a plan's DeepSpeed config (its long_context block, optimizer offload and the
     moments in host memory)."""
     block = ds_config["long_context"]
     flags = ["--ulysses", str(block["ulysses_degree"]), "--ring", str(block["ring_degree"]),
-             "--kernel", block["kernel"], "--keep_attention_output", str(int(block["keep_attention_output"])),
+             "--kernel", block["kernel"], "--keep_attention_output", keep_flag(block["keep_attention_output"]),
              "--lean_rms_norm", str(int(block.get("lean_rms_norm", True)))]
     fpdt = block.get("fpdt") or {}
     if fpdt.get("chunk_size"):

@@ -146,7 +146,9 @@ def train_tables():
                     + (", lean RMSNorm" if lc.get("lean_rms_norm") else ""))
         ckpt = str(d["checkpointing"])
         if d["checkpointing"] and lc is not None:
-            ckpt += ", attention kept" if lc.get("keep_attention_output", False) else ", attention recomputed"
+            keep = lc.get("keep_attention_output", False)
+            ckpt += (", attention outputs kept for reruns" if keep == "reruns"
+                     else ", attention kept" if keep else ", attention recomputed")
             if lc.get("checkpoint_offload"):
                 ckpt += ", checkpoints in host memory"
         tiles = (lc or {}).get("mlp_tile_tokens") or "-"

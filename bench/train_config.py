@@ -12,6 +12,11 @@ import torch
 from bench.models import PRESETS, SHAPE_FLAGS, resolve_shape
 
 
+def keep_attention_output(flag: str):
+    """The block's ``keep_attention_output`` of ``--keep_attention_output`` ("0", "1" or "reruns")."""
+    return flag if flag == "reruns" else bool(int(flag))
+
+
 def ds_config(args, world):
     cfg = {
         "train_micro_batch_size_per_gpu": 1,
@@ -38,7 +43,7 @@ def ds_config(args, world):
         U = args.ulysses or world // args.ring
         cfg["long_context"] = {"ulysses_degree": U, "ring_degree": args.ring, "kernel": args.kernel,
                                "fpdt": {"chunk_size": args.chunk_size, "offload": args.offload},
-                               "keep_attention_output": bool(args.keep_attention_output),
+                               "keep_attention_output": keep_attention_output(args.keep_attention_output),
                                "mlp_tile_tokens": args.mlp_tile_tokens, "loss_tile_tokens": args.loss_tile_tokens,
                                "checkpoint_offload": (True if args.checkpoint_offload < 0
                                                       else args.checkpoint_offload or False),
@@ -73,7 +78,9 @@ def parse_args(argv=None):
     ap.add_argument("--chunk_size", type=int, default=None)
     ap.add_argument("--offload", action="store_true")
     ap.add_argument("--checkpointing", action="store_true", help="transformers' gradient checkpointing")
-    ap.add_argument("--keep_attention_output", type=int, default=1, choices=[0, 1])
+    ap.add_argument("--keep_attention_output", default="1", choices=["0", "1", "reruns"],
+                    help="1: every checkpointed layer's attention output kept; 0: none; reruns: those reruns take "
+                         "(with --checkpoint_every)")
     ap.add_argument("--mlp_tile_tokens", type=int, default=None)
     ap.add_argument("--lean_rms_norm", type=int, default=1, choices=[0, 1],
                     help="ds_longctx: RMSNorms keep only their input for backward (0: the model's own norms)")

@@ -86,14 +86,18 @@ class LongContextConfig(ConfigChecks, BaseModel):
         default=True, strict=True,
         description="Causal mask over global token positions (decoder LMs). Hugging Face attention modules "
                     "use their own is_causal; this applies to direct calls through the engine's long_context.")
-    keep_attention_output: Union[Auto, StrictBool] = Field(
+    keep_attention_output: Union[Auto, StrictBool, Literal["reruns"]] = Field(
         default=True,
         description="With activation checkpointing on (model.gradient_checkpointing_enable() for Hugging Face "
                     "models, ds_longctx.memory.remat.checkpoint otherwise), keep each layer's attention output "
                     "and log-sum-exp instead of running the attention again in backward (DistFlashAttn's "
                     "rematerialization-aware checkpointing): one attention forward less per layer and step, "
                     "for one more [S_local, hidden] activation per layer (in pinned host memory with "
-                    "fpdt.offload). auto: chosen by the planner.")
+                    "fpdt.offload or checkpoint_offload). reruns (with checkpoint_every N > 1, Hugging Face "
+                    "models): only the outputs that rebuilding inputs reruns, those of every checkpointed layer "
+                    "but the last of each group of N, in the memory of the inputs the groups no longer keep; "
+                    "the last layer of a group runs its attention again in its backward. auto: chosen by the "
+                    "planner.")
     lean_rms_norm: bool = Field(
         default=True, strict=True,
         description="Hugging Face models (Llama, Qwen2, Qwen3, Mistral): RMSNorm layers keep only their input and "

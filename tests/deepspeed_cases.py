@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 
@@ -148,7 +148,7 @@ def full_batch(step: int, dp_rank: int, batch_size: int, seq_len: int, seed: int
 
 def ds_config(ulysses: int, ring: int, batch_size: int, clip: float = 0.0, kernel: str = "auto",
               optim: str = "sgd", fpdt: Optional[dict] = None, zero_stage: int = 3,
-              keep_attention_output: bool = True, mlp_tile_tokens: Optional[int] = None,
+              keep_attention_output: Union[bool, str] = True, mlp_tile_tokens: Optional[int] = None,
               loss_tile_tokens: Optional[int] = None, checkpoint_offload: bool = False,
               grad_accum: int = 1, checkpoint_layers: Optional[int] = None,
               host_optimizer_states: bool = False, checkpoint_every: int = 1) -> dict:
@@ -183,11 +183,12 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
     was told, and (rank 0) the final full parameters.
 
     ``checkpointing``: None, ``"keep"`` (transformers' gradient checkpointing enabled before initialize,
-    attention outputs kept) or ``"recompute"`` (enabled on the engine's module after initialize,
-    ``keep_attention_output: false``). ``loss_in_model``: the loss comes back as the model output's ``.loss``
-    (``shift_labels=`` in the call; tiled from the hidden states with ``loss_tile_tokens``). ``grad_accum``:
-    micro-batches per optimizer step; micro-batch ``m`` of replica ``d`` is the reference's replica
-    ``d * grad_accum + m`` (a step averages over replicas and micro-batches alike), one loss per micro-batch.
+    attention outputs kept), ``"reruns"`` (the same, ``keep_attention_output: "reruns"``) or ``"recompute"``
+    (enabled on the engine's module after initialize, ``keep_attention_output: false``). ``loss_in_model``: the
+    loss comes back as the model output's ``.loss`` (``shift_labels=`` in the call; tiled from the hidden states
+    with ``loss_tile_tokens``). ``grad_accum``: micro-batches per optimizer step; micro-batch ``m`` of replica
+    ``d`` is the reference's replica ``d * grad_accum + m`` (a step averages over replicas and micro-batches
+    alike), one loss per micro-batch.
     ``packed``: batches of packed documents (:func:`full_batch`), their boundaries passed to the model.
     ``checkpoint_layers``: the block's (only the first layers checkpointed). ``host_optimizer_states``: the block's
     (the optimizer block's AdamW as HostStateAdamW, its moments in host memory). ``checkpoint_every``: the block's
@@ -201,10 +202,11 @@ def train_with_deepspeed(kind: str, ulysses: int, ring: int, steps: int, seq_len
     os.environ.setdefault("LOCAL_RANK", "0")
     _quiet()
     model = build_model(kind, seq_len, seed)
-    if checkpointing == "keep":
+    if checkpointing in ("keep", "reruns"):
         model.gradient_checkpointing_enable()
     config = ds_config(ulysses, ring, batch_size, clip, kernel, optim, fpdt, zero_stage,
-                       keep_attention_output=checkpointing != "recompute", mlp_tile_tokens=mlp_tile_tokens,
+                       keep_attention_output={"recompute": False, "reruns": "reruns"}.get(checkpointing, True),
+                       mlp_tile_tokens=mlp_tile_tokens,
                        loss_tile_tokens=loss_tile_tokens, checkpoint_offload=checkpoint_offload,
                        grad_accum=grad_accum, checkpoint_layers=checkpoint_layers,
                        host_optimizer_states=host_optimizer_states, checkpoint_every=checkpoint_every)

@@ -290,3 +290,13 @@ def test_checkpoint_layers_beyond_the_models_layers_name_its_layer_count():
     cfg.check_layers(33)
     with pytest.raises(LongContextConfigError, match="checkpoint_layers: 33 exceeds the model's 32 decoder layers"):
         cfg.check_layers(32)
+
+
+@pytest.mark.parametrize("value", [True, False, "auto", "reruns"])
+def test_keep_attention_output_takes_true_false_auto_or_reruns(value):
+    assert LongContextConfig.from_block({"keep_attention_output": value}).keep_attention_output == value
+
+
+@pytest.mark.parametrize("value", ["rerun", 1, "true"])
+def test_other_keep_attention_output_values_are_refused_naming_the_field(value):
+    assert "keep_attention_output" in error_of({"keep_attention_output": value})

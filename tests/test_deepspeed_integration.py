@@ -170,7 +170,7 @@ def test_layers_left_unchecked_train_like_one_process_without_being_recomputed(p
 
 
 # (ulysses, ring, fpdt chunk_size with offload or None, checkpointing, checkpoint_offload)
-REBUILT_INPUTS = [(2, 1, 8, "recompute", True), (1, 2, None, "keep", False)]
+REBUILT_INPUTS = [(2, 1, 8, "recompute", True), (1, 2, None, "reruns", False)]
 
 
 @pytest.mark.parametrize("ulysses,ring,chunk_size,checkpointing,offload", REBUILT_INPUTS,
@@ -179,8 +179,9 @@ def test_layers_rebuilding_their_inputs_train_like_one_process(pool, ulysses, ri
                                                                offload):
     """``checkpoint_every: 2`` under ZeRO-3: the second layer's input is not kept but rebuilt in backward by the
     first layer's forward once more (its parameters gathered again; its kept attention output taken, else its
-    attention run again): the same training; with kept outputs no attention runs more than once a step,
-    without them the first layer's once more, and only its input waits in host memory."""
+    attention run again): the same training. Keeping the outputs reruns take (``"reruns"``: the first layer's),
+    only the second layer runs its attention again, in its own backward; keeping none, every layer does and the
+    first once more in the rerun, and only its input waits in host memory."""
     fpdt = {"chunk_size": chunk_size, "offload": True} if chunk_size else None
     results = pool.run(cases.train_with_deepspeed, "llama", ulysses, ring, STEPS, SEQ, BATCH, fpdt=fpdt,
                        checkpointing=checkpointing, checkpoint_offload=offload, checkpoint_every=2, timeout=300)
@@ -189,8 +190,8 @@ def test_layers_rebuilding_their_inputs_train_like_one_process(pool, ulysses, ri
     once = plain[0]["forwards"][0]
     assert once > 0 and once % cases.LAYERS == 0
     per_layer = once // cases.LAYERS
-    recomputed = 0 if checkpointing == "keep" else once
-    rerun = 0 if checkpointing == "keep" else per_layer
+    recomputed = per_layer if checkpointing == "reruns" else once  # the group's last layer, or every layer
+    rerun = 0 if checkpointing == "reruns" else per_layer
     layer_input = BATCH * SEQ // (ulysses * ring) * cases.HIDDEN * 4  # fp32 [BATCH, SEQ / sp, hidden]
     for res in results:
         assert res["forwards"] == [once + recomputed + rerun] * STEPS

@@ -211,17 +211,26 @@ def test_checkpoint_layers_beyond_the_model_are_refused_naming_its_layers():
     {"keep_attention_output": False, "fpdt": {"chunk_size": 8, "offload": True}, "checkpoint_offload": 3},
     # the kept outputs in host memory (FPDT offload): a rerun copies one back and lets it go
     {"keep_attention_output": True, "fpdt": {"chunk_size": 8, "offload": True}, "checkpoint_offload": 3},
-], ids=["kept_outputs", "offloaded_inputs", "fpdt_offload", "fpdt_offload_kept_outputs"])
+    # only the outputs reruns take (every layer's but the last of each group and the model's last), on the GPU
+    # and, for the first three layers, in host memory
+    {"keep_attention_output": "reruns"},
+    {"keep_attention_output": "reruns", "checkpoint_offload": 3},
+], ids=["kept_outputs", "offloaded_inputs", "fpdt_offload", "fpdt_offload_kept_outputs", "reruns_outputs",
+        "reruns_outputs_offloaded"])
 def test_checkpoint_every_rebuilds_inputs_with_the_gradients_of_no_checkpointing(every, block):
     """A 4-layer model with gradient checkpointing and ``checkpoint_every`` N: the loss and every gradient of the
     model without checkpointing (float64); in backward the layers at offset j of each group of N run their layer
     before's forward j times more: its attention too, unless the layer keeps its attention output, which the
-    rerun then takes (no attention kernel runs in it)."""
+    rerun then takes (no attention kernel runs in it); a layer without a kept output runs its attention again
+    in its own backward."""
     mlp_calls, forwards = _checkpointed_step_against_unchecked({**block, "checkpoint_every": every})
     reruns = [layer for i in range(4) for layer in range(i - i % every, i)]  # offset j reruns the j layers before it
     assert mlp_calls == sorted([0, 1, 2, 3] * 2 + reruns)
-    recomputed_attention = 0 if block["keep_attention_output"] else 4
-    rerun_attention = 0 if block["keep_attention_output"] else len(reruns)
+    keep = block["keep_attention_output"]
+    # "reruns": groups (0, 1), (2, 3) keep layers 0 and 2; groups (0, 1, 2), (3,) keep layers 0 and 1
+    keeping = {0, 1, 2, 3} if keep is True else {2: {0, 2}, 3: {0, 1}}[every] if keep == "reruns" else set()
+    recomputed_attention = 4 - len(keeping)
+    rerun_attention = sum(layer not in keeping for layer in reruns)
     chunks = 32 // block.get("fpdt", {}).get("chunk_size", 32)
     kernel_calls = chunks * (chunks + 1) // 2  # FPDT: one kernel per causal (query chunk, key chunk) pair
     assert forwards == (4 + recomputed_attention + rerun_attention) * kernel_calls

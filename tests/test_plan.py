@@ -510,3 +510,52 @@ def test_the_unchunked_attention_backward_holds_fp32_dq_dk_dv_and_an_unchecked_l
     alone = _layer_backward(run, settings, w, tokens, recompute=False)
     assert unchecked["layer_working_set"] == alone["mlp_working_set"] + alone["attention_working_set"] > \
         alone["mlp_working_set"]
+
+
+def test_keeping_the_outputs_reruns_take_holds_them_for_all_but_each_groups_last_layer():
+    """``keep_attention_output: "reruns"`` with ``checkpoint_every`` N: layer by layer, the kept outputs are those of
+    every layer but the last of each group and the last checkpointed one (on the GPU, or in host memory for the
+    offloaded first layers); only the layers without one run their attention again, in their own backward, and
+    no rerun runs an attention."""
+    from ds_longctx.checkpoint_pattern import attention_outputs_kept, keeps_attention_output
+    from ds_longctx.plan.activations import Widths, kept_bytes, reruns
+
+    assert [keeps_attention_output("reruns", layer, 3, 7) for layer in range(7)] == [
+        True, True, False, True, True, False, False]
+    assert [keeps_attention_output("reruns", layer, 1, 4) for layer in range(4)] == [False] * 4
+    assert attention_outputs_kept("reruns", 2, 7, 3, 7) == 2 and attention_outputs_kept(True, 2, 7, 3, 7) == 5
+    run = Run(model=SMALL, world=1, seq_len=4096)  # 4 layers
+    rates = rates_for("NVIDIA H200")
+    one_output = kept_bytes(4096, Widths(SMALL, Settings()))
+    attention_forward = 2.0 * 4096 ** 2 * SMALL.q_width / rates.attention_flops["sdpa_cudnn"]
+    for every, kept in ((2, [0, 2]), (3, [0, 1]), (4, [0, 1, 2])):
+        settings = Settings(kernel="sdpa_cudnn", keep_attention_output="reruns", checkpoint_every=every)
+        for offloaded in range(5):
+            placed = settings.with_(checkpoint_offload_layers=offloaded)
+            on_host = sum(layer < offloaded for layer in kept)
+            assert estimate_memory(run, placed)["forward"]["kept_attention"] == (len(kept) - on_host) * one_output
+            assert estimate_host(run, placed).get("kept_attention", 0) == on_host * one_output
+        assert reruns(run, settings).with_attention == 0
+        every_kept = estimate(run, settings.with_(keep_attention_output=True), rates).time_components["attention"]
+        assert estimate(run, settings, rates).time_components["attention"] == pytest.approx(
+            every_kept + (4 - len(kept)) * attention_forward, rel=1e-12)
+
+
+def test_within_alsts_memory_at_524k_the_plan_keeps_the_outputs_reruns_take():
+    """Full-depth Llama-3.2-3B at 524,288 tokens on a GPU of 0.68 x ALST's measured peak (108.9 GiB,
+    bench/results/alstcmp524k_alst_llama3.2-3b_524288.json) and the H200 machine's host: the attention outputs of
+    every layer do not fit beside the inputs and AdamW's moments, so the plan rebuilt inputs that take kept outputs
+    everywhere but in each group's last layer; its predicted step is at least 1.3x faster than ALST's measured
+    516.7 s, where every input kept recomputes every attention (only 1.19x)."""
+    model = ModelSpec.from_config({**LLAMA_3B, "max_position_embeddings": 524288})
+    machine = Machine(gpus=1, gpu_memory=int(0.68 * 108.91 * GIB), host_memory=int(124.53 * GIB),
+                      gpu_name="NVIDIA H200")
+    margins = Margins(gpu=0, host=int(0.10 * machine.host_memory))
+    run = Run(model=model, world=1, seq_len=524288)
+    kept_inputs, _ = best(run, machine, margins, {"checkpoint_every": 1}, Settings.recommended("sdpa_cudnn"))
+    assert kept_inputs.settings.keep_attention_output is False and kept_inputs.estimate.step_seconds > 516.7 / 1.3
+    every_output, _ = best(run, machine, margins, {"keep_attention_output": True}, Settings.recommended("sdpa_cudnn"))
+    chosen, _ = best(run, machine, margins, None, Settings.recommended("sdpa_cudnn"))
+    assert chosen.settings.keep_attention_output == "reruns" and chosen.settings.checkpoint_every > 1
+    assert chosen.fits and chosen.estimate.step_seconds < 516.7 / 1.3
+    assert every_output is None or every_output.estimate.step_seconds > chosen.estimate.step_seconds

@@ -9,6 +9,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..checkpoint_pattern import KeepAttentionOutput, keeps_attention_output
 from ..memory.checkpoint_offload import CheckpointOffload
 from ..memory.input_recompute import InputRecompute
 from ..memory.remat import StashingCheckpoint
@@ -27,7 +28,8 @@ def configure_layers(model: torch.nn.Module, lc: LongContext) -> None:
         return
     if cfg.checkpoint_layers is not None:
         cfg.check_layers(_decoder_layer_count(model))
-    stash_checkpoints(model, cfg.keep_attention_output, lc.checkpoint_offload, cfg.checkpoint_layers, lc.layer_inputs)
+    stash_checkpoints(model, cfg.keep_attention_output, lc.checkpoint_offload, cfg.checkpoint_layers, lc.layer_inputs,
+                      every=cfg.checkpoint_every)
     if model.__dict__.get(_TILES_ATTR, _UNSET) != cfg.mlp_tile_tokens:
         tile_mlps(model, cfg.mlp_tile_tokens)
         object.__setattr__(model, _TILES_ATTR, cfg.mlp_tile_tokens)
@@ -42,28 +44,35 @@ def _checkpoint_owners(model: torch.nn.Module) -> List[Tuple[torch.nn.Module, bo
             if module.__dict__.get("_gradient_checkpointing_func") is not None]
 
 
-def stash_checkpoints(model: torch.nn.Module, keep_attention_output: bool,
+def stash_checkpoints(model: torch.nn.Module, keep_attention_output: KeepAttentionOutput,
                       offload: Optional[CheckpointOffload] = None, checkpoint_layers: Optional[int] = None,
-                      inputs: Optional[InputRecompute] = None) -> int:
+                      inputs: Optional[InputRecompute] = None, every: int = 1) -> int:
     """Wrap the checkpoint function of every checkpointing layer of ``model`` (transformers'
     ``_gradient_checkpointing_func``) in a :class:`~ds_longctx.memory.remat.StashingCheckpoint`, or rewrap
     it with a new ``keep_attention_output`` / ``offload`` / ``inputs`` (an
     :class:`~ds_longctx.memory.input_recompute.InputRecompute`: only every N-th layer keeps its input). With
     ``checkpoint_layers`` N only the first N decoder layers checkpoint; the others' wrappers run the layer
     without checkpointing (whatever ``gradient_checkpointing_enable`` set, which may run again at any time: the
-    forward pre-hook calls this every forward). Returns the number of layers wrapped now."""
+    forward pre-hook calls this every forward). ``keep_attention_output`` ``"reruns"``: only the decoder layers
+    whose outputs reruns take keep them (:func:`~ds_longctx.checkpoint_pattern.keeps_attention_output`, groups of
+    ``every``). Returns the number of layers wrapped now."""
+    owners = _checkpoint_owners(model)
+    layers = sum(is_layer for _, is_layer in owners)
+    checkpointed = layers if checkpoint_layers is None else min(layers, checkpoint_layers)
     wrapped, index = 0, 0
-    for module, is_layer in _checkpoint_owners(model):
-        checkpoints = not is_layer or checkpoint_layers is None or index < checkpoint_layers
+    for module, is_layer in owners:
+        checkpoints = not is_layer or index < checkpointed
+        keep = (keeps_attention_output(keep_attention_output, index, every, checkpointed) if is_layer
+                else keep_attention_output is True)
         index += is_layer
         fn = module._gradient_checkpointing_func
         if isinstance(fn, StashingCheckpoint):
-            if (fn.keep_attention_output == keep_attention_output and fn.offload is offload
+            if (fn.keep_attention_output == keep and fn.offload is offload
                     and fn.checkpoints == checkpoints and fn.inputs is inputs):
                 continue
             fn = fn.inner
-        module._gradient_checkpointing_func = StashingCheckpoint(fn, keep_attention_output, offload,
-                                                                 checkpoints=checkpoints, inputs=inputs)
+        module._gradient_checkpointing_func = StashingCheckpoint(fn, keep, offload, checkpoints=checkpoints,
+                                                                 inputs=inputs)
         wrapped += 1
     return wrapped
 

@@ -9,7 +9,9 @@ Llama layer, :mod:`ds_longctx.memory` and :mod:`ds_longctx.attention`).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
+from .. import checkpoint_pattern
 from .model_spec import ModelSpec
 from .settings import Run, Settings
 
@@ -25,7 +27,7 @@ def checkpointed_layers(run: Run, settings: Settings) -> int:
 def keeps_input(layer: int, settings: Settings) -> bool:
     """Whether checkpointed ``layer`` keeps its input to backward (with ``checkpoint_every`` N, the first of each
     group of N: the others rebuild theirs by rerunning the layers before them in their group)."""
-    return layer % settings.checkpoint_every == 0
+    return checkpoint_pattern.keeps_input(layer, settings.checkpoint_every)
 
 
 def inputs_kept(first: int, end: int, settings: Settings) -> int:
@@ -34,12 +36,42 @@ def inputs_kept(first: int, end: int, settings: Settings) -> int:
     return max(0, -(-end // every) - -(-first // every))
 
 
-def rerun_layers(run: Run, settings: Settings) -> int:
-    """Extra layer forwards per step that rebuild inputs in backward: the layer at offset j of its group reruns
-    the j layers before it (``0 + 1 + ... + (every - 1)`` per whole group)."""
+def keeps_output(layer: int, run: Run, settings: Settings) -> bool:
+    """Whether checkpointed ``layer`` keeps its attention output (``keep_attention_output``: true, false or
+    ``"reruns"``, :func:`ds_longctx.checkpoint_pattern.keeps_attention_output`)."""
+    return checkpoint_pattern.keeps_attention_output(settings.keep_attention_output, layer, settings.checkpoint_every,
+                                                     checkpointed_layers(run, settings))
+
+
+def outputs_kept(first: int, end: int, run: Run, settings: Settings) -> int:
+    """How many of the checkpointed layers ``first <= layer < end`` keep their attention output."""
+    return checkpoint_pattern.attention_outputs_kept(settings.keep_attention_output, first, end,
+                                                     settings.checkpoint_every, checkpointed_layers(run, settings))
+
+
+class Reruns(NamedTuple):
+    """Layer forwards run once more per step to rebuild inputs (``checkpoint_every``): all of them, and those of
+    layers without a kept attention output (which run their attention again)."""
+
+    layers: int
+    with_attention: int
+
+
+def reruns(run: Run, settings: Settings) -> Reruns:
+    """The layer at offset j of its group reruns the j layers before it (``0 + 1 + ... + (every - 1)`` per whole
+    group): each layer is rerun once for every later layer of its group."""
     every, layers = settings.checkpoint_every, checkpointed_layers(run, settings)
-    groups, rest = divmod(layers, every)
-    return groups * every * (every - 1) // 2 + rest * (rest - 1) // 2
+    total = with_attention = 0
+    for layer in range(layers):
+        times = min(layer - layer % every + every, layers) - layer - 1
+        total += times
+        with_attention += 0 if keeps_output(layer, run, settings) else times
+    return Reruns(total, with_attention)
+
+
+def rerun_layers(run: Run, settings: Settings) -> int:
+    """Extra layer forwards per step that rebuild inputs in backward (:func:`reruns`)."""
+    return reruns(run, settings).layers
 
 
 class Widths:
@@ -74,15 +106,16 @@ def norm_saved(settings: Settings, w: Widths, tokens: int) -> int:
     return tokens * (norm_extra + BF16 * w.h)
 
 
-def layer_saved(settings: Settings, w: Widths, tokens: int, recompute: bool) -> int:
-    """What one layer's graph saves besides its input (under checkpointing: its recompute's graph)."""
+def layer_saved(settings: Settings, w: Widths, tokens: int, recompute: bool, kept_output: bool) -> int:
+    """What one layer's graph saves besides its input (under checkpointing: its recompute's graph, without the
+    attention output where the layer keeps it: ``kept_output``)."""
     saved = (
         norm_saved(settings, w, tokens)  # input norm: the q/k/v projections' input
         + tokens * BF16 * w.h  # the residual sum saved by the post-attention norm
         + norm_saved(settings, w, tokens)  # post-attention norm: the MLP's input
         + attention_state(settings, w, tokens)
     )
-    if not (recompute and settings.keep_attention_output):
+    if not (recompute and kept_output):
         saved += kept_bytes(tokens, w)  # the attention output the o-projection saves
     if settings.mlp_tile_tokens is None:
         saved += tokens * mlp_saved_widths(settings) * BF16 * w.i
@@ -98,8 +131,9 @@ def mlp_saved_widths(settings: Settings) -> int:
 def unchecked_layer_bytes(settings: Settings, w: Widths, tokens: int) -> int:
     """What one layer without checkpointing keeps from its forward to its backward: its input and everything its
     graph saves (the attention output the o-projection saves among it)."""
-    return layer_saved(settings, w, tokens, recompute=False) + tokens * BF16 * w.h
+    return layer_saved(settings, w, tokens, recompute=False, kept_output=False) + tokens * BF16 * w.h
 
 
-__all__ = ["BF16", "FP32", "Widths", "attention_state", "checkpointed_layers", "inputs_kept", "keeps_input",
-           "kept_bytes", "layer_saved", "mlp_saved_widths", "norm_saved", "rerun_layers", "unchecked_layer_bytes"]
+__all__ = ["BF16", "FP32", "Reruns", "Widths", "attention_state", "checkpointed_layers", "inputs_kept", "keeps_input",
+           "keeps_output", "kept_bytes", "layer_saved", "mlp_saved_widths", "norm_saved", "outputs_kept", "rerun_layers",
+           "reruns", "unchecked_layer_bytes"]

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Dict
 
 from ..geometry import ChunkGeometry
-from .activations import (BF16, FP32, Widths, checkpointed_layers, inputs_kept, keeps_input, kept_bytes, layer_saved,
-                          mlp_saved_widths, norm_saved, unchecked_layer_bytes)
+from .activations import (BF16, FP32, Widths, checkpointed_layers, inputs_kept, keeps_input, keeps_output, kept_bytes,
+                          layer_saved, mlp_saved_widths, norm_saved, outputs_kept, unchecked_layer_bytes)
 from .host_memory import HostBuffer, estimate_host, host_pageable, pool_buffers
 from .host_optimizer import staging_bytes
 from .machine import GIB
@@ -99,8 +99,8 @@ def _stored(run: Run, settings: Settings, w: Widths, tokens: int) -> Dict[str, i
     if run.checkpointing:
         first_on_gpu = min(settings.checkpoint_offload_layers, checkpointed)  # the first ones offload
         parts["checkpoints"] = inputs_kept(first_on_gpu, checkpointed, settings) * tokens * BF16 * w.h
-        kept_on_gpu = settings.keep_attention_output and not settings.fpdt_offload
-        parts["kept_attention"] = (checkpointed - first_on_gpu) * kept_bytes(tokens, w) if kept_on_gpu else 0
+        kept_on_gpu = 0 if settings.fpdt_offload else outputs_kept(first_on_gpu, checkpointed, run, settings)
+        parts["kept_attention"] = kept_on_gpu * kept_bytes(tokens, w)
     if checkpointed < m.layers:
         parts["activations"] = (m.layers - checkpointed) * unchecked_layer_bytes(settings, w, tokens)
     norm = BF16 * w.h if settings.lean_rms_norm else FP32 * w.h
@@ -133,10 +133,11 @@ def _ring_buffers(settings: Settings, w: Widths, tokens: int) -> int:
     return 2 * kv * BF16 + 2 * kv * FP32
 
 
-def _layer_backward(run: Run, settings: Settings, w: Widths, tokens: int, recompute: bool) -> Dict[str, int]:
-    """The working set of one layer's backward (its recompute included when ``recompute``): saved graph +
-    gradients in flight."""
-    saved = layer_saved(settings, w, tokens, recompute=recompute)
+def _layer_backward(run: Run, settings: Settings, w: Widths, tokens: int, recompute: bool,
+                    kept_output: bool = False) -> Dict[str, int]:
+    """The working set of one layer's backward (its recompute included when ``recompute``, taking its kept
+    attention output when ``kept_output``): saved graph + gradients in flight."""
+    saved = layer_saved(settings, w, tokens, recompute=recompute, kept_output=kept_output)
     mlp_tokens = min(tokens, settings.mlp_tile_tokens or tokens)
     tile = 0
     if settings.mlp_tile_tokens is not None:
@@ -226,19 +227,20 @@ def _recompute_working_set(run: Run, settings: Settings, w: Widths, tokens: int,
     """The backward of checkpointed ``layer`` (the last one backward reaches first): what comes back from the
     host for its recompute, and the recompute's working set."""
     parts: Dict[str, int] = {}
-    if _layer_offloaded(layer, settings) or (settings.keep_attention_output and settings.fpdt_offload):
+    kept_output = keeps_output(layer, run, settings)
+    if _layer_offloaded(layer, settings) or (kept_output and settings.fpdt_offload):
         # brought back for the recompute: its input (and the one prefetched next), its kept output
         back = 0
         if _layer_offloaded(layer, settings):  # and, with a layer before it, that layer's input prefetched
             back += min(2, layer + 1) * tokens * BF16 * w.h
-        if settings.keep_attention_output:
+        if kept_output:
             back += kept_bytes(tokens, w)
         parts["offload_prefetch"] = back
     if not keeps_input(layer, settings) and not _layer_offloaded(layer, settings):
         # its input, rebuilt by rerunning the layer before it (whose forward's working set is smaller than this
         # backward's, and whose input is freed when the rerun returns)
         parts["rebuilt_input"] = tokens * BF16 * w.h
-    parts.update(_layer_backward(run, settings, w, tokens, recompute=True))
+    parts.update(_layer_backward(run, settings, w, tokens, recompute=True, kept_output=kept_output))
     return parts
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Dict, List, NamedTuple
 
-from .activations import BF16, FP32, Widths, checkpointed_layers, inputs_kept
+from .activations import BF16, FP32, Widths, checkpointed_layers, inputs_kept, outputs_kept
 from .host_optimizer import host_moments_bytes
 from .machine import GIB
 from .offload_optimizer import offload_optimizer_host, power_of_two_ceil
@@ -47,9 +47,9 @@ def pool_buffers(run: Run, settings: Settings) -> List[HostBuffer]:
         offloaded = settings.checkpoint_offload_layers
         inputs = inputs_kept(0, offloaded, settings)  # the others rebuild theirs
         buffers.append(HostBuffer("checkpoint_offload", tokens * BF16 * w.h, inputs))
-        kept_layers = 0
-        if settings.keep_attention_output:
-            kept_layers = checkpointed_layers(run, settings) if settings.fpdt_offload else offloaded
+        # with FPDT's offload every kept output is in host memory, else those of the offloaded layers
+        kept_layers = outputs_kept(0, checkpointed_layers(run, settings) if settings.fpdt_offload else offloaded,
+                                   run, settings)
         buffers += [HostBuffer("kept_attention", tokens * BF16 * w.q, kept_layers),
                     HostBuffer("kept_attention", tokens * FP32 * w.heads, kept_layers)]
     return buffers

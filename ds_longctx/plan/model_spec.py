@@ -102,17 +102,21 @@ class ModelSpec:
         return self.layers * (self.layer_params - 2 * self.hidden) + self.vocab * self.hidden
 
     def flops_per_step(self, seq_len: int, recompute_layers: bool, recompute_attention: bool,
-                       recomputed_layers: Optional[int] = None) -> dict:
+                       recomputed_layers: Optional[int] = None,
+                       attention_recomputed_layers: Optional[int] = None) -> dict:
         """Model FLOPs of one sequence's forward and backward: ``{"matmul": ..., "attention": ...}``.
 
         Causal attention: forward ``2 * 2 * S^2 / 2 * heads * head_dim`` per layer, backward 2.5x that.
         A recomputed layer runs its matrix products once more (and its attention unless it is kept);
-        ``recomputed_layers``: how many layers recompute (None: every layer when ``recompute_layers``)."""
+        ``recomputed_layers``: how many layers recompute (None: every layer when ``recompute_layers``), of them
+        ``attention_recomputed_layers`` with their attention (None: all of them when ``recompute_attention``)."""
         recomputed = (self.layers if recomputed_layers is None else recomputed_layers) if recompute_layers else 0
         matmul = 6 * self.matmul_params * seq_len
         matmul += 2 * recomputed * (self.layer_params - 2 * self.hidden) * seq_len
         attention_fwd = 2.0 * seq_len * seq_len * self.q_width  # one layer's: causal half of 4 S^2 H D
-        attention = attention_fwd * (3.5 * self.layers + (recomputed if recompute_attention else 0))
+        with_attention = recomputed if attention_recomputed_layers is None else min(recomputed,
+                                                                                     attention_recomputed_layers)
+        attention = attention_fwd * (3.5 * self.layers + (with_attention if recompute_attention else 0))
         return {"matmul": float(matmul), "attention": attention}
 
 

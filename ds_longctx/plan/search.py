@@ -5,7 +5,8 @@ sequence-parallel group (Ulysses inside a node and at most the query heads), FPD
 without host offload, kept attention, checkpoint offload of every layer or of the first ones (as many as
 host memory holds), MLP and loss tiles, the optimizer in host memory (DeepSpeed's offload), and AdamW's moments
 in host memory where only they keep a configuration from fitting the GPU, and layer inputs rebuilt in backward
-(``checkpoint_every`` 2 or 3) where nothing fits with every input kept. A candidate fits when its GPU
+(``checkpoint_every`` 2 to 4, with every attention output kept or only those the reruns take) where nothing fits
+with every input kept, or where that is faster. A candidate fits when its GPU
 peak stays under the GPU's memory less a margin and every node's pinned and other host memory under the
 host's less a margin; the fastest fitting one (predicted step time, then the lowest GPU peak) wins.
 """
@@ -15,6 +16,7 @@ import itertools
 import math
 from typing import Dict, Iterable, Iterator, List, Optional
 
+from ..checkpoint_pattern import RERUNS
 from .host_optimizer import MOMENT_BYTES
 from .machine import Machine
 from .settings import Run, Settings
@@ -23,7 +25,7 @@ from .verdict import Margins, Verdict, judge
 CHUNK_SIZES = (16384, 32768, 65536, 131072)
 MLP_TILES = (None, 16384, 4096)
 LOSS_TILES = (None, 4096)
-REBUILT_EVERY = (2, 3)  # checkpoint_every tried where nothing fits with every input kept
+REBUILT_EVERY = (2, 3, 4)  # checkpoint_every tried where nothing fits with every input kept
 
 
 def valid_for(run: Run, settings: Settings) -> bool:
@@ -48,16 +50,26 @@ def factorizations(run: Run, machine: Machine) -> Iterator[tuple]:
 
 
 def _offload_counts(run: Run, base: Settings, machine: Machine, margins: Margins) -> List[int]:
-    """Checkpoint offload of no layer, every checkpointed layer, and as many as the host can take."""
+    """Checkpoint offload of no layer, every checkpointed layer, and the most the host can take. The host's
+    share grows with the count, by uneven steps where layers keep different things (an input, an attention
+    output, both), so the most is found by bisection."""
     layers = base.checkpointed(run.model.layers)
-    counts = {0, layers}
     if layers == 0:
         return [0]
-    without = judge(run, base.with_(checkpoint_offload_layers=0), machine, margins)
-    room = without.host_limit - without.node_host
-    one = judge(run, base.with_(checkpoint_offload_layers=1), machine, margins).node_host - without.node_host
-    if one > 0 and room > 0:
-        counts.add(max(0, min(layers, room // one)))
+
+    def fits_host(count: int) -> bool:
+        return judge(run, base.with_(checkpoint_offload_layers=count), machine, margins).fits_host
+
+    counts = {0, layers}
+    if fits_host(0) and not fits_host(layers):
+        low, high = 0, layers  # fits_host(low), not fits_host(high)
+        while high - low > 1:
+            mid = (low + high) // 2
+            if fits_host(mid):
+                low = mid
+            else:
+                high = mid
+        counts.add(low)
     return sorted(counts)
 
 
@@ -120,11 +132,14 @@ def candidates(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dic
     option = lambda name, values: [fixed[name]] if name in fixed else list(values)  # noqa: E731
     host_states = fixed.get("host_optimizer_states", base.host_optimizer_states)
     for (ulysses, ring), chunk, keep, mlp, loss, opt, every in itertools.product(
-            pairs, option("chunk_size", (None,) + CHUNK_SIZES), option("keep_attention_output", (True, False)),
+            pairs, option("chunk_size", (None,) + CHUNK_SIZES),
+            option("keep_attention_output", (True, False, RERUNS)),
             option("mlp_tile_tokens", MLP_TILES), option("loss_tile_tokens", LOSS_TILES),
             option("optimizer_offload", (False, True)),
             option("checkpoint_every", everies if run.checkpointing else (1,))):
         if opt and host_states:  # DeepSpeed's offloaded optimizer has its own moments on the CPU
+            continue
+        if keep == RERUNS and every == 1:  # no reruns: it keeps nothing, as false does
             continue
         for fpdt_offload in option("fpdt_offload", (False, True) if chunk is not None else (False,)):
             if fpdt_offload and chunk is None:
@@ -181,11 +196,14 @@ def best(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dict] = N
         return _fastest(run, machine, margins, fixed, base)
     kept, kept_smallest = _fastest(run, machine, margins, {**fixed, "checkpoint_every": 1}, base)
     if kept is not None:
-        if kept.settings.keep_attention_output or fixed.get("keep_attention_output") is False:
+        if kept.settings.keep_attention_output is True or fixed.get("keep_attention_output") is False:
             return kept, kept_smallest
-        rebuilt, _ = _fastest(run, machine, margins, {**fixed, "keep_attention_output": True}, base, REBUILT_EVERY)
-        faster = rebuilt is not None and rebuilt.estimate.step_seconds < kept.estimate.step_seconds
-        return (rebuilt if faster else kept), kept_smallest
+        keeps = [fixed["keep_attention_output"]] if "keep_attention_output" in fixed else [True, RERUNS]
+        for keep in keeps:
+            rebuilt, _ = _fastest(run, machine, margins, {**fixed, "keep_attention_output": keep}, base, REBUILT_EVERY)
+            if rebuilt is not None and rebuilt.estimate.step_seconds < kept.estimate.step_seconds:
+                kept = rebuilt
+        return kept, kept_smallest
     rebuilt, smallest = _fastest(run, machine, margins, fixed, base, REBUILT_EVERY)
     if kept_smallest is not None and (smallest is None
                                       or kept_smallest.estimate.gpu_peak < smallest.estimate.gpu_peak):

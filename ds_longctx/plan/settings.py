@@ -6,6 +6,7 @@ import copy
 from dataclasses import dataclass, replace
 from typing import Any, Dict, Mapping, Optional
 
+from ..checkpoint_pattern import KeepAttentionOutput
 from .model_spec import ModelSpec
 
 #: DeepSpeed's ZeRO-3 defaults (deepspeed.runtime.zero.config), in elements.
@@ -65,7 +66,7 @@ class Settings:
     kernel: str = "auto"
     chunk_size: Optional[int] = None
     fpdt_offload: bool = False
-    keep_attention_output: bool = True
+    keep_attention_output: KeepAttentionOutput = True  # or "reruns"
     checkpoint_layers: Optional[int] = None
     checkpoint_offload_layers: int = 0
     checkpoint_every: int = 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from .activations import BF16, Widths, checkpointed_layers, rerun_layers
+from .activations import BF16, Widths, checkpointed_layers, outputs_kept, reruns
 from .host_memory import estimate_host, fpdt_chunk_sets
 from .host_optimizer import moments_step_seconds
 from .rates import Rates, resolve_kernel
@@ -42,11 +42,12 @@ def estimate_time(run: Run, settings: Settings, rates: Rates, gpu_name: str) -> 
     w = Widths(m, settings)
     tokens = run.micro_batch * run.seq_len // settings.sp
     checkpointed = checkpointed_layers(run, settings)
-    recompute_attention = checkpointed > 0 and not settings.keep_attention_output
-    flops = m.flops_per_step(run.seq_len, recompute_layers=checkpointed > 0, recompute_attention=recompute_attention,
-                             recomputed_layers=checkpointed)
-    reruns = rerun_layers(run, settings)  # layer forwards once more, rebuilding inputs (checkpoint_every)
-    rerun_matmul = 2 * reruns * (m.layer_params - 2 * m.hidden) * run.seq_len
+    # checkpointed layers without a kept attention output run their attention again in backward
+    recompute_attention = checkpointed - outputs_kept(0, checkpointed, run, settings)
+    flops = m.flops_per_step(run.seq_len, recompute_layers=checkpointed > 0, recompute_attention=True,
+                             recomputed_layers=checkpointed, attention_recomputed_layers=recompute_attention)
+    rebuilt = reruns(run, settings)  # layer forwards once more, rebuilding inputs (checkpoint_every)
+    rerun_matmul = 2 * rebuilt.layers * (m.layer_params - 2 * m.hidden) * run.seq_len
     matmul = (flops["matmul"] + rerun_matmul) * run.micro_batch / settings.sp
     if settings.mlp_tile_tokens is not None:
         matmul += 2 * 3 * w.h * w.i * tokens * m.layers  # each tile's forward once more in backward
@@ -57,14 +58,15 @@ def estimate_time(run: Run, settings: Settings, rates: Rates, gpu_name: str) -> 
     if settings.chunk_size is not None:
         attention_rate *= chunk_efficiency(settings.chunk_size)
     # a rerun takes the layer's kept attention output where it keeps one: only its projections and MLP run
-    rerun_attention = 0 if settings.keep_attention_output else reruns * 2.0 * run.seq_len * run.seq_len * m.q_width
+    rerun_attention = rebuilt.with_attention * 2.0 * run.seq_len * run.seq_len * m.q_width
     attention = (flops["attention"] + rerun_attention) * run.micro_batch / settings.sp
     parts = {"matmul": matmul / rates.matmul_flops, "attention": attention / attention_rate}
-    passes = PASSES_CHECKPOINTED * checkpointed + PASSES_UNCHECKED * (m.layers - checkpointed) + PASSES_RERUN * reruns
+    passes = (PASSES_CHECKPOINTED * checkpointed + PASSES_UNCHECKED * (m.layers - checkpointed)
+              + PASSES_RERUN * rebuilt.layers)
     parts["elementwise"] = tokens * passes * BF16 * w.h / rates.device_copy_bytes
     if settings.ulysses > 1:  # q, k, v, out there and back: forward, backward, and the recompute's q, k, v (and out)
         a2a = (2 * w.q + 2 * w.kv) * tokens * BF16 * (settings.ulysses - 1) / settings.ulysses
-        passes = checkpointed * (3 if recompute_attention else 2.5) + (m.layers - checkpointed) * 2
+        passes = checkpointed * 2.5 + recompute_attention * 0.5 + (m.layers - checkpointed) * 2
         hidden = 0.5 if settings.chunk_size is not None else 0.0  # FPDT overlaps per-chunk all-to-alls
         parts["all_to_all"] = (1 - hidden) * passes * a2a / rates.nvlink_all_to_all_bytes
     if run.world > 1:  # ZeRO-3 gathers (forward, recompute, backward) and gradient reduce-scatter, mostly hidden
@@ -80,8 +82,9 @@ def estimate_time(run: Run, settings: Settings, rates: Rates, gpu_name: str) -> 
         per_layer_bytes += 3 * host.get("fpdt_chunks", 0) / max(1, fpdt_chunk_sets(run, settings))
     if per_layer_bytes:
         pcie = m.layers * max(0.0, per_layer_bytes / rates.pcie_bytes - 0.9 * layer_seconds)
-    if reruns and settings.keep_attention_output and (settings.checkpoint_offload_layers or settings.fpdt_offload):
-        pcie += reruns * tokens * BF16 * w.q / rates.pcie_bytes  # a rerun copies a kept output back, unhidden
+    taking_outputs = rebuilt.layers - rebuilt.with_attention
+    if taking_outputs and (settings.checkpoint_offload_layers or settings.fpdt_offload):
+        pcie += taking_outputs * tokens * BF16 * w.q / rates.pcie_bytes  # a rerun copies a kept output back, unhidden
     parts["offload_not_hidden"] = pcie
     if settings.zero.optimizer_offload:
         shard = m.params / run.world
