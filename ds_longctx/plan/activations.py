@@ -135,5 +135,5 @@ def unchecked_layer_bytes(settings: Settings, w: Widths, tokens: int) -> int:
 
 
 __all__ = ["BF16", "FP32", "Reruns", "Widths", "attention_state", "checkpointed_layers", "inputs_kept", "keeps_input",
-           "keeps_output", "kept_bytes", "layer_saved", "mlp_saved_widths", "norm_saved", "outputs_kept", "rerun_layers",
-           "reruns", "unchecked_layer_bytes"]
+           "keeps_output", "kept_bytes", "layer_saved", "mlp_saved_widths", "norm_saved", "outputs_kept",
+           "rerun_layers", "reruns", "unchecked_layer_bytes"]
