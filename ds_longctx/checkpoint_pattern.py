@@ -32,8 +32,22 @@ def keeps_attention_output(keep: KeepAttentionOutput, layer: int, every: int, ch
 
 
 def attention_outputs_kept(keep: KeepAttentionOutput, first: int, end: int, every: int, checkpointed: int) -> int:
-    """How many of the checkpointed layers ``first <= layer < end`` keep their attention output."""
-    return sum(keeps_attention_output(keep, layer, every, checkpointed) for layer in range(first, end))
+    """How many of the checkpointed layers ``first <= layer < end`` keep their attention output (what
+    :func:`keeps_attention_output` says layer by layer, counted without a loop: the planner asks often)."""
+    if keep != RERUNS:
+        return max(0, end - first) if keep else 0
+    end = min(end, checkpointed - 1)  # the last checkpointed layer keeps none
+    if end <= first:
+        return 0
+    group_ends = end // every - first // every  # layers first <= l < end with (l + 1) % every == 0
+    return end - first - group_ends
 
 
-__all__ = ["KeepAttentionOutput", "RERUNS", "attention_outputs_kept", "keeps_attention_output", "keeps_input"]
+def rerun_with_attention(keep: KeepAttentionOutput) -> bool:
+    """Whether a rerun that rebuilds an input runs its layer's attention: only where that layer keeps no output.
+    Under :data:`RERUNS` every layer a rerun runs (one that is not the last of its group) keeps its output."""
+    return keep is False
+
+
+__all__ = ["KeepAttentionOutput", "RERUNS", "attention_outputs_kept", "keeps_attention_output", "keeps_input",
+           "rerun_with_attention"]

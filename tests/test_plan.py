@@ -523,7 +523,15 @@ def test_keeping_the_outputs_reruns_take_holds_them_for_all_but_each_groups_last
     assert [keeps_attention_output("reruns", layer, 3, 7) for layer in range(7)] == [
         True, True, False, True, True, False, False]
     assert [keeps_attention_output("reruns", layer, 1, 4) for layer in range(4)] == [False] * 4
-    assert attention_outputs_kept("reruns", 2, 7, 3, 7) == 2 and attention_outputs_kept(True, 2, 7, 3, 7) == 5
+    for keep in (True, False, "reruns"):  # the count is the rule's, layer by layer
+        for every in range(1, 6):
+            for checkpointed in range(9):
+                for first in range(10):
+                    for end in range(first, 11):
+                        one_by_one = sum(keeps_attention_output(keep, layer, every, checkpointed)
+                                         for layer in range(first, min(end, checkpointed)))
+                        assert attention_outputs_kept(keep, first, min(end, checkpointed), every,
+                                                      checkpointed) == one_by_one
     run = Run(model=SMALL, world=1, seq_len=4096)  # 4 layers
     rates = rates_for("NVIDIA H200")
     one_output = kept_bytes(4096, Widths(SMALL, Settings()))
@@ -535,7 +543,11 @@ def test_keeping_the_outputs_reruns_take_holds_them_for_all_but_each_groups_last
             on_host = sum(layer < offloaded for layer in kept)
             assert estimate_memory(run, placed)["forward"]["kept_attention"] == (len(kept) - on_host) * one_output
             assert estimate_host(run, placed).get("kept_attention", 0) == on_host * one_output
-        assert reruns(run, settings).with_attention == 0
+        # every layer a rerun runs keeps its output: reruns run no attention, as with every output kept
+        rerun_layers = [layer for i in range(4) for layer in range(i - i % every, i)]
+        assert all(layer in kept for layer in rerun_layers)
+        assert reruns(run, settings) == (len(rerun_layers), 0)
+        assert reruns(run, settings.with_(keep_attention_output=False)) == (len(rerun_layers), len(rerun_layers))
         every_kept = estimate(run, settings.with_(keep_attention_output=True), rates).time_components["attention"]
         assert estimate(run, settings, rates).time_components["attention"] == pytest.approx(
             every_kept + (4 - len(kept)) * attention_forward, rel=1e-12)

@@ -59,14 +59,12 @@ class Reruns(NamedTuple):
 
 def reruns(run: Run, settings: Settings) -> Reruns:
     """The layer at offset j of its group reruns the j layers before it (``0 + 1 + ... + (every - 1)`` per whole
-    group): each layer is rerun once for every later layer of its group."""
+    group), with their attention where they keep no output
+    (:func:`ds_longctx.checkpoint_pattern.rerun_with_attention`)."""
     every, layers = settings.checkpoint_every, checkpointed_layers(run, settings)
-    total = with_attention = 0
-    for layer in range(layers):
-        times = min(layer - layer % every + every, layers) - layer - 1
-        total += times
-        with_attention += 0 if keeps_output(layer, run, settings) else times
-    return Reruns(total, with_attention)
+    groups, rest = divmod(layers, every)
+    total = groups * every * (every - 1) // 2 + rest * (rest - 1) // 2
+    return Reruns(total, total if checkpoint_pattern.rerun_with_attention(settings.keep_attention_output) else 0)
 
 
 def rerun_layers(run: Run, settings: Settings) -> int:

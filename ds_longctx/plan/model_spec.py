@@ -5,7 +5,7 @@ import functools
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Union
 
 
 class ModelSpecError(ValueError):
@@ -101,22 +101,16 @@ class ModelSpec:
         """Weights used in matrix products per token (the LM head counts, the input lookup does not)."""
         return self.layers * (self.layer_params - 2 * self.hidden) + self.vocab * self.hidden
 
-    def flops_per_step(self, seq_len: int, recompute_layers: bool, recompute_attention: bool,
-                       recomputed_layers: Optional[int] = None,
-                       attention_recomputed_layers: Optional[int] = None) -> dict:
+    def flops_per_step(self, seq_len: int, recomputed_layers: int = 0, attention_recomputed_layers: int = 0) -> dict:
         """Model FLOPs of one sequence's forward and backward: ``{"matmul": ..., "attention": ...}``.
 
         Causal attention: forward ``2 * 2 * S^2 / 2 * heads * head_dim`` per layer, backward 2.5x that.
-        A recomputed layer runs its matrix products once more (and its attention unless it is kept);
-        ``recomputed_layers``: how many layers recompute (None: every layer when ``recompute_layers``), of them
-        ``attention_recomputed_layers`` with their attention (None: all of them when ``recompute_attention``)."""
-        recomputed = (self.layers if recomputed_layers is None else recomputed_layers) if recompute_layers else 0
+        ``recomputed_layers`` layers run their matrix products once more in backward (checkpointing), of them
+        ``attention_recomputed_layers`` their attention too (the others keep its output)."""
         matmul = 6 * self.matmul_params * seq_len
-        matmul += 2 * recomputed * (self.layer_params - 2 * self.hidden) * seq_len
+        matmul += 2 * recomputed_layers * (self.layer_params - 2 * self.hidden) * seq_len
         attention_fwd = 2.0 * seq_len * seq_len * self.q_width  # one layer's: causal half of 4 S^2 H D
-        with_attention = recomputed if attention_recomputed_layers is None else min(recomputed,
-                                                                                     attention_recomputed_layers)
-        attention = attention_fwd * (3.5 * self.layers + (with_attention if recompute_attention else 0))
+        attention = attention_fwd * (3.5 * self.layers + min(recomputed_layers, attention_recomputed_layers))
         return {"matmul": float(matmul), "attention": attention}
 
 

@@ -44,8 +44,8 @@ def estimate_time(run: Run, settings: Settings, rates: Rates, gpu_name: str) -> 
     checkpointed = checkpointed_layers(run, settings)
     # checkpointed layers without a kept attention output run their attention again in backward
     recompute_attention = checkpointed - outputs_kept(0, checkpointed, run, settings)
-    flops = m.flops_per_step(run.seq_len, recompute_layers=checkpointed > 0, recompute_attention=True,
-                             recomputed_layers=checkpointed, attention_recomputed_layers=recompute_attention)
+    flops = m.flops_per_step(run.seq_len, recomputed_layers=checkpointed,
+                             attention_recomputed_layers=recompute_attention)
     rebuilt = reruns(run, settings)  # layer forwards once more, rebuilding inputs (checkpoint_every)
     rerun_matmul = 2 * rebuilt.layers * (m.layer_params - 2 * m.hidden) * run.seq_len
     matmul = (flops["matmul"] + rerun_matmul) * run.micro_batch / settings.sp
