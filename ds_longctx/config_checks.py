@@ -30,6 +30,11 @@ class ConfigChecks:
             raise LongContextConfigError(
                 f"{BLOCK_KEY}.fpdt.offload: offload=true needs {BLOCK_KEY}.fpdt.chunk_size (offload moves the "
                 f"K/V of chunks not in use to host memory); set a chunk_size such as 8192 or offload=false")
+        if self.keep_attention_output == "reruns" and self.checkpoint_every == 1:
+            raise LongContextConfigError(
+                f"{BLOCK_KEY}.keep_attention_output: reruns keeps the outputs of the layers that rebuild the next "
+                f"layer's input, and with {BLOCK_KEY}.checkpoint_every 1 no layer does; set checkpoint_every to 2 or "
+                f"more (or auto), or keep_attention_output true (every output) or false (none)")
         N, M = self.checkpoint_layers, self.checkpoint_offload
         if isinstance(N, int) and isinstance(M, int) and not isinstance(M, bool) and M > N:
             raise LongContextConfigError(

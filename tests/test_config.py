@@ -294,7 +294,16 @@ def test_checkpoint_layers_beyond_the_models_layers_name_its_layer_count():
 
 @pytest.mark.parametrize("value", [True, False, "auto", "reruns"])
 def test_keep_attention_output_takes_true_false_auto_or_reruns(value):
-    assert LongContextConfig.from_block({"keep_attention_output": value}).keep_attention_output == value
+    block = {"keep_attention_output": value, "checkpoint_every": 2}
+    assert LongContextConfig.from_block(block).keep_attention_output == value
+
+
+@pytest.mark.parametrize("every", [1, None])
+def test_reruns_without_rebuilt_inputs_is_refused_saying_what_to_set(every):
+    block = {"keep_attention_output": "reruns", **({"checkpoint_every": every} if every else {})}
+    message = error_of(block)
+    assert "keep_attention_output" in message and "set checkpoint_every to 2 or more" in message
+    assert LongContextConfig.from_block({**block, "checkpoint_every": "auto"}).keep_attention_output == "reruns"
 
 
 @pytest.mark.parametrize("value", ["rerun", 1, "true"])

@@ -215,8 +215,9 @@ def test_checkpoint_layers_beyond_the_model_are_refused_naming_its_layers():
     # and, for the first three layers, in host memory
     {"keep_attention_output": "reruns"},
     {"keep_attention_output": "reruns", "checkpoint_offload": 3},
+    {"keep_attention_output": "reruns", "fpdt": {"chunk_size": 8, "offload": True}, "checkpoint_offload": 3},
 ], ids=["kept_outputs", "offloaded_inputs", "fpdt_offload", "fpdt_offload_kept_outputs", "reruns_outputs",
-        "reruns_outputs_offloaded"])
+        "reruns_outputs_offloaded", "fpdt_offload_reruns_outputs"])
 def test_checkpoint_every_rebuilds_inputs_with_the_gradients_of_no_checkpointing(every, block):
     """A 4-layer model with gradient checkpointing and ``checkpoint_every`` N: the loss and every gradient of the
     model without checkpointing (float64); in backward the layers at offset j of each group of N run their layer
