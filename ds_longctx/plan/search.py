@@ -238,6 +238,9 @@ def fits_at_all(run: Run, machine: Machine, margins: Margins, fixed: Optional[Di
     (rebuilt inputs count, as :func:`best` tries them where nothing else fits)."""
     fixed = fixed or {}
     everies = (1,) if "checkpoint_every" in fixed or not run.checkpointing else (1,) + REBUILT_EVERY
+    # a kept attention output only adds memory (on the GPU or the host) to the same settings without it, so
+    # whether anything fits is settled by the candidates that keep none
+    fixed = {"keep_attention_output": False, **fixed}
     return any(verdict.fits for settings in candidates(run, machine, margins, fixed, base, everies)
                for verdict in _judged(run, settings, machine, margins, fixed))
 
