@@ -421,7 +421,7 @@ def test_partly_offloaded_groups_keep_the_inputs_of_their_group_starts_on_the_gp
     """The planner's counts of kept inputs and reruns are those of the layers one by one: layer ``l`` keeps its
     input when ``l % every == 0``, the first ``checkpoint_offload_layers`` in host memory, the rest on the GPU;
     the layer at offset ``l % every`` reruns as many forwards."""
-    from ds_longctx.plan.activations import inputs_kept, keeps_input, rerun_layers
+    from ds_longctx.plan.activations import inputs_kept, keeps_input, reruns
 
     run = Run(model=SMALL, world=1, seq_len=4096)  # 4 layers
     per_layer_input = 4096 * SMALL.hidden * 2
@@ -433,7 +433,7 @@ def test_partly_offloaded_groups_keep_the_inputs_of_their_group_starts_on_the_gp
                 assert inputs_kept(first, end, settings) == one_by_one
         for layers in range(1, 4 + 1):
             one_by_one = sum(layer % every for layer in range(layers))
-            assert rerun_layers(run, settings.with_(checkpoint_layers=layers)) == one_by_one
+            assert reruns(run, settings.with_(checkpoint_layers=layers)).layers == one_by_one
         for offloaded in range(5):
             placed = settings.with_(checkpoint_offload_layers=offloaded)
             on_gpu = sum(keeps_input(layer, placed) for layer in range(offloaded, 4))
@@ -544,10 +544,10 @@ def test_keeping_the_outputs_reruns_take_holds_them_for_all_but_each_groups_last
             assert estimate_memory(run, placed)["forward"]["kept_attention"] == (len(kept) - on_host) * one_output
             assert estimate_host(run, placed).get("kept_attention", 0) == on_host * one_output
         # every layer a rerun runs keeps its output: reruns run no attention, as with every output kept
-        rerun_layers = [layer for i in range(4) for layer in range(i - i % every, i)]
-        assert all(layer in kept for layer in rerun_layers)
-        assert reruns(run, settings) == (len(rerun_layers), 0)
-        assert reruns(run, settings.with_(keep_attention_output=False)) == (len(rerun_layers), len(rerun_layers))
+        layers_rerun = [layer for i in range(4) for layer in range(i - i % every, i)]
+        assert all(layer in kept for layer in layers_rerun)
+        assert reruns(run, settings) == (len(layers_rerun), 0)
+        assert reruns(run, settings.with_(keep_attention_output=False)) == (len(layers_rerun), len(layers_rerun))
         every_kept = estimate(run, settings.with_(keep_attention_output=True), rates).time_components["attention"]
         assert estimate(run, settings, rates).time_components["attention"] == pytest.approx(
             every_kept + (4 - len(kept)) * attention_forward, rel=1e-12)

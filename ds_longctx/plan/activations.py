@@ -67,11 +67,6 @@ def reruns(run: Run, settings: Settings) -> Reruns:
     return Reruns(total, total if checkpoint_pattern.rerun_with_attention(settings.keep_attention_output) else 0)
 
 
-def rerun_layers(run: Run, settings: Settings) -> int:
-    """Extra layer forwards per step that rebuild inputs in backward (:func:`reruns`)."""
-    return reruns(run, settings).layers
-
-
 class Widths:
     """Per-token sizes of one rank's tensors (elements), from the model and the settings."""
 
@@ -134,4 +129,4 @@ def unchecked_layer_bytes(settings: Settings, w: Widths, tokens: int) -> int:
 
 __all__ = ["BF16", "FP32", "Reruns", "Widths", "attention_state", "checkpointed_layers", "inputs_kept", "keeps_input",
            "keeps_output", "kept_bytes", "layer_saved", "mlp_saved_widths", "norm_saved", "outputs_kept",
-           "rerun_layers", "reruns", "unchecked_layer_bytes"]
+           "reruns", "unchecked_layer_bytes"]
