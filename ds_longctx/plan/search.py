@@ -62,14 +62,7 @@ def _offload_counts(run: Run, base: Settings, machine: Machine, margins: Margins
 
     counts = {0, layers}
     if fits_host(0) and not fits_host(layers):
-        low, high = 0, layers  # fits_host(low), not fits_host(high)
-        while high - low > 1:
-            mid = (low + high) // 2
-            if fits_host(mid):
-                low = mid
-            else:
-                high = mid
-        counts.add(low)
+        counts.add(_last_fitting(fits_host, 0, layers)[0])
     return sorted(counts)
 
 
@@ -87,14 +80,7 @@ def _unchecked_fit(run: Run, base: Settings, machine: Machine, margins: Margins,
 
     if not fits(1):  # the common case at long sequences: settle it with one estimate
         return 0
-    low, high = 1, layers + 1  # fits(low), fits(high) impossible
-    while high - low > 1:
-        mid = (low + high) // 2
-        if fits(mid):
-            low = mid
-        else:
-            high = mid
-    return low
+    return _last_fitting(fits, 1, layers + 1)[0]  # more unchecked layers than the model has cannot fit
 
 
 def _checkpoint_layer_counts(run: Run, base: Settings, machine: Machine, margins: Margins,
@@ -268,8 +254,9 @@ def longest(run: Run, machine: Machine, margins: Margins, fixed: Optional[Dict] 
     return fastest(low * fine)
 
 
-def _last_fitting(fits, low: int, high: int, step: int) -> tuple:
-    """Bisect ``low < high`` (``low * step`` tokens fit, ``high * step`` do not) down to adjacent multiples."""
+def _last_fitting(fits, low: int, high: int, step: int = 1) -> tuple:
+    """Bisect ``low < high`` (``fits(low * step)``, not ``fits(high * step)``, ``fits`` monotone) down to adjacent
+    multiples of ``step``: tokens of a sequence, or a count of layers."""
     while high - low > 1:
         mid = (low + high) // 2
         if fits(mid * step):
